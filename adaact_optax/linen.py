@@ -1,0 +1,126 @@
+"""Flax Linen adapter: captures AdaAct's statistics from an unmodified model.
+
+``capture()`` intercepts every ``nn.Dense``, ``nn.DenseGeneral`` and
+``nn.Conv`` call (via ``flax.linen.intercept_methods``) and writes the
+input's second moments into the mutable collection ``COLLECTION``, at the
+same paths as the layer's ``kernel`` and ``bias``. ``apply`` wraps
+``model.apply`` with it. Layers under ``nn.scan``/``nn.vmap`` need
+``COLLECTION`` in ``variable_axes`` like ``'params'``, so their statistics
+stack like their parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.core.scope import union_filters
+from flax.linen.linear import canonicalize_padding
+
+from adaact_optax import moments
+
+COLLECTION = "adaact_stats"
+
+# Rows already pooled per (scope, leaf) in the current capture, so a layer
+# applied several times averages over all its rows. Row counts are static.
+_rows_seen: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "adaact_rows_seen", default=None)
+
+
+def _as_tuple(value, rank):
+  if value is None:
+    value = 1
+  return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def layer_moments(module: nn.Module, x: jax.Array) -> dict[str, moments.InputMoments]:
+  """Statistics of one supported Linen layer's input, keyed by parameter name.
+
+  Returns ``{}`` for modules AdaAct does not scale.
+  """
+  if isinstance(module, nn.Dense):
+    kernel = moments.dense_moments(x)
+  elif isinstance(module, nn.DenseGeneral):
+    axis = _as_tuple(module.axis, 1)
+    kernel = moments.dense_moments(x, axis, _as_tuple(module.batch_dims, 1) if module.batch_dims else ())
+  elif isinstance(module, nn.Conv):
+    size = _as_tuple(module.kernel_size, 1)
+    rank = len(size)
+    kernel = moments.conv_moments(
+        x, size,
+        strides=_as_tuple(module.strides, rank),
+        padding=canonicalize_padding(module.padding, rank),
+        input_dilation=_as_tuple(module.input_dilation, rank),
+        kernel_dilation=_as_tuple(module.kernel_dilation, rank))
+  else:
+    return {}
+  out = {"kernel": kernel}
+  if module.use_bias:
+    out["bias"] = moments.constant_moments(kernel.rows)
+  return out
+
+
+def _record(module: nn.Module, name: str, stat: moments.InputMoments, seen: dict):
+  key = (id(module.scope), name)
+  if module.has_variable(COLLECTION, name) and key in seen and seen[key][0] is module.scope:
+    previous = moments.InputMoments(module.get_variable(COLLECTION, name), seen[key][1])
+    stat = moments.combine(previous, stat)
+  seen[key] = (module.scope, stat.rows)
+  module.put_variable(COLLECTION, name, stat.mean)
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  module = context.module
+  seen = _rows_seen.get()
+  if (seen is None or context.method_name != "__call__"
+      or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+      or not module.is_mutable_collection(COLLECTION)):
+    return next_fun(*args, **kwargs)
+  x = args[0] if args else kwargs["inputs"]
+  out = next_fun(*args, **kwargs)
+  for name, stat in layer_moments(module, x).items():
+    _record(module, name, stat, seen)
+  return out
+
+
+@contextlib.contextmanager
+def capture():
+  """Context manager: supported layers write statistics into ``COLLECTION``.
+
+  Only while ``COLLECTION`` is mutable (``model.apply(..., mutable=[COLLECTION])``);
+  enter it inside the traced (jitted) function.
+  """
+  token = _rows_seen.set({})
+  try:
+    with nn.intercept_methods(_interceptor):
+      yield
+  finally:
+    _rows_seen.reset(token)
+
+
+def apply(model: nn.Module, variables, *args, mutable=False, **kwargs):
+  """``model.apply`` under ``capture()``; returns ``(output, mutated_variables)``.
+
+  ``mutated_variables[COLLECTION]`` mirrors ``variables['params']`` for every
+  captured layer and is what ``tx.update(..., activation_stats=...)`` takes.
+  Other mutable collections (``'batch_stats'``, ...) come back as usual.
+  """
+  variables = {k: v for k, v in variables.items() if k != COLLECTION}
+  with capture():
+    out, mutated = model.apply(variables, *args, mutable=union_filters(mutable, COLLECTION),
+                               **kwargs)
+  mutated = dict(mutated)
+  mutated.setdefault(COLLECTION, {})
+  return out, mutated
+
+
+def stats_shapes(model: nn.Module, variables, *args, **kwargs) -> Any:
+  """Shapes of the statistics tree (``jax.ShapeDtypeStruct`` leaves), no FLOPs.
+
+  Pass it as ``stats_shapes=`` to ``adaact``/``scale_by_adaact`` when a model
+  has grouped convolutions, so ``init`` sizes their state per input channel.
+  """
+  return jax.eval_shape(lambda: apply(model, variables, *args, **kwargs)[1][COLLECTION])

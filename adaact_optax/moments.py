@@ -1,0 +1,184 @@
+"""Second moments of layer inputs, in pure JAX (no Flax).
+
+AdaAct scales each kernel weight by the running second moment of the input
+feature it multiplies. These functions compute one step's statistic
+``A = mean over rows of a * a``, where a *row* is every place the kernel is
+applied: every example and leading position for a dense layer, every
+(example, output position) patch for a convolution. Results are float32 and
+computed from ``stop_gradient`` of the input, whatever its dtype.
+
+Convolutions never build the patch tensor (batch x positions x k*C). Instead
+``S = sum over the batch of x**2`` is padded exactly as the convolution pads
+``x``, and each kernel offset ``o`` sums ``S`` over the positions
+``p * stride + o * kernel_dilation`` it touches. That sum is itself a
+convolution of ``S`` with a kernel of ones the size of the output grid
+(strides and dilations swapped), so the largest temporary is ``S`` padded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
+
+
+class InputMoments(NamedTuple):
+  """A layer input's second moment and the number of rows it averages.
+
+  Attributes:
+    mean: float32 array of the kernel's input-feature shape, ``mean(a*a)``.
+    rows: Python int, how many rows (example x position) the mean is over;
+      used to average several applications of one layer exactly.
+  """
+
+  mean: jax.Array
+  rows: int
+
+
+def combine(first: InputMoments, second: InputMoments) -> InputMoments:
+  """Pools two sets of rows: the mean over all rows of both."""
+  rows = first.rows + second.rows
+  mean = (first.mean * (first.rows / rows)) + (second.mean * (second.rows / rows))
+  return InputMoments(mean, rows)
+
+
+def _squares(x: jax.Array) -> jax.Array:
+  x = lax.stop_gradient(x)
+  return jnp.square(x.astype(jnp.float32))
+
+
+def dense_moments(
+    x: jax.Array,
+    contracting_axes: Sequence[int] = (-1,),
+    batch_axes: Sequence[int] = (),
+) -> InputMoments:
+  """Second moment of a dense (``dot_general``) layer's input.
+
+  Args:
+    x: the layer input, any rank and dtype.
+    contracting_axes: axes of ``x`` the kernel contracts (``DenseGeneral``'s
+      ``axis``); ``nn.Dense`` contracts the last axis.
+    batch_axes: axes that index separate kernels (``DenseGeneral``'s
+      ``batch_dims``); each keeps its own statistics.
+
+  Returns:
+    ``InputMoments`` whose mean has shape ``batch shape + contracted shape``
+    (the kernel's input axes, in the kernel's order) and whose rows count
+    every other axis.
+  """
+  ndim = x.ndim
+  contracting = tuple(a % ndim for a in contracting_axes)
+  batch = tuple(a % ndim for a in batch_axes)
+  reduced = tuple(a for a in range(ndim) if a not in contracting + batch)
+  sq = _squares(x)
+  mean = jnp.mean(sq, axis=reduced) if reduced else sq
+  # jnp.mean keeps the remaining axes in ascending order; the kernel orders
+  # them batch axes first, then contracting axes in the order given.
+  kept = [a for a in range(ndim) if a not in reduced]
+  mean = jnp.transpose(mean, [kept.index(a) for a in batch + contracting])
+  rows = math.prod(x.shape[a] for a in reduced)
+  return InputMoments(mean, rows)
+
+
+def _pairs(padding: Padding, rank: int):
+  if isinstance(padding, int):
+    return ((padding, padding),) * rank
+  pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+  if len(pairs) != rank or any(len(p) != 2 for p in pairs):
+    raise ValueError(f"padding {padding!r} must give one (low, high) pair for "
+                     f"each of the {rank} spatial axes")
+  return pairs
+
+
+def conv_moments(
+    x: jax.Array,
+    kernel_size: Sequence[int],
+    strides: Sequence[int] | int = 1,
+    padding: Padding = "SAME",
+    input_dilation: Sequence[int] | int = 1,
+    kernel_dilation: Sequence[int] | int = 1,
+) -> InputMoments:
+  """Second moment of each patch element of a channels-last convolution.
+
+  Follows ``flax.linen.Conv``'s conventions, so the zeros the convolution
+  pads in count as rows of zeros and ``CIRCULAR``/``REFLECT``/``CAUSAL``
+  padding see the same wrapped, reflected or shifted values.
+
+  Args:
+    x: input of shape ``(*batch, *spatial, C)``; several leading batch axes
+      (or none) are allowed, as in Flax.
+    kernel_size: spatial kernel shape ``k``, one int per spatial axis.
+    strides, input_dilation, kernel_dilation: ints or one per spatial axis.
+    padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'``, ``'CIRCULAR'``,
+      ``'REFLECT'``, ``'CAUSAL'`` (1-D), an int, or ``(low, high)`` pairs.
+
+  Returns:
+    ``InputMoments`` with mean of shape ``(*kernel_size, C)`` (float32): the
+    mean over every (example, output position) of the squared patch element.
+    Grouped convolutions use the same statistic; see ``matching``.
+  """
+  kernel_size = tuple(kernel_size)
+  rank = len(kernel_size)
+  as_tuple = lambda v: (v,) * rank if isinstance(v, int) else tuple(v)
+  strides, input_dilation, kernel_dilation = map(
+      as_tuple, (strides, input_dilation, kernel_dilation))
+  if x.ndim < rank + 1:
+    raise ValueError(f"conv input of shape {x.shape} has fewer than "
+                     f"{rank} spatial axes plus channels")
+  spatial_and_c = x.shape[x.ndim - rank - 1:]
+  batch = math.prod(x.shape[:x.ndim - rank - 1])
+  # S: sum of squares over every leading batch axis, shape (*spatial, C).
+  s = jnp.sum(_squares(x).reshape((batch,) + spatial_and_c), axis=0)
+
+  dilated_kernel = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation))
+  if isinstance(padding, str) and padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+    if padding == "CAUSAL":
+      if rank != 1:
+        raise ValueError("CAUSAL padding is only defined for 1-D convolutions")
+      pads, mode = [(dilated_kernel[0] - 1, 0)], "constant"
+    else:
+      pads = [((k - 1) // 2, k // 2) for k in dilated_kernel]
+      mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+    # As Flax does to x: pad before any input dilation, then convolve VALID.
+    s = jnp.pad(s, pads + [(0, 0)], mode=mode)
+    pads = ((0, 0),) * rank
+  elif isinstance(padding, str):
+    # lax resolves SAME against the undilated input; mirror it exactly.
+    pads = tuple(lax.padtype_to_pads(spatial_and_c[:-1], dilated_kernel, strides, padding))
+  else:
+    pads = _pairs(padding, rank)
+
+  in_shape = s.shape[:-1]
+  effective = [(n - 1) * d + 1 + lo + hi
+               for n, d, (lo, hi) in zip(in_shape, input_dilation, pads)]
+  out_shape = tuple((e - k) // st + 1 for e, k, st in zip(effective, dilated_kernel, strides))
+  if any(p <= 0 for p in out_shape):
+    raise ValueError(f"conv input of shape {x.shape} with kernel {kernel_size}, "
+                     f"strides {strides} and padding {padding!r} has no output")
+
+  # Window sums: result[o, c] = sum_p S_pad[p * stride + o * dilation, c]. This is a
+  # convolution of S (channels as the batch) with ones over the output grid,
+  # window stride = kernel dilation, kernel dilation = stride.
+  lhs = jnp.moveaxis(s, -1, 0)[:, None]                      # (C, 1, *spatial)
+  rhs = jnp.ones((1, 1) + out_shape, jnp.float32)
+  sums = lax.conv_general_dilated(
+      lhs, rhs,
+      window_strides=kernel_dilation,
+      padding=pads,
+      lhs_dilation=input_dilation,
+      rhs_dilation=strides,
+      precision=lax.Precision.HIGHEST,
+  )                                                        # (C, 1, >= k...)
+  sums = sums[(slice(None), 0) + tuple(slice(0, k) for k in kernel_size)]
+  rows = batch * math.prod(out_shape)
+  return InputMoments(jnp.moveaxis(sums, 0, -1) / rows, rows)
+
+
+def constant_moments(rows: int = 1) -> InputMoments:
+  """The statistic of a bias: a weight on the constant input 1."""
+  return InputMoments(jnp.ones((), jnp.float32), rows)

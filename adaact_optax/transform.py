@@ -1,0 +1,182 @@
+"""AdaAct as an Optax gradient transformation.
+
+Reference: H. Seung, J. Lee, H. Ko, "An Adaptive Method Stabilizing
+Activations for Enhanced Generalization", ICDM Workshops 2024,
+arXiv:2506.08353.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+from optax import tree_utils as otu
+
+from adaact_optax import matching
+
+_UNMATCHED = ("sgd", "momentum")
+
+
+class ScaleByAdaActState(NamedTuple):
+  """State of ``scale_by_adaact``.
+
+  Attributes:
+    count: int32 scalar, number of updates taken.
+    mu: first moment of the gradients, like the params, in ``mu_dtype``.
+    nu: float32 EMA of the squared layer inputs, one value per input feature:
+      a parameter of shape ``K`` has ``K[:-1]`` (or the ``stats_shapes``
+      override); vectors have a scalar. Never parameter-sized.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def _check(name, value, ok, requirement):
+  # Hyperparameters may be tracers under optax.inject_hyperparams; check numbers only.
+  if isinstance(value, (int, float)) and not ok(value):
+    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _validate(b1, b2, eps, power, unmatched):
+  _check("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check("eps", eps, lambda v: v >= 0, ">= 0")
+  _check("power", power, lambda v: v > 0, "> 0")
+  if unmatched not in _UNMATCHED:
+    raise ValueError(f"unmatched must be one of {_UNMATCHED}, got {unmatched!r}")
+
+
+def _missing_stats_error():
+  return ValueError(
+      "scale_by_adaact needs the layer-input statistics: call "
+      "tx.update(grads, opt_state, params, activation_stats=stats), with stats = "
+      "adaact_optax.linen.apply(model, variables, x)[1][adaact_optax.linen.COLLECTION] "
+      "or adaact_optax.nnx.apply(model, x)[1]. Pass activation_stats={} to update every "
+      "parameter as unmatched.")
+
+
+def pmean_tree(tree, axis_name):
+  """Mean of a pytree over a mapped axis with one collective (leaves raveled)."""
+  flat, unravel = ravel_pytree(tree)
+  if flat.size == 0:
+    return tree
+  return unravel(jax.lax.pmean(flat, axis_name))
+
+
+def scale_by_adaact(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    power: float = 0.5,
+    *,
+    mu_dtype: Any | None = None,
+    unmatched: str = "sgd",
+    stats_shapes: Any | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales gradients by the second moment of each layer's input activations.
+
+  For a parameter with statistics ``A_t`` (one value per input feature, from
+  ``activation_stats``) and gradient ``g_t``::
+
+    M_t = b1 M_{t-1} + (1 - b1) g_t        M_hat = M_t / (1 - b1^t)
+    V_t = b2 V_{t-1} + (1 - b2) A_t        V_hat = V_t / (1 - b2^t)
+    update = M_hat / (V_hat^power + eps)   (V_hat broadcast over output axes)
+
+  A bias's statistic is the constant input 1, so its update is
+  ``M_hat / (1 + eps)``. Parameters without statistics (norm scales, ...)
+  pass the raw gradient (``unmatched="sgd"``, the authors' rule) or
+  ``M_hat`` (``unmatched="momentum"``).
+
+  Args:
+    b1: decay of the gradient EMA, in [0, 1).
+    b2: decay of the activation second-moment EMA, in [0, 1).
+    eps: added to ``V_hat^power``, >= 0.
+    power: exponent of ``V_hat`` (0.5 in the paper), > 0.
+    mu_dtype: dtype of the first moment; ``None`` keeps the params' dtype.
+      The second moment is always float32.
+    unmatched: ``"sgd"`` or ``"momentum"``, see above.
+    stats_shapes: optional tree of statistics shapes keyed like the params,
+      for layers whose statistics are not the kernel's leading axes (grouped
+      convolutions); see ``adaact_optax.linen.stats_shapes``.
+    axis_name: a ``pmap``/``shard_map`` axis over which the statistics are
+      averaged (one collective per step). Assumes equal local batch sizes.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose ``update`` takes
+    ``activation_stats``: a tree keyed like the params (see README).
+  """
+  _validate(b1, b2, eps, power, unmatched)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def init_fn(params):
+    mu = otu.tree_zeros_like(params, dtype=mu_dtype)
+    shapes = matching.moment_shapes(params, stats_shapes)
+    nu = jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
+    return ScaleByAdaActState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
+    del params, extra_args
+    if activation_stats is None:
+      raise _missing_stats_error()
+    if axis_name is not None:
+      activation_stats = pmean_tree(activation_stats, axis_name)
+    stats = matching.align(activation_stats, updates, state.nu)
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    bc1, bc2 = 1 - jnp.float32(b1) ** t, 1 - jnp.float32(b2) ** t
+
+    def leaf(path, g, m, v, a):
+      if a is None and unmatched == "sgd":
+        return g, m, v
+      m_new = b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32)
+      u = m_new / bc1
+      if a is not None:
+        v = b2 * v + (1 - b2) * a
+        v_hat = v / bc2
+        root = jnp.sqrt(v_hat) if isinstance(power, float) and power == 0.5 else v_hat ** power
+        u = matching.apply_scale(u, 1 / (root + eps), matching.path_name(path))
+      return u.astype(g.dtype), m_new.astype(m.dtype), v
+
+    results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
+    treedef = jax.tree.structure(updates)
+    new_updates, mu, nu = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(results)))
+    return new_updates, ScaleByAdaActState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adaact(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 2e-3,
+    *,
+    power: float = 0.5,
+    mask: Any | None = None,
+    mu_dtype: Any | None = None,
+    unmatched: str = "sgd",
+    stats_shapes: Any | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The AdaAct optimizer: ``theta -= lr * (adaact_update + weight_decay * theta)``.
+
+  ``scale_by_adaact`` chained with decoupled weight decay (optionally masked,
+  as in ``optax.adamw``) and the learning rate (a float or an optax
+  schedule). The paper's defaults: lr 0.1, b1 0.9, b2 0.999, eps 1e-8,
+  weight decay 2e-3. Works inside ``optax.inject_hyperparams``.
+  See ``scale_by_adaact`` for the other arguments.
+  """
+  _check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+  return optax.chain(
+      scale_by_adaact(b1, b2, eps, power, mu_dtype=mu_dtype, unmatched=unmatched,
+                      stats_shapes=stats_shapes, axis_name=axis_name),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

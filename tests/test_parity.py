@@ -1,0 +1,94 @@
+"""Our optimizer against trajectories recorded from the authors' PyTorch AdaAct."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+
+
+class ParityMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(32)(x))
+    return nn.Dense(10)(x)
+
+
+class ParityCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=1e-5)(x))
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2, padding=((1, 1), (1, 1)))(x))
+    return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+MODELS = {"mlp": ParityMLP, "cnn": ParityCNN}
+
+
+def _tree(data, prefix):
+  out = {}
+  for key in data.files:
+    if key.startswith(prefix + "/"):
+      module, name = key[len(prefix) + 1:].split("/")
+      out.setdefault(module, {})[name] = jnp.asarray(data[key])
+  return out
+
+
+def _close(ours, ref, what):
+  ours, ref = np.asarray(ours), np.asarray(ref)
+  err = np.abs(ours - ref) - (1e-5 + 1e-4 * np.abs(ref))
+  assert err.max() <= 0, f"{what}: worst excess {err.max():.3g}"
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_matches_authors_trajectory(fixtures_dir, name):
+  data = np.load(fixtures_dir / f"adaact_parity_{name}.npz")
+  meta = json.loads(str(data["meta"]))
+  steps = meta["steps"]
+  model = MODELS[name]()
+  params = _tree(data, "init")
+  x0 = jnp.asarray(data["x/0"])
+  variables = model.init(jax.random.key(0), x0)
+  assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, params)
+  batch_stats = variables.get("batch_stats", {})
+
+  lrs = jnp.asarray([data[f"lr/{t}"] for t in range(steps)], jnp.float32)
+  tx = adaact_optax.adaact(lambda count: lrs[count], b1=meta["b1"], b2=meta["b2"],
+                           eps=meta["eps"], weight_decay=meta["weight_decay"])
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, mutated = aa_linen.apply(model, {"params": p, "batch_stats": batch_stats}, x,
+                                       mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, mutated
+    (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   activation_stats=mutated[aa_linen.COLLECTION])
+    return (optax.apply_updates(params, updates), mutated.get("batch_stats", {}),
+            opt_state, loss)
+
+  for t in range(steps):
+    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state,
+                                                jnp.asarray(data[f"x/{t}"]),
+                                                jnp.asarray(data[f"y/{t}"]))
+    _close(loss, data["loss"][t], f"loss at step {t}")
+    ref = _tree(data, f"step{t + 1}")
+    for module, leaves in ref.items():
+      for pname, value in leaves.items():
+        _close(params[module][pname], value, f"{module}/{pname} after step {t + 1}")
+    scale_state = opt_state[0]
+    v_hat_denominator = 1 - meta["b2"] ** (t + 1)
+    for module, leaves in _tree(data, f"nu{t + 1}").items():
+      _close(scale_state.nu[module]["kernel"] / v_hat_denominator, leaves["kernel"],
+             f"V_hat of {module} after step {t + 1}")
