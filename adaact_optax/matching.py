@@ -47,6 +47,16 @@ def _is_shape(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
+def _drop_masked(names, tree: PyTree) -> list[str]:
+  """``names`` not at or under an empty node of ``tree``: ``optax.masked`` and
+  ``optax.partition`` put an ``optax.MaskedNode`` where another transform owns
+  the parameters (a leaf or, with a prefix mask, a whole subtree)."""
+  is_empty = lambda x: isinstance(x, tuple) and len(x) == 0
+  leaves, _ = tree_util.tree_flatten_with_path(tree, is_leaf=is_empty)
+  masked = tuple(path_name(p) for p, leaf in leaves if is_empty(leaf))
+  return sorted(n for n in names if not any(n == m or n.startswith(m + "/") for m in masked))
+
+
 def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
   """The second-moment state's shape for every parameter (a tree of tuples).
 
@@ -62,7 +72,7 @@ def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
     leaves, _ = tree_util.tree_flatten_with_path(stats_shapes, is_leaf=_is_shape)
     overrides = {path_name(p): tuple(l if _is_shape(l) else l.shape) for p, l in leaves}
     known = {path_name(p) for p, _ in tree_util.tree_flatten_with_path(params)[0]}
-    for name in overrides.keys() - known:
+    for name in _drop_masked(overrides.keys() - known, params):
       raise ValueError(f"stats_shapes has an entry at '{name}', which is not a parameter "
                        f"path; parameters: {sorted(known)[:8]}...")
 
@@ -141,7 +151,8 @@ def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
     return jnp.broadcast_to(a.reshape(a_shape + (1,) * (len(shape) - len(a_shape))), shape)
 
   placed = tree_util.tree_map_with_path(place, updates, nu)
-  extra = sorted(by_name.keys() - seen)
+  # Statistics of parameters masked out of this transform are not errors.
+  extra = _drop_masked(by_name.keys() - seen, updates)
   if extra:
     param_names = [path_name(p) for p, _ in tree_util.tree_flatten_with_path(updates)[0]]
     raise ValueError(f"activation_stats has entries at {extra} (shapes "

@@ -129,18 +129,24 @@ def scale_by_adaact(
     stats = matching.align(activation_stats, updates, state.nu)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
-    bc1, bc2 = 1 - jnp.float32(b1) ** t, 1 - jnp.float32(b2) ** t
+    # float32 arrays, so the plain optimizer and one under optax.inject_hyperparams
+    # (whose hyperparameters are arrays) round every product identically.
+    b1_, b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b1, b2, eps))
+    bc1, bc2 = 1 - b1_ ** t, 1 - b2_ ** t
 
     def leaf(path, g, m, v, a):
       if a is None and unmatched == "sgd":
         return g, m, v
-      m_new = b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32)
+      m_new = b1_ * m.astype(jnp.float32) + (1 - b1_) * g.astype(jnp.float32)
       u = m_new / bc1
       if a is not None:
-        v = b2 * v + (1 - b2) * a
+        v = b2_ * v + (1 - b2_) * a
         v_hat = v / bc2
-        root = jnp.sqrt(v_hat) if isinstance(power, float) and power == 0.5 else v_hat ** power
-        u = matching.apply_scale(u, 1 / (root + eps), matching.path_name(path))
+        if isinstance(power, (int, float)):
+          root = jnp.sqrt(v_hat) if power == 0.5 else v_hat ** power
+        else:  # an array under inject_hyperparams: keep the exact sqrt at 0.5
+          root = jnp.where(power == 0.5, jnp.sqrt(v_hat), v_hat ** power)
+        u = matching.apply_scale(u, 1 / (root + eps_), matching.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
