@@ -47,18 +47,33 @@ def layer_moments(module: nn.Module, x: jax.Array) -> dict[str, moments.InputMom
     axis = _as_tuple(module.axis, 1)
     kernel = moments.dense_moments(x, axis, _as_tuple(module.batch_dims, 1) if module.batch_dims else ())
   elif isinstance(module, nn.Conv):
-    size = _as_tuple(module.kernel_size, 1)
-    rank = len(size)
-    kernel = moments.conv_moments(
-        x, size,
-        strides=_as_tuple(module.strides, rank),
-        padding=canonicalize_padding(module.padding, rank),
-        input_dilation=_as_tuple(module.input_dilation, rank),
-        kernel_dilation=_as_tuple(module.kernel_dilation, rank))
+    kernel = conv_layer_moments(module, x)
   else:
     return {}
+  return with_bias(kernel, module.use_bias)
+
+
+def conv_layer_moments(layer, x: jax.Array) -> moments.InputMoments:
+  """``moments.conv_moments`` configured from a conv layer's attributes.
+
+  Shared by the Linen and NNX adapters: ``nn.Conv`` and ``nnx.Conv`` name
+  their settings alike (``kernel_size``, ``strides``, ``padding``,
+  ``input_dilation``, ``kernel_dilation``).
+  """
+  size = _as_tuple(layer.kernel_size, 1)
+  rank = len(size)
+  return moments.conv_moments(
+      x, size,
+      strides=_as_tuple(layer.strides, rank),
+      padding=canonicalize_padding(layer.padding, rank),
+      input_dilation=_as_tuple(layer.input_dilation, rank),
+      kernel_dilation=_as_tuple(layer.kernel_dilation, rank))
+
+
+def with_bias(kernel: moments.InputMoments, use_bias: bool) -> dict[str, moments.InputMoments]:
+  """``{'kernel': kernel}``, plus the bias's constant-input statistic if it has one."""
   out = {"kernel": kernel}
-  if module.use_bias:
+  if use_bias:
     out["bias"] = moments.constant_moments(kernel.rows)
   return out
 
