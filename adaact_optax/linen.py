@@ -28,6 +28,9 @@ COLLECTION = "adaact_stats"
 # applied several times averages over all its rows. Row counts are static.
 _rows_seen: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "adaact_rows_seen", default=None)
+# The token-frequency floor while nn.Embed is captured, None while it is not.
+_embedding_floor: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "adaact_embedding_floor", default=None)
 
 
 def _as_tuple(value, rank):
@@ -36,11 +39,28 @@ def _as_tuple(value, rank):
   return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-def layer_moments(module: nn.Module, x: jax.Array) -> dict[str, moments.InputMoments]:
+def embedding_floor(embeddings: bool | float) -> float | None:
+  """The ``embeddings=`` flag as a floor: False -> None (unmatched), True -> default."""
+  if embeddings is True:
+    return moments.EMBEDDING_FLOOR
+  if embeddings is False or embeddings is None:
+    return None
+  if not embeddings >= 0:
+    raise ValueError(f"embeddings must be a bool or a floor >= 0, got {embeddings!r}")
+  return float(embeddings)
+
+
+def layer_moments(module: nn.Module, x: jax.Array, *, embeddings: bool | float = False
+                  ) -> dict[str, moments.InputMoments]:
   """Statistics of one supported Linen layer's input, keyed by parameter name.
 
-  Returns ``{}`` for modules AdaAct does not scale.
+  Returns ``{}`` for modules AdaAct does not scale (``nn.Embed`` unless
+  ``embeddings``: see ``capture``).
   """
+  if isinstance(module, nn.Embed):
+    floor = embedding_floor(embeddings)
+    return {} if floor is None else {
+        "embedding": moments.token_moments(x, module.num_embeddings, floor)}
   if isinstance(module, nn.Dense):
     kernel = moments.dense_moments(x)
   elif isinstance(module, nn.DenseGeneral):
@@ -90,41 +110,49 @@ def _record(module: nn.Module, name: str, stat: moments.InputMoments, seen: dict
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   seen = _rows_seen.get()
+  floor = _embedding_floor.get()
+  layers = (nn.Dense, nn.DenseGeneral, nn.Conv) + ((nn.Embed,) if floor is not None else ())
   if (seen is None or context.method_name != "__call__"
-      or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+      or not isinstance(module, layers)
       or not module.is_mutable_collection(COLLECTION)):
     return next_fun(*args, **kwargs)
   x = args[0] if args else kwargs["inputs"]
   out = next_fun(*args, **kwargs)
-  for name, stat in layer_moments(module, x).items():
+  embeddings = False if floor is None else floor
+  for name, stat in layer_moments(module, x, embeddings=embeddings).items():
     _record(module, name, stat, seen)
   return out
 
 
 @contextlib.contextmanager
-def capture():
+def capture(embeddings: bool | float = False):
   """Context manager: supported layers write statistics into ``COLLECTION``.
 
   Only while ``COLLECTION`` is mutable (``model.apply(..., mutable=[COLLECTION])``);
-  enter it inside the traced (jitted) function.
+  enter it inside the traced (jitted) function. ``nn.Embed`` tables are
+  unmatched unless ``embeddings``: ``True`` records token frequencies plus
+  ``moments.EMBEDDING_FLOOR``, a float sets the floor (``moments.token_moments``).
   """
   token = _rows_seen.set({})
+  floor_token = _embedding_floor.set(embedding_floor(embeddings))
   try:
     with nn.intercept_methods(_interceptor):
       yield
   finally:
+    _embedding_floor.reset(floor_token)
     _rows_seen.reset(token)
 
 
-def apply(model: nn.Module, variables, *args, mutable=False, **kwargs):
-  """``model.apply`` under ``capture()``; returns ``(output, mutated_variables)``.
+def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | float = False,
+          **kwargs):
+  """``model.apply`` under ``capture(embeddings)``; returns ``(output, mutated_variables)``.
 
   ``mutated_variables[COLLECTION]`` mirrors ``variables['params']`` for every
   captured layer and is what ``tx.update(..., activation_stats=...)`` takes.
   Other mutable collections (``'batch_stats'``, ...) come back as usual.
   """
   variables = {k: v for k, v in variables.items() if k != COLLECTION}
-  with capture():
+  with capture(embeddings):
     out, mutated = model.apply(variables, *args, mutable=union_filters(mutable, COLLECTION),
                                **kwargs)
   mutated = dict(mutated)

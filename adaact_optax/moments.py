@@ -182,3 +182,38 @@ def conv_moments(
 def constant_moments(rows: int = 1) -> InputMoments:
   """The statistic of a bias: a weight on the constant input 1."""
   return InputMoments(jnp.ones((), jnp.float32), rows)
+
+
+# Default floor added to a token's frequency: with power 0.5 no embedding row
+# gets more than 1/sqrt(0.01) = 10x the step of an input feature whose second
+# moment is 1, however rare its token.
+EMBEDDING_FLOOR = 1e-2
+
+
+def token_moments(ids: jax.Array, num_embeddings: int,
+                  floor: float = EMBEDDING_FLOOR) -> InputMoments:
+  """Second moment of the one-hot input an embedding lookup multiplies, plus a floor.
+
+  ``table[ids]`` is ``one_hot(ids) @ table``, so row ``v`` of the table sees
+  the input ``one_hot(ids)[v]``, whose mean square over the rows (tokens) is
+  the frequency of token ``v`` in the batch. Counted with a segment sum: no
+  ``(tokens, num_embeddings)`` one-hot is built.
+
+  The floor is *added* (not ``max``-ed) so the statistic stays a mean over
+  rows: pooling repeated uses (``combine``), averaging across devices and
+  the EMA all stay exact, and every ``V_hat >= floor``, which bounds a rare
+  or unseen token's step scale by ``floor ** -power``.
+
+  Args:
+    ids: integer token ids, any shape (every element is a row).
+    num_embeddings: vocabulary size; ids outside ``[0, num_embeddings)`` are
+      not counted.
+    floor: added to every frequency, >= 0.
+
+  Returns:
+    ``InputMoments`` with mean of shape ``(num_embeddings,)`` (float32).
+  """
+  ids = lax.stop_gradient(ids).reshape(-1)
+  counts = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.float32), ids,
+                               num_segments=num_embeddings)
+  return InputMoments(counts / max(ids.size, 1) + jnp.float32(floor), ids.size)
