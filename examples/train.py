@@ -1,0 +1,321 @@
+"""Train a model with AdaAct, SGD, Adam or AdamW: ``python -m examples.train --help``.
+
+Example (from the repository root)::
+
+  python -m examples.train --dataset digits --model cnn --optimizer adaact --epochs 20
+
+Writes one JSON line per epoch to ``--metrics`` and a PNG of the train loss and
+test accuracy to ``--plot``, and prints a final summary line. AdaAct runs
+through ``adaact_optax.adaact`` + ``adaact_optax.linen.apply`` +
+``adaact_optax.TrainState``; the other optimizers run the same loop with plain
+``model.apply`` (no statistics are captured for them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # `python examples/train.py`: make `examples` importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+from examples import data as data_lib
+from examples import models
+
+OPTIMIZERS = ("adaact", "sgd", "adam", "adamw")
+
+# Each optimizer's published defaults: AdaAct (arXiv 2506.08353), SGD with
+# momentum 0.9 and coupled weight decay 5e-4 (the paper's baseline), and
+# PyTorch's Adam / AdamW defaults.
+DEFAULTS = {
+    "adaact": dict(lr=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=2e-3),
+    "sgd": dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "adam": dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
+    "adamw": dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
+}
+
+
+@dataclasses.dataclass
+class Config:
+  """One training run. ``None`` hyperparameters take ``DEFAULTS[optimizer]``."""
+
+  dataset: str = "digits"
+  model: str = "mlp"
+  optimizer: str = "adaact"
+  epochs: int = 10
+  batch_size: int = 128
+  seed: int = 0
+  lr: float | None = None
+  weight_decay: float | None = None
+  b1: float | None = None
+  b2: float | None = None
+  eps: float | None = None
+  momentum: float | None = None
+  power: float = 0.5
+  schedule: str = "cosine"          # "cosine" or "constant"
+  warmup_epochs: float = 0.0
+  augment: bool | None = None       # None: on for cifar10 only
+  steps_per_epoch: int | None = None  # cap, for quick runs
+  data_dir: str | None = None
+  metrics: str | None = None        # JSON-lines path; None: no file
+  plot: str | None = None           # PNG path; None: no plot
+  progress: bool = True
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
+
+  def hyper(self, name):
+    value = getattr(self, name)
+    return DEFAULTS[self.optimizer].get(name) if value is None else value
+
+
+def make_optimizer(cfg: Config, total_steps: int, steps_per_epoch: int):
+  """The optax transformation for ``cfg`` with its learning-rate schedule."""
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from {OPTIMIZERS}")
+  lr = cfg.hyper("lr")
+  if cfg.schedule == "cosine":
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
+                                                  max(total_steps, warmup + 1))
+  elif cfg.schedule == "constant":
+    schedule = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose 'cosine' or 'constant'")
+  wd = cfg.hyper("weight_decay")
+  if cfg.optimizer == "adaact":
+    tx = adaact_optax.adaact(schedule, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"), wd,
+                             power=cfg.power)
+  elif cfg.optimizer == "sgd":   # PyTorch-style coupled L2: decay joins the gradient
+    tx = optax.chain(optax.add_decayed_weights(wd),
+                     optax.sgd(schedule, momentum=cfg.hyper("momentum")))
+  elif cfg.optimizer == "adam":
+    tx = optax.chain(optax.add_decayed_weights(wd),
+                     optax.adam(schedule, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps")))
+  else:
+    tx = optax.adamw(schedule, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"),
+                     weight_decay=wd)
+  # So every optimizer accepts (and the others ignore) `activation_stats`.
+  return optax.with_extra_args_support(tx), schedule
+
+
+class TrainState(adaact_optax.TrainState):
+  """``adaact_optax.TrainState`` plus BatchNorm's running statistics."""
+
+  batch_stats: Any = None
+
+
+def make_steps(model, use_adaact: bool, augment: bool):
+  """Jitted ``train_step(state, x, y, key) -> (state, loss)`` and
+  ``eval_step(state, x, y) -> (summed loss, correct count)``."""
+
+  def train_step(state, x, y, key):
+    if augment:
+      x = data_lib.augment_crop_flip(key, x)
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      if use_adaact:
+        logits, mutated = aa_linen.apply(model, variables, x, train=True,
+                                         mutable=["batch_stats"])
+      else:  # no capture: the other optimizers do not pay for statistics
+        logits, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, mutated
+
+    (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    stats = mutated[aa_linen.COLLECTION] if use_adaact else None
+    state = state.apply_gradients(grads=grads, activation_stats=stats,
+                                  batch_stats=mutated.get("batch_stats", state.batch_stats))
+    return state, loss
+
+  def eval_step(state, x, y):
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                         train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+    return loss, jnp.sum(jnp.argmax(logits, -1) == y)
+
+  return jax.jit(train_step), jax.jit(eval_step)
+
+
+def evaluate(eval_step, state, x, y, batch_size: int) -> tuple[float, float]:
+  """(mean loss, accuracy) over ``x, y``."""
+  loss, correct = 0.0, 0
+  for xb, yb in data_lib.batches(x, y, batch_size):
+    l, c = eval_step(state, xb, yb)
+    loss, correct = loss + float(l), correct + int(c)
+  return loss / len(y), correct / len(y)
+
+
+def run(cfg: Config, dataset: data_lib.Dataset | None = None,
+        on_epoch: Callable[[int, TrainState], dict] | None = None) -> dict:
+  """Trains per ``cfg``; returns ``{"config", "history", "summary", "state"}``.
+
+  ``dataset`` overrides loading ``cfg.dataset`` (e.g. a validation split);
+  ``on_epoch(epoch, state)`` may return extra fields for that epoch's record.
+  """
+  ds = data_lib.load(cfg.dataset, cfg.data_dir) if dataset is None else dataset
+  model = models.get_model(cfg.model, ds.num_classes, ds.input_shape, **cfg.model_kwargs)
+  batch_size = min(cfg.batch_size, len(ds.y_train))
+  steps_per_epoch = len(ds.y_train) // batch_size
+  if cfg.steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+  tx, schedule = make_optimizer(cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
+
+  key = jax.random.key(cfg.seed)
+  init_key, key = jax.random.split(key)
+  variables = model.init(init_key, jnp.asarray(ds.x_train[:1]), train=False)
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                            batch_stats=variables.get("batch_stats", {}))
+  augment = cfg.augment if cfg.augment is not None else ds.name == "cifar10"
+  train_step, eval_step = make_steps(model, cfg.optimizer == "adaact", augment)
+  rng = np.random.default_rng(cfg.seed)
+  metrics_file = None
+  if cfg.metrics:
+    pathlib.Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(cfg.metrics, "a")
+  base = dict(dataset=ds.name, model=cfg.model, optimizer=cfg.optimizer, seed=cfg.seed,
+              lr=cfg.hyper("lr"), power=cfg.power if cfg.optimizer == "adaact" else None)
+  history = []
+  try:
+    for epoch in range(1, cfg.epochs + 1):
+      start = time.perf_counter()
+      losses = []
+      bar = tqdm(data_lib.batches(ds.x_train, ds.y_train, batch_size, rng),
+                 total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                 disable=not cfg.progress, leave=False)
+      for i, (xb, yb) in enumerate(bar):
+        if i == steps_per_epoch:
+          break
+        key, step_key = jax.random.split(key)
+        state, loss = train_step(state, xb, yb, step_key)
+        losses.append(loss)
+        if cfg.progress and i % 20 == 0:
+          bar.set_postfix(loss=f"{float(loss):.4f}")
+      bar.close()
+      train_loss = float(jnp.mean(jnp.stack(losses)))  # waits for the epoch's steps
+      epoch_time = time.perf_counter() - start
+      test_loss, test_acc = evaluate(eval_step, state, ds.x_test, ds.y_test, 1024)
+      record = dict(base, epoch=epoch, step=int(state.step), train_loss=train_loss,
+                    test_loss=test_loss, test_acc=test_acc, epoch_time=epoch_time,
+                    lr_now=float(schedule(int(state.step))))
+      if on_epoch is not None:
+        record.update(on_epoch(epoch, state) or {})
+      history.append(record)
+      if metrics_file:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+      if not math.isfinite(train_loss):
+        break
+  finally:
+    if metrics_file:
+      metrics_file.close()
+  times = [r["epoch_time"] for r in history]
+  summary = dict(base, epochs=len(history), train_loss=history[-1]["train_loss"],
+                 test_loss=history[-1]["test_loss"], test_acc=history[-1]["test_acc"],
+                 # epoch 1 includes compilation; later epochs are the steady state.
+                 epoch_time=float(np.mean(times[1:] if len(times) > 1 else times)))
+  if cfg.plot:
+    plot_curves({cfg.optimizer: [history]}, cfg.plot, f"{ds.name} / {cfg.model}")
+  return dict(config=dataclasses.asdict(cfg), history=history, summary=summary, state=state)
+
+
+def plot_curves(runs: dict[str, list[list[dict]]], path: str, title: str = "") -> None:
+  """PNG of train loss and test accuracy per epoch; ``runs[label]`` is a list of
+  histories (seeds), drawn as their mean with a min-max band."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for label, histories in runs.items():
+    n = min(len(h) for h in histories)
+    epochs = np.arange(1, n + 1)
+    for ax, field in zip(axes, ("train_loss", "test_acc")):
+      values = np.array([[r[field] for r in h[:n]] for h in histories])
+      line, = ax.plot(epochs, values.mean(0), label=label)
+      if len(histories) > 1:
+        ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
+  axes[0].set(xlabel="epoch", ylabel="train loss", yscale="log", title="train loss")
+  axes[1].set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+  axes[1].legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _model_kwarg(text: str):
+  key, _, value = text.partition("=")
+  if not _:
+    raise argparse.ArgumentTypeError(f"--model-arg takes key=value, got {text!r}")
+  return key, json.loads(value)
+
+
+def parse_args(argv=None) -> Config:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--dataset", default="digits", choices=data_lib.DATASETS)
+  p.add_argument("--data-dir", help="for cifar10: the folder holding cifar-10-batches-bin/")
+  p.add_argument("--model", default="mlp", choices=models.MODELS)
+  p.add_argument("--model-arg", action="append", type=_model_kwarg, default=[],
+                 metavar="KEY=JSON", help="override a model field, e.g. depth=2 (repeatable)")
+  p.add_argument("--optimizer", default="adaact", choices=OPTIMIZERS)
+  p.add_argument("--lr", type=float, help="peak learning rate (default: the optimizer's)")
+  p.add_argument("--weight-decay", type=float, help="default: the optimizer's")
+  p.add_argument("--b1", type=float, help="adaact/adam/adamw beta1")
+  p.add_argument("--b2", type=float, help="adaact/adam/adamw beta2")
+  p.add_argument("--eps", type=float, help="adaact/adam/adamw epsilon")
+  p.add_argument("--momentum", type=float, help="sgd momentum (default 0.9)")
+  p.add_argument("--power", type=float, default=0.5, help="AdaAct's exponent p in V^p")
+  p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+  p.add_argument("--warmup-epochs", type=float, default=0.0)
+  p.add_argument("--epochs", type=int, default=10)
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                 help="random crop (pad 4) + horizontal flip; default: on for cifar10")
+  p.add_argument("--out-dir", default="runs", help="where the default metrics/plot paths go")
+  p.add_argument("--metrics", help="JSON-lines file (default: OUT_DIR/NAME.jsonl)")
+  p.add_argument("--plot", help="PNG of the curves (default: OUT_DIR/NAME.png)")
+  p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+  a = p.parse_args(argv)
+  name = f"{a.dataset}_{a.model}_{a.optimizer}_seed{a.seed}"
+  out = pathlib.Path(a.out_dir)
+  return Config(
+      dataset=a.dataset, model=a.model, optimizer=a.optimizer, epochs=a.epochs,
+      batch_size=a.batch_size, seed=a.seed, lr=a.lr, weight_decay=a.weight_decay, b1=a.b1,
+      b2=a.b2, eps=a.eps, momentum=a.momentum, power=a.power, schedule=a.schedule,
+      warmup_epochs=a.warmup_epochs, augment=a.augment, steps_per_epoch=a.steps_per_epoch,
+      data_dir=a.data_dir, metrics=a.metrics or str(out / f"{name}.jsonl"),
+      plot=a.plot or str(out / f"{name}.png"), progress=not a.no_progress,
+      model_kwargs=dict(a.model_arg))
+
+
+def main(argv=None) -> dict:
+  cfg = parse_args(argv)
+  result = run(cfg)
+  s = result["summary"]
+  print(f"final: dataset={s['dataset']} model={s['model']} optimizer={s['optimizer']} "
+        f"lr={s['lr']:g} seed={s['seed']} epochs={s['epochs']} train_loss={s['train_loss']:.4f} "
+        f"test_loss={s['test_loss']:.4f} test_acc={s['test_acc']:.4f} "
+        f"s/epoch={s['epoch_time']:.2f} device={jax.devices()[0].platform} "
+        f"metrics={cfg.metrics} plot={cfg.plot}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
