@@ -1,0 +1,189 @@
+"""AdaAct inside the usual Optax wrappers: chain, schedules, inject_hyperparams,
+partition, apply_if_finite. The statistics must reach the AdaAct transform
+through every wrapper, and the wrappers must change nothing else."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+
+
+class TokenMLP(nn.Module):
+  """Embedding + LayerNorm (no statistics) and two Dense layers (statistics)."""
+
+  @nn.compact
+  def __call__(self, tokens, x):
+    h = jnp.concatenate([nn.Embed(20, 8)(tokens).mean(1), x], -1)
+    h = nn.relu(nn.Dense(16)(nn.LayerNorm()(h)))
+    return nn.Dense(5)(h)
+
+
+MODEL = TokenMLP()
+
+
+def _batch(seed):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.randint(k1, (8, 3), 0, 20), jax.random.normal(k2, (8, 6)),
+          jax.random.randint(k3, (8,), 0, 5))
+
+
+def _init():
+  tokens, x, _ = _batch(0)
+  return MODEL.init(jax.random.key(0), tokens, x)["params"]
+
+
+def _grads_and_stats(params, batch, loss_scale=1.0):
+  tokens, x, y = batch
+
+  def loss_fn(p):
+    logits, mutated = aa_linen.apply(MODEL, {"params": p}, tokens, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss_scale * loss, mutated[aa_linen.COLLECTION]
+
+  grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+  return grads, stats
+
+
+def _train(tx, steps=3, params=None, opt_state=None, loss_scale=1.0, first_batch=1):
+  """``steps`` jitted steps; returns params, the last opt_state and all updates."""
+  params = _init() if params is None else params
+  opt_state = tx.init(params) if opt_state is None else opt_state
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    grads, stats = _grads_and_stats(params, batch, loss_scale)
+    updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), opt_state
+
+  for t in range(steps):
+    params, opt_state = step(params, opt_state, _batch(first_batch + t))
+  return params, opt_state
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_chain_with_clipping_and_warmup_cosine_schedule():
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 0.1, warmup_steps=2, decay_steps=6)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), adaact_optax.adaact(schedule))
+  # Reference, by hand: clip to norm 1, AdaAct's scaling, decoupled decay, -lr(t).
+  scale = adaact_optax.scale_by_adaact()
+  params = ref = _init()
+  state, ref_state = tx.init(params), scale.init(params)
+  for t in range(4):
+    batch = _batch(1 + t)
+    grads, stats = _grads_and_stats(params, batch, loss_scale=50.0)
+    norm = optax.tree.norm(grads)
+    assert norm > 1.0  # the clip is active
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    clipped = jax.tree.map(lambda g: g / norm, grads)
+    ref_updates, ref_state = scale.update(clipped, ref_state, activation_stats=stats)
+    ref_updates = jax.tree.map(lambda u, p: -schedule(t) * (u + 2e-3 * p), ref_updates, params)
+    jax.tree.map(lambda u, r: np.testing.assert_allclose(u, r, rtol=2e-5, atol=1e-9),
+                 updates, ref_updates)
+    params = optax.apply_updates(params, updates)
+  assert float(schedule(0)) == 0.0  # warmup: the first step did not move the params
+
+
+def test_inject_hyperparams_reads_changes_and_is_bit_identical():
+  injected = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.1, weight_decay=2e-3)
+  params, state = _train(injected, steps=2)
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.1)
+  assert float(state.hyperparams["weight_decay"]) == pytest.approx(2e-3)
+  state.hyperparams["learning_rate"] = jnp.float32(0.05)
+  state.hyperparams["weight_decay"] = jnp.float32(0.0)
+  params, state = _train(injected, steps=2, params=params, opt_state=state, first_batch=3)
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.05)
+
+  # Plain optimizers with the same values; adaact's state does not depend on
+  # lr or weight decay, so it carries over from the first to the second.
+  ref, ref_state = _train(adaact_optax.adaact(0.1, weight_decay=2e-3), steps=2)
+  ref, ref_state = _train(adaact_optax.adaact(0.05, weight_decay=0.0), steps=2, params=ref,
+                          opt_state=ref_state, first_batch=3)
+  _assert_trees_equal(params, ref)
+  _assert_trees_equal(state.inner_state, ref_state)
+
+
+def test_inject_hyperparams_with_a_schedule_exposes_its_current_value():
+  schedule = optax.linear_schedule(0.1, 0.0, transition_steps=4)
+  injected = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=schedule)
+  params, state = _train(injected, steps=2)
+  ref, _ = _train(adaact_optax.adaact(schedule), steps=2)
+  _assert_trees_equal(params, ref)
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(schedule(1)))
+
+
+def _label_by_module(owner):
+  return lambda params: {m: jax.tree.map(lambda _: owner(m), sub) for m, sub in params.items()}
+
+
+@pytest.mark.parametrize("adamw_modules", [
+    ("Embed_0", "LayerNorm_0"),             # AdaAct owns every layer it has statistics for
+    ("Embed_0", "LayerNorm_0", "Dense_1"),  # statistics of Dense_1 reach a masked path
+])
+def test_partition_routes_statistics_to_the_adaact_branch(adamw_modules):
+  owner = lambda m: "adamw" if m in adamw_modules else "adaact"
+  tx = optax.partition({"adaact": adaact_optax.adaact(0.1), "adamw": optax.adamw(1e-3)},
+                       _label_by_module(owner))
+  full_adaact, full_adamw = adaact_optax.adaact(0.1), optax.adamw(1e-3)
+  params = _init()
+  state, s_act, s_adam = tx.init(params), full_adaact.init(params), full_adamw.init(params)
+
+  @jax.jit
+  def step(params, state, s_act, s_adam, batch):
+    grads, stats = _grads_and_stats(params, batch)
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    u_act, s_act = full_adaact.update(grads, s_act, params, activation_stats=stats)
+    u_adam, s_adam = full_adamw.update(grads, s_adam, params)
+    return updates, state, u_act, s_act, u_adam, s_adam
+
+  for t in range(3):
+    updates, state, u_act, s_act, u_adam, s_adam = step(params, state, s_act, s_adam,
+                                                        _batch(1 + t))
+    # Each parameter moves exactly as the optimizer that owns it would move it alone.
+    for module in params:
+      expected = u_adam if owner(module) == "adamw" else u_act
+      _assert_trees_equal(updates[module], expected[module])
+    params = optax.apply_updates(params, updates)
+  nu = state.inner_states["adaact"].inner_state[0].nu
+  assert not jax.tree.leaves(nu["Embed_0"])  # masked: no state
+  assert float(jnp.min(nu["Dense_0"]["kernel"])) > 0  # the statistics arrived
+  assert (not jax.tree.leaves(nu["Dense_1"])) == ("Dense_1" in adamw_modules)
+
+
+def test_partition_with_prefix_labels_and_a_wrong_statistics_path():
+  labels = {"Dense_0": "adaact", "Dense_1": "adamw", "Embed_0": "adamw", "LayerNorm_0": "adamw"}
+  tx = optax.partition({"adaact": adaact_optax.adaact(0.1), "adamw": optax.adamw(1e-3)}, labels)
+  params = _init()
+  state = tx.init(params)
+  grads, stats = _grads_and_stats(params, _batch(1))
+  _, state = tx.update(grads, state, params, activation_stats=stats)
+  assert float(jnp.min(state.inner_states["adaact"].inner_state[0].nu["Dense_0"]["kernel"])) > 0
+  # A path that is no parameter at all is still an error, named.
+  bad = dict(stats, Nope={"kernel": jnp.ones(3)})
+  with pytest.raises(ValueError, match="Nope/kernel"):
+    tx.update(grads, state, params, activation_stats=bad)
+
+
+def test_apply_if_finite_skips_a_nan_step():
+  tx = optax.apply_if_finite(adaact_optax.adaact(0.1), max_consecutive_errors=3)
+  params, state = _train(tx, steps=2)
+  tokens, x, y = _batch(9)
+  nan_batch = (tokens, x.at[0, 0].set(jnp.nan), y)
+  grads, stats = _grads_and_stats(params, nan_batch)
+  assert not bool(jnp.isfinite(grads["Dense_0"]["kernel"]).all())
+  updates, new_state = jax.jit(
+      lambda g, s, p, a: tx.update(g, s, p, activation_stats=a))(grads, state, params, stats)
+  _assert_trees_equal(optax.apply_updates(params, updates), params)
+  _assert_trees_equal(new_state.inner_state, state.inner_state)
+  assert int(new_state.total_notfinite) == 1
+  # The next finite step continues from the untouched state.
+  after, final = _train(tx, steps=1, params=params, opt_state=new_state, first_batch=10)
+  assert int(final.inner_state[0].count) == 3
+  assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(after))
