@@ -34,8 +34,14 @@ def _key_name(key) -> str:
 
 
 def path_name(path) -> str:
-  """``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``."""
-  return "/".join(_key_name(k) for k in path)
+  """``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``.
+
+  ``GetAttrKey('value')``, the key of an ``nnx.Variable``'s payload, is
+  dropped, so ``nnx.state(model)`` (what ``nnx.Optimizer`` initialises
+  from) and its pure arrays name the same paths.
+  """
+  return "/".join(_key_name(k) for k in path
+                  if not (isinstance(k, tree_util.GetAttrKey) and k.name == "value"))
 
 
 def default_moment_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
