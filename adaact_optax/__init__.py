@@ -1,6 +1,6 @@
 """AdaAct for Optax and Flax: per-input-neuron learning rates from activation statistics."""
 
-from adaact_optax import linen, matching, moments
+from adaact_optax import linen, matching, moments, sharding
 from adaact_optax.train_state import TrainState
 from adaact_optax.transform import ScaleByAdaActState, adaact, scale_by_adaact
 
@@ -12,5 +12,6 @@ __all__ = [
     "matching",
     "moments",
     "scale_by_adaact",
+    "sharding",
 ]
 __version__ = "0.1.0"
