@@ -1,0 +1,298 @@
+"""AdaAct across devices: pmap, sharded jit (FSDP + tensor parallel), shard_map, nn.scan.
+
+conftest.py gives this session 8 simulated CPU devices. Every multi-device
+run is compared with the same steps on one device and the concatenated batch.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+from adaact_optax import sharding as aa_sharding
+
+STEPS = 5
+BATCH, FEATURES, CLASSES = 16, 8, 4
+_init = nn.initializers.lecun_normal()
+# Classic GSPMD jit (jax.make_mesh now defaults to Explicit axes).
+AUTO = AxisType.Auto
+
+
+def part(*names):
+  return nn.with_partitioning(_init, names)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(16, kernel_init=part("data", "model"))(x))        # FSDP + TP
+    return x + nn.Dense(x.shape[-1], kernel_init=part("model", "data"))(h)
+
+
+class Net(nn.Module):
+  """Dense (FSDP), a residual block, a multi-output DenseGeneral (TP), head."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(FEATURES, kernel_init=part("data", None))(x))
+    x = Block()(x)
+    x = nn.DenseGeneral((2, 4), kernel_init=part(None, "model", None))(x)   # kernel (8, 2, 4)
+    x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+    return nn.Dense(CLASSES, kernel_init=part(None, "model"))(x)
+
+
+class ScanNet(nn.Module):
+  """Three blocks stacked with nn.scan; their statistics stack like their params."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(FEATURES, kernel_init=part("data", "model"))(x)
+    stack = nn.scan(lambda m, c, _: (m(c), None), variable_axes={"params": 0, aa_linen.COLLECTION: 0},
+                    split_rngs={"params": True}, length=3,
+                    metadata_params={nn.PARTITION_NAME: None})
+    x, _ = stack(Block(), x, None)
+    return nn.Dense(CLASSES, kernel_init=part("model", None))(x)
+
+
+class PlainMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(CLASSES)(nn.relu(nn.Dense(16)(x)))
+
+
+def batches(steps=STEPS, batch=BATCH):
+  rng = np.random.default_rng(0)
+  xs = rng.normal(size=(steps, batch, FEATURES)).astype(np.float32)
+  ys = rng.integers(0, CLASSES, size=(steps, batch)).astype(np.int32)
+  return xs, ys
+
+
+def loss_and_grads(model, params, x, y):
+  def loss_fn(p):
+    logits, mutated = aa_linen.apply(model, {"params": p}, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, mutated[aa_linen.COLLECTION]
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, stats, grads
+
+
+def make_step(model, tx, grad_axis=None):
+  def step(params, opt_state, x, y):
+    loss, stats, grads = loss_and_grads(model, params, x, y)
+    if grad_axis is not None:
+      grads = jax.lax.pmean(grads, grad_axis)
+    updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), opt_state
+  return step
+
+
+def init_params(model, x):
+  return nn.unbox(model.init(jax.random.key(1), x))["params"]
+
+
+def reference(model, tx, xs, ys):
+  """Five steps on one device with the whole batch."""
+  params = init_params(model, xs[0])
+  opt_state = tx.init(params)
+  step = jax.jit(make_step(model, tx))
+  for x, y in zip(xs, ys):
+    params, opt_state = step(params, opt_state, x, y)
+  return params, opt_state
+
+
+def assert_trees_close(actual, expected, rtol=1e-5):
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e),
+                                                       rtol=rtol, atol=1e-7),
+               actual, expected)
+
+
+def max_rel_diff(a, b):
+  diffs = jax.tree.map(lambda u, v: float(np.max(np.abs(np.asarray(u) - np.asarray(v))
+                                                 / (np.abs(np.asarray(v)) + 1e-7))), a, b)
+  return max(jax.tree.leaves(diffs))
+
+
+@pytest.mark.parametrize("use_axis_name", [True, False])
+def test_pmap_equals_one_device(use_axis_name):
+  model, xs, ys = PlainMLP(), *batches()
+  ref_params, ref_state = reference(model, adaact_optax.adaact(0.1), xs, ys)
+
+  tx = adaact_optax.adaact(0.1, axis_name="batch" if use_axis_name else None)
+  devices = jax.devices()[:4]
+  params = init_params(model, xs[0])
+  replicate = lambda t: jax.tree.map(lambda a: np.stack([a] * len(devices)), t)
+  params, opt_state = replicate(params), replicate(tx.init(params))
+  step = jax.pmap(make_step(model, tx, grad_axis="batch"), axis_name="batch", devices=devices)
+  for x, y in zip(xs, ys):
+    params, opt_state = step(params, opt_state, x.reshape(4, -1, FEATURES), y.reshape(4, -1))
+
+  first = lambda t: jax.tree.map(lambda a: a[0], t)
+  if use_axis_name:
+    assert_trees_close(first(params), ref_params)
+    assert_trees_close(first(opt_state), ref_state)
+    # Replicas agree exactly with each other.
+    jax.tree.map(lambda a: np.testing.assert_array_equal(a, np.broadcast_to(a[0], a.shape)),
+                 (params, opt_state))
+  else:
+    # Local statistics: the replicas' second moments differ and so do the params.
+    nu = opt_state[0].nu["Dense_0"]["kernel"]
+    assert np.abs(nu - nu[0]).max() > 1e-3
+    assert max_rel_diff(first(params), ref_params) > 1e-3
+
+
+def mesh_4x2():
+  return jax.make_mesh((4, 2), ("data", "model"), axis_types=(AUTO,) * 2, devices=jax.devices()[:8])
+
+
+def sharded_run(model, tx, mesh, xs, ys):
+  """Sharded jit: batch over 'data', params and state by their partition specs."""
+  abstract = jax.eval_shape(model.init, jax.random.key(1), xs[0])
+  p_shard = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                         nn.get_partition_spec(abstract)["params"], is_leaf=lambda x: isinstance(x, P))
+  params = jax.jit(lambda: init_params(model, xs[0]), out_shardings=p_shard)()
+  s_shard = aa_sharding.state_shardings(tx, p_shard, params)
+  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+  data = NamedSharding(mesh, P("data"))
+  step = jax.jit(make_step(model, tx), in_shardings=(p_shard, s_shard, data, data),
+                 out_shardings=(p_shard, s_shard), donate_argnums=(0, 1))
+  for x, y in zip(xs, ys):
+    params, opt_state = step(params, opt_state, jax.device_put(x, data), jax.device_put(y, data))
+  return params, opt_state, p_shard, s_shard
+
+
+def assert_sharded_like(tree, shardings):
+  def check(path, a, s):
+    assert a.sharding.is_equivalent_to(s, a.ndim), (jax.tree_util.keystr(path), a.sharding, s)
+  jax.tree_util.tree_map_with_path(check, tree, shardings)
+
+
+def test_sharded_jit_fsdp_tp_equals_one_device():
+  model, xs, ys = Net(), *batches()
+  tx = adaact_optax.adaact(0.1)
+  ref_params, ref_state = reference(model, tx, xs, ys)
+  params, opt_state, p_shard, s_shard = sharded_run(model, tx, mesh_4x2(), xs, ys)
+
+  assert_trees_close(params, ref_params)
+  assert_trees_close(opt_state, ref_state)
+  assert_sharded_like(params, p_shard)
+  assert_sharded_like(opt_state, s_shard)
+  # The rule, spelled out: mu like the parameter, nu like its input axes.
+  mu, nu = opt_state[0].mu, opt_state[0].nu
+  expected = {
+      "Dense_0": (P("data", None), P("data")),
+      "Block_0/Dense_0": (P("data", "model"), P("data")),
+      "Block_0/Dense_1": (P("model", "data"), P("model")),
+      "DenseGeneral_0": (P(None, "model", None), P(None, "model")),
+      "Dense_1": (P(None, "model"), P(None)),
+  }
+  for name, (mu_spec, nu_spec) in expected.items():
+    get = lambda t: functools.reduce(lambda d, k: d[k], name.split("/"), t)["kernel"]
+    assert get(mu).sharding.spec == mu_spec, name
+    assert get(nu).sharding.is_equivalent_to(NamedSharding(mesh_4x2(), nu_spec), get(nu).ndim)
+    assert get(nu).shape == get(mu).shape[:len(nu_spec)]
+  assert opt_state[0].count.sharding.is_fully_replicated
+  # Each device holds only its slice of the state: nothing is gathered.
+  kernel_nu = opt_state[0].nu["Block_0"]["Dense_0"]["kernel"]
+  assert kernel_nu.addressable_shards[0].data.shape == (FEATURES // 4,)
+
+
+def test_scan_stacked_partitioned_layers_under_mesh():
+  model, xs, ys = ScanNet(), *batches()
+  tx = adaact_optax.adaact(0.1)
+  ref_params, ref_state = reference(model, tx, xs, ys)
+  params, opt_state, p_shard, s_shard = sharded_run(model, tx, mesh_4x2(), xs, ys)
+  assert_trees_close(params, ref_params)
+  assert_trees_close(opt_state, ref_state)
+  assert_sharded_like(opt_state, s_shard)
+  nu_leaves = jax.tree_util.tree_flatten_with_path(opt_state[0].nu)[0]
+  scanned = {jax.tree_util.keystr(p): a for p, a in nu_leaves if a.ndim == 2 and a.shape[0] == 3}
+  assert len(scanned) == 2, list(scanned)          # both scanned kernels: (layers, inputs)
+  for name, a in scanned.items():
+    assert a.sharding.spec[0] is None, name       # the layer axis stays whole
+
+
+def test_shard_map_step_equals_one_device():
+  model, xs, ys = PlainMLP(), *batches()
+  ref_params, ref_state = reference(model, adaact_optax.adaact(0.1), xs, ys)
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AUTO,), devices=jax.devices()[:4])
+  tx = adaact_optax.adaact(0.1, axis_name="data")
+  # Replicated params and state in, local batch per device; grads and (inside
+  # tx.update) statistics are averaged over 'data'.
+  step = jax.jit(jax.shard_map(make_step(model, tx, grad_axis="data"), mesh=mesh,
+                               in_specs=(P(), P(), P("data"), P("data")),
+                               out_specs=(P(), P()), check_vma=False))
+  params = init_params(model, xs[0])
+  opt_state = tx.init(params)
+  for x, y in zip(xs, ys):
+    params, opt_state = step(params, opt_state, x, y)
+  assert_trees_close(params, ref_params)
+  assert_trees_close(opt_state, ref_state)
+
+
+def test_uneven_batch_shards_under_jit_give_the_global_mean():
+  # 6 examples over 4 data shards: GSPMD pads the shards and reduces over the
+  # logical batch, so the statistics are the exact global mean.
+  model, xs, ys = PlainMLP(), *batches(batch=6)
+  tx = adaact_optax.adaact(0.1)
+  ref_params, ref_state = reference(model, tx, xs, ys)
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AUTO,), devices=jax.devices()[:4])
+  spread = lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P("data")))
+  inner = make_step(model, tx)
+  step = jax.jit(lambda p, s, x, y: inner(p, s, spread(x), spread(y)),
+                 in_shardings=NamedSharding(mesh, P()), out_shardings=NamedSharding(mesh, P()))
+  params = init_params(model, xs[0])
+  opt_state = tx.init(params)
+  for x, y in zip(xs, ys):
+    params, opt_state = step(params, opt_state, x, y)
+  assert_trees_close(params, ref_params)
+  assert_trees_close(opt_state, ref_state)
+
+
+def test_unknown_axis_name_error_names_the_axis():
+  model, xs, ys = PlainMLP(), *batches()
+  tx = adaact_optax.adaact(0.1, axis_name="dta")
+  params = init_params(model, xs[0])
+  step = jax.pmap(make_step(model, tx), axis_name="batch", devices=jax.devices()[:2])
+  rep = lambda t: jax.tree.map(lambda a: np.stack([a] * 2), t)
+  with pytest.raises(NameError, match="dta"):
+    step(rep(params), rep(tx.init(params)), xs[0].reshape(2, -1, FEATURES), ys[0].reshape(2, -1))
+
+
+def test_spec_with_unknown_mesh_axis_names_path_and_axis():
+  model, xs, _ = Net(), *batches()
+  params = init_params(model, xs[0])
+  specs = jax.tree.map(lambda _: P(), params)
+  specs["Dense_0"]["kernel"] = P("batch", None)
+  with pytest.raises(ValueError, match=r"Dense_0/kernel.*'batch'"):
+    aa_sharding.state_shardings(adaact_optax.adaact(0.1), specs, params, mesh=mesh_4x2())
+
+
+def test_state_partition_specs_for_chains_hyperparams_and_grouped_convs():
+  params = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 2, 8), jnp.float32),
+                     "bias": jax.ShapeDtypeStruct((8,), jnp.float32)},
+            "dg": {"kernel": jax.ShapeDtypeStruct((6, 2, 4), jnp.float32)},
+            "norm": {"scale": jax.ShapeDtypeStruct((6,), jnp.float32)}}
+  specs = {"conv": {"kernel": P(None, None, "data", "model"), "bias": P("model")},
+           "dg": {"kernel": P("data")},                    # short spec: rest replicated
+           "norm": {"scale": None}}
+  stats_shapes = {"conv": {"kernel": (3, 3, 8)}}          # 4 groups of 2 input channels
+  tx = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.1, stats_shapes=stats_shapes)
+  out = aa_sharding.state_partition_specs(tx, specs, params)
+  inner = out.inner_state
+  assert out.hyperparams["learning_rate"] == P() and out.count == P()
+  scale = inner[0]
+  assert scale.count == P()
+  assert scale.mu == {"conv": {"kernel": P(None, None, "data", "model"), "bias": P("model")},
+                      "dg": {"kernel": P("data", None, None)}, "norm": {"scale": P(None)}}
+  assert scale.nu == {"conv": {"kernel": P(None, None, None), "bias": P()},
+                      "dg": {"kernel": P("data", None)}, "norm": {"scale": P()}}
+  # The structures agree with the real state, so the specs can be used as shardings.
+  state = jax.eval_shape(tx.init, params)
+  assert jax.tree.structure(state) == jax.tree.structure(out, is_leaf=lambda x: isinstance(x, P))
