@@ -1,0 +1,222 @@
+"""The examples: dataset loaders, models and their statistics trees, the training CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+from adaact_optax import matching
+from examples import data as data_lib
+from examples import models
+from examples import train
+
+# --- datasets ---------------------------------------------------------------
+
+
+def test_digits_loader():
+  ds = data_lib.load("digits")
+  assert ds.x_train.shape == (1437, 8, 8, 1) and ds.x_test.shape == (360, 8, 8, 1)
+  assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  assert 0.0 <= ds.x_train.min() and ds.x_train.max() == 1.0
+  assert set(np.unique(ds.y_test)) == set(range(10))
+
+
+def test_mnist1d_loader_is_generated_locally():
+  state = np.random.get_state()[1].copy()
+  ds = data_lib.load("mnist1d")
+  assert ds.x_train.shape == (4000, 40, 1) and ds.x_test.shape == (1000, 40, 1)
+  assert ds.input_shape == (40, 1) and ds.num_classes == 10
+  assert set(np.unique(ds.y_train)) == set(range(10))
+  # make_dataset reseeds numpy's global RNG; the loader restores it.
+  np.testing.assert_array_equal(np.random.get_state()[1], state)
+
+
+def _write_cifar(folder, sizes, rng):
+  """Official binary layout: per record 1 label byte, then R, G, B planes of 32x32."""
+  folder.mkdir(parents=True)
+  contents = {}
+  for name, n in zip(data_lib.CIFAR_FILES, sizes):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    pixels = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)   # (N, C, H, W)
+    records = np.concatenate([labels[:, None], pixels.reshape(n, -1)], axis=1)
+    records.tofile(folder / name)
+    contents[name] = (labels, pixels)
+  return contents
+
+
+def test_cifar10_binary_reader(tmp_path):
+  rng = np.random.default_rng(0)
+  contents = _write_cifar(tmp_path / "cifar-10-batches-bin", [3, 2, 2, 1, 2, 4], rng)
+  images, labels = data_lib.read_cifar_binary(tmp_path / "cifar-10-batches-bin" / "test_batch.bin")
+  test_labels, test_pixels = contents["test_batch.bin"]
+  np.testing.assert_array_equal(labels, test_labels)
+  np.testing.assert_array_equal(images, test_pixels.transpose(0, 2, 3, 1))  # NHWC
+  # Both the parent folder and cifar-10-batches-bin itself are accepted.
+  for where in (tmp_path, tmp_path / "cifar-10-batches-bin"):
+    ds = data_lib.load("cifar10", where)
+    assert ds.x_train.shape == (10, 32, 32, 3) and ds.x_test.shape == (4, 32, 32, 3)
+    train_labels = np.concatenate([contents[n][0] for n in data_lib.CIFAR_FILES[:-1]])
+    np.testing.assert_array_equal(ds.y_train, train_labels)
+    red_pixel = contents["data_batch_2.bin"][1][1, 0, 5, 7]       # record 1, R, row 5, col 7
+    expected = (red_pixel / 255.0 - data_lib.CIFAR_MEAN[0]) / data_lib.CIFAR_STD[0]
+    np.testing.assert_allclose(ds.x_train[3 + 1, 5, 7, 0], expected, rtol=1e-6)
+
+
+def test_cifar10_errors_name_the_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-bin/data_batch_1\.bin"):
+    data_lib.load("cifar10", tmp_path)
+  _write_cifar(tmp_path / "cifar-10-batches-bin", [1, 1, 1, 1, 1, 1], np.random.default_rng(0))
+  (tmp_path / "cifar-10-batches-bin" / "test_batch.bin").unlink()
+  with pytest.raises(FileNotFoundError, match=r"test_batch\.bin"):
+    data_lib.load("cifar10", tmp_path)
+  (tmp_path / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(b"\0" * 100)
+  with pytest.raises(ValueError, match="3073-byte"):
+    data_lib.load("cifar10", tmp_path)
+  with pytest.raises(ValueError, match="--data-dir"):
+    data_lib.load("cifar10", None)
+
+
+def test_validation_split_uses_only_training_data():
+  ds = data_lib.load("digits")
+  val = data_lib.validation_split(ds, 0.1, seed=0)
+  assert len(val.y_test) == 144 and len(val.y_train) == 1437 - 144
+  train_rows = {r.tobytes() for r in ds.x_train}
+  assert all(r.tobytes() in train_rows for r in val.x_test)
+  assert not {r.tobytes() for r in val.x_train} & {r.tobytes() for r in val.x_test}
+
+
+def test_augmentation_is_a_padded_crop_with_optional_flip():
+  x = jnp.arange(8 * 4 * 4 * 2, dtype=jnp.float32).reshape(8, 4, 4, 2) + 1
+  out = np.asarray(data_lib.augment_crop_flip(jax.random.key(3), x, pad=2))
+  padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  flips = []
+  for b in range(8):
+    candidates = [(f, i, j) for f in (0, 1) for i in range(5) for j in range(5)
+                  if np.array_equal(out[b], (lambda c: c[:, ::-1] if f else c)(
+                      padded[b, i:i + 4, j:j + 4]))]
+    assert candidates, f"example {b} is not a crop of the padded input"
+    flips.append(candidates[0][0])
+  assert 0 < sum(flips) < 8      # both flipped and unflipped examples occur
+
+
+# --- models -----------------------------------------------------------------
+
+SMALL_VIT = dict(dim=16, depth=2, heads=2, mlp_dim=32)
+
+
+def _expected_stats_shape(path, kernel_shape):
+  names = [matching._key_name(k) for k in path]
+  if any(n.startswith("MultiHeadDotProductAttention") for n in names):
+    # DenseGeneral: query/key/value (in, heads, head_dim) read (in,); out
+    # (heads, head_dim, out) reads (heads, head_dim).
+    return kernel_shape[:2] if names[-2] == "out" else kernel_shape[:1]
+  return kernel_shape[:-1]
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize("input_shape", [(8, 8, 1), (40, 1), (32, 32, 3)])
+def test_model_forward_and_statistics_tree(name, input_shape):
+  kw = SMALL_VIT if name == "vit_tiny" else {}
+  model = models.get_model(name, 7, input_shape, **kw)
+  x = jnp.ones((3,) + input_shape)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  logits, mutated = jax.eval_shape(
+      lambda v: aa_linen.apply(model, v, x, train=True, mutable=["batch_stats"]), variables)
+  assert logits.shape == (3, 7)
+  stats = {matching.path_name(p): s.shape
+           for p, s in jax.tree_util.tree_flatten_with_path(mutated[aa_linen.COLLECTION])[0]}
+  kernels = [(p, k.shape) for p, k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+             if matching._key_name(p[-1]) == "kernel"]
+  assert kernels
+  for path, shape in kernels:
+    assert stats.get(matching.path_name(path)) == _expected_stats_shape(path, shape), path
+  if name == "vit_tiny":
+    assert sum(k.endswith("query/kernel") for k in stats) == SMALL_VIT["depth"]
+  # The statistics tree fits the optimizer built from these params.
+  tx = adaact_optax.adaact(0.1)
+  grads = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), variables["params"])
+  jax.eval_shape(lambda g, s: tx.update(g, tx.init(g), g, activation_stats=s), grads,
+                 mutated[aa_linen.COLLECTION])
+
+
+@pytest.mark.parametrize("name, low, high", [("resnet20", 0.26e6, 0.28e6),
+                                             ("vit_tiny", 5.2e6, 5.5e6)])
+def test_reference_sizes(name, low, high):
+  model = models.get_model(name, 10, (32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3))))
+  count = sum(p.size for p in jax.tree.leaves(variables["params"]))
+  assert low < count < high
+
+
+def test_model_errors():
+  with pytest.raises(ValueError, match="unknown model"):
+    models.get_model("vgg", 10, (8, 8, 1))
+  with pytest.raises(ValueError, match="does not divide"):
+    model = models.get_model("vit_tiny", 10, (8, 8, 1), patch=3, **SMALL_VIT)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1))))
+
+
+# --- training program ---------------------------------------------------------
+
+
+def test_published_defaults_and_overrides():
+  assert train.Config(optimizer="adaact").hyper("lr") == 0.1
+  assert train.Config(optimizer="adaact").hyper("weight_decay") == 2e-3
+  assert train.Config(optimizer="adaact").hyper("b2") == 0.999
+  assert train.Config(optimizer="sgd").hyper("weight_decay") == 5e-4
+  assert train.Config(optimizer="sgd").hyper("momentum") == 0.9
+  cfg = train.parse_args(["--optimizer", "sgd", "--lr", "0.3", "--power", "0.25"])
+  assert cfg.hyper("lr") == 0.3 and cfg.power == 0.25
+
+
+def test_cosine_schedule_with_warmup():
+  cfg = train.Config(optimizer="adaact", lr=0.2, warmup_epochs=2)
+  _, schedule = train.make_optimizer(cfg, total_steps=100, steps_per_epoch=10)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(20)) == pytest.approx(0.2)
+  assert float(schedule(60)) == pytest.approx(0.1, rel=1e-5)
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def _cli(tmp_path, optimizer, *extra):
+  return ["--dataset", "digits", "--model", "mlp", "--model-arg", "hidden=[32]",
+          "--optimizer", optimizer, "--epochs", "3", "--steps-per-epoch", "8",
+          "--batch-size", "64", "--out-dir", str(tmp_path), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+def test_cli_training_run_lowers_the_loss(tmp_path, capsys, monkeypatch, optimizer):
+  if optimizer != "adaact":  # the others must not pay for statistics capture
+    monkeypatch.setattr(aa_linen, "apply", lambda *a, **k: pytest.fail("captured for " + optimizer))
+  result = train.main(_cli(tmp_path, optimizer))
+  losses = [r["train_loss"] for r in result["history"]]
+  assert losses[-1] < losses[0] < 2.5, losses
+  lines = (tmp_path / f"digits_mlp_{optimizer}_seed0.jsonl").read_text().splitlines()
+  assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+  assert (tmp_path / f"digits_mlp_{optimizer}_seed0.png").stat().st_size > 0
+  assert f"final: dataset=digits model=mlp optimizer={optimizer}" in capsys.readouterr().out
+  opt_state = result["state"].opt_state
+  if optimizer == "adaact":
+    scale = opt_state[0]
+    assert isinstance(scale, adaact_optax.ScaleByAdaActState) and int(scale.count) == 24
+    assert float(scale.nu["Dense_0"]["kernel"].max()) > 0
+
+
+def test_cli_cifar_with_augmentation(tmp_path, monkeypatch):
+  calls = []
+  augment = data_lib.augment_crop_flip
+  monkeypatch.setattr(data_lib, "augment_crop_flip", lambda k, x: calls.append(x.shape) or augment(k, x))
+  _write_cifar(tmp_path / "data" / "cifar-10-batches-bin", [8, 8, 8, 8, 8, 8],
+               np.random.default_rng(1))
+  result = train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                       "--model", "mlp", "--model-arg", "hidden=[8]", "--epochs", "1",
+                       "--batch-size", "16", "--out-dir", str(tmp_path), "--no-progress"])
+  assert result["history"][0]["step"] == 2 and np.isfinite(result["summary"]["test_loss"])
+  assert calls == [(16, 32, 32, 3)]     # traced once, on by default for cifar10
+  with pytest.raises(FileNotFoundError, match="data_batch_1.bin"):
+    train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out-dir",
+                str(tmp_path), "--no-progress"])
