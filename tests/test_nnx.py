@@ -1,0 +1,153 @@
+"""The Flax NNX adapter: statistics like Linen's, paths like nnx.state, parity, training."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+from adaact_optax import moments
+from adaact_optax import nnx as aa_nnx
+from test_parity import _close, _tree  # the Linen parity test's fixture helpers
+
+
+def _flat(tree):
+  return {adaact_optax.matching.path_name(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# --- same statistics as the Linen adapter, layer by layer -------------------
+
+CONVS = [  # (nnx/linen kwargs, input shape)
+    (dict(kernel_size=(3, 3), padding="SAME"), (2, 6, 5, 4)),
+    (dict(kernel_size=(3, 2), strides=(2, 1), padding="VALID", kernel_dilation=(1, 2)), (2, 7, 6, 4)),
+    (dict(kernel_size=(3,), padding="CIRCULAR", strides=2), (3, 5, 4)),
+    (dict(kernel_size=(3,), padding=((2, 1),), input_dilation=2), (3, 5, 4)),
+    (dict(kernel_size=(2,), padding="CAUSAL", kernel_dilation=2, use_bias=False), (2, 6, 4)),
+    (dict(kernel_size=(3, 3), padding=((1, 0), (2, 1)), feature_group_count=2), (1, 5, 5, 4)),
+    (dict(kernel_size=(3, 3), padding="REFLECT", strides=2, feature_group_count=4), (2, 6, 6, 4)),
+    (dict(kernel_size=(2, 2, 2), padding=1), (4, 3, 3, 4)),  # 3-D, no batch axis
+]
+
+
+@pytest.mark.parametrize("kwargs,shape", CONVS)
+def test_conv_statistics_equal_linen(kwargs, shape):
+  x = jax.random.normal(jax.random.key(1), shape)
+  layer = nnx.Conv(4, 8, rngs=nnx.Rngs(0), **kwargs)
+  _, stats = aa_nnx.apply(layer, x)
+  linen_layer = nn.Conv(8, **kwargs)
+  variables = linen_layer.init(jax.random.key(0), x)
+  _, mutated = aa_linen.apply(linen_layer, variables, x)
+  ours, ref = _flat(stats), _flat(mutated[aa_linen.COLLECTION])
+  assert ours.keys() == ref.keys() == ({"kernel"} | ({"bias"} if kwargs.get("use_bias", True) else set()))
+  for k in ref:
+    np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7)
+
+
+def test_linear_and_linear_general_statistics():
+  x = jax.random.normal(jax.random.key(2), (3, 2, 5, 4))
+  lin = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(aa_nnx.apply(lin, x)[1]["kernel"], jnp.mean(x ** 2, (0, 1, 2)),
+                             rtol=1e-6)
+  # Contract axes (1, -1) of a (3, 2, 5, 4) input: kernel (2, 4, 7, 2), statistics (2, 4).
+  gen = nnx.LinearGeneral((2, 4), (7, 2), axis=(1, -1), rngs=nnx.Rngs(0))
+  _, stats = aa_nnx.apply(gen, x)
+  assert gen.kernel.shape == (2, 4, 7, 2)
+  np.testing.assert_allclose(stats["kernel"], jnp.mean(x ** 2, (0, 2)), rtol=1e-6)
+  assert stats["bias"].shape == ()
+  # batch_axis keeps one statistic per batch index: kernel (3, 4, 5), statistics (3, 4).
+  xb = jax.random.normal(jax.random.key(3), (3, 6, 4))
+  batched = nnx.LinearGeneral(4, 5, batch_axis={0: 3}, use_bias=False, rngs=nnx.Rngs(0))
+  _, stats = aa_nnx.apply(batched, xb)
+  assert set(_flat(stats)) == {"kernel"}
+  np.testing.assert_allclose(stats["kernel"], jnp.mean(xb ** 2, 1), rtol=1e-6)
+  tx = adaact_optax.scale_by_adaact()
+  params = nnx.as_pure(nnx.state(batched, nnx.Param))
+  tx.update(params, tx.init(params), activation_stats=stats)  # shapes line up
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.blocks = nnx.List([nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)])
+    self.alias = self.blocks[0]        # the same layer at a second path
+    self.norm = nnx.LayerNorm(4, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.alias(x)                  # rows of x
+    h = self.blocks[0](self.norm(h))   # ... and the rows of norm(h), pooled
+    return self.blocks[1](h)
+
+
+def test_paths_mirror_nnx_state_and_repeated_use_pools_rows():
+  model = _Net(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(4), (5, 4)) * 3
+  _, stats = aa_nnx.apply(model, x)
+  names = set(_flat(stats))
+  # nnx.state lists the shared layer once, at its first path in key order: 'alias'.
+  assert names == {"alias/kernel", "alias/bias", "blocks/1/kernel", "blocks/1/bias"}
+  assert names < set(_flat(nnx.state(model, nnx.Param)))  # the LayerNorm is unmatched
+  normed = model.norm(model.blocks[0](x))
+  pooled = moments.dense_moments(jnp.concatenate([x, normed]))  # both uses of blocks[0]
+  np.testing.assert_allclose(stats["alias"]["kernel"], pooled.mean, rtol=1e-5)
+  np.testing.assert_allclose(stats["blocks"][1]["kernel"],
+                             jnp.mean(model.blocks[0](normed) ** 2, 0), rtol=1e-5)
+
+
+class _Scaled(nnx.Linear):
+  """A subclass whose __call__ reaches nnx.Linear's through super()."""
+
+  def __call__(self, x):
+    return 2 * super().__call__(x)
+
+
+def test_subclass_dtype_and_no_gradient_through_statistics():
+  layer = _Scaled(3, 2, rngs=nnx.Rngs(0))
+  x = jnp.arange(6.0, dtype=jnp.bfloat16).reshape(2, 3)
+  _, stats = aa_nnx.apply(layer, x)
+  assert stats["kernel"].dtype == jnp.float32
+  np.testing.assert_allclose(stats["kernel"], jnp.mean(jnp.float32(x) ** 2, 0))
+  grad = jax.grad(lambda x: jnp.sum(aa_nnx.apply(layer, x)[1]["kernel"]))(x.astype(jnp.float32))
+  assert not np.any(np.asarray(grad))
+
+
+def test_classes_restored_and_unsupported_uses_raise():
+  original = nnx.Linear.__dict__["__call__"]
+  layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+
+  def broken(x):
+    layer(x)
+    raise ZeroDivisionError
+
+  with pytest.raises(ZeroDivisionError):
+    aa_nnx.apply(broken, jnp.ones((1, 2)))
+  assert nnx.Linear.__dict__["__call__"] is original
+  assert layer(jnp.ones((1, 2))).shape == (1, 2)
+
+  outsider = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+
+  class Leaky(nnx.Module):
+    def __init__(self):
+      self.lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.lin(outsider(x))
+
+  with pytest.raises(ValueError, match="'kernel' of shape \\(2, 2\\) is not among"):
+    aa_nnx.apply(Leaky(), jnp.ones((1, 2)))
+
+  class Remat(nnx.Module):
+    def __init__(self):
+      self.lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return nnx.remat(lambda lin, x: lin(x))(self.lin, x)
+
+  with pytest.raises(ValueError, match="nnx.scan/vmap/remat"):
+    aa_nnx.apply(Remat(), jnp.ones((1, 2)))
+  assert nnx.Linear.__dict__["__call__"] is original
