@@ -1,0 +1,204 @@
+"""Gradient accumulation: k micro-batches == one step on their concatenation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.datasets import load_digits
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(10)(x)
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2, padding="SAME")(x))
+    return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+class BNCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), padding="SAME", use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def _digits(n, offset=0):
+  x, y = load_digits(return_X_y=True)
+  x = (x[offset:offset + n] / 16.0).reshape(-1, 8, 8, 1).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(y[offset:offset + n], jnp.int32)
+
+
+def _make_step(model, tx):
+  """A jitted step: grads and statistics of (x, y), then ``tx.update``."""
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, mutated = aa_linen.apply(model, {"params": p, "batch_stats": batch_stats}, x,
+                                       mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, mutated
+    (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   activation_stats=mutated[aa_linen.COLLECTION])
+    return (optax.apply_updates(params, updates), mutated.get("batch_stats", {}),
+            opt_state, updates, loss, mutated[aa_linen.COLLECTION])
+
+  return step
+
+
+def _close(a, b, rtol=2e-5, atol=1e-6):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+def _accumulate(model, k, outer_steps, batch=16, accumulator=adaact_optax.MultiSteps):
+  """Trains with ``k`` micro-batches per step; returns the params, opt_state, updates."""
+  x, y = _digits(batch * outer_steps)
+  variables = model.init(jax.random.key(0), x[:2])
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  tx = accumulator(adaact_optax.adaact(0.1), every_k_schedule=k)
+  step = _make_step(model, tx)
+  opt_state, micro = tx.init(params), batch // k
+  all_updates = []
+  for i in range(outer_steps * k):
+    sl = slice(i * micro, (i + 1) * micro)
+    params, batch_stats, opt_state, updates, _, _ = step(params, batch_stats, opt_state,
+                                                         x[sl], y[sl])
+    all_updates.append(updates)
+  return params, opt_state, all_updates
+
+
+@pytest.mark.parametrize("model", [MLP(), CNN()], ids=["mlp", "cnn"])
+def test_k_micro_batches_equal_one_step_on_the_concatenated_batch(model):
+  k, outer = 4, 2
+  params, state, updates = _accumulate(model, k, outer)
+  full_params, full_state, _ = _accumulate(model, 1, outer)
+  _close(params, full_params)
+  inner = state.inner_opt_state[0]
+  full_inner = full_state.inner_opt_state[0]
+  assert int(inner.count) == int(full_inner.count) == outer
+  _close(inner.nu, full_inner.nu, rtol=1e-5, atol=0)
+  _close(inner.mu, full_inner.mu)
+  # Between emissions the wrapper proposes nothing and holds running means.
+  for i, u in enumerate(updates):
+    if i % k != k - 1:
+      assert all(not jnp.any(leaf) for leaf in jax.tree.leaves(u))
+  assert all(not jnp.any(leaf) for leaf in jax.tree.leaves(state.acc_stats))
+
+
+def test_optax_multisteps_alone_sees_only_the_last_micro_batch():
+  # Why the wrapper exists: optax.MultiSteps forwards the current call's
+  # activation_stats, so AdaAct's second moment would follow the last micro-batch.
+  _, plain, _ = _accumulate(MLP(), 4, 1, accumulator=optax.MultiSteps)
+  _, ours, _ = _accumulate(MLP(), 1, 1)
+  x_last = _digits(16)[0][12:16]
+  last_only = (1 - np.float32(0.999)) * jnp.mean(jnp.square(x_last.reshape(4, -1)), axis=0)
+  np.testing.assert_allclose(plain.inner_opt_state[0].nu["Dense_0"]["kernel"], last_only,
+                             rtol=1e-5)
+  assert not np.allclose(plain.inner_opt_state[0].nu["Dense_0"]["kernel"],
+                         ours.inner_opt_state[0].nu["Dense_0"]["kernel"], rtol=1e-3)
+
+
+def test_a_skipped_micro_batch_leaves_the_statistics_untouched():
+  model, k = MLP(), 2
+  x, y = _digits(8)
+  params = model.init(jax.random.key(0), x[:2])["params"]
+  tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=k,
+                               should_skip_update_fn=optax.skip_not_finite)
+  step = _make_step(model, tx)
+  ref_step = _make_step(model, adaact_optax.adaact(0.1))
+  state = tx.init(params)
+  p, _, state, _, _, _ = step(params, {}, state, x[:4], y[:4])
+  before = state.acc_stats
+  p, _, state, _, _, _ = step(p, {}, state, x[4:8].at[0, 0, 0, 0].set(jnp.nan), y[4:8])
+  assert int(state.mini_step) == 1
+  _close(state.acc_stats, before, rtol=0, atol=0)
+  p, _, state, _, _, _ = step(p, {}, state, x[4:8], y[4:8])
+  ref, _, ref_state, _, _, _ = ref_step(params, {}, adaact_optax.adaact(0.1).init(params),
+                                        x, y)
+  _close(p, ref)
+  _close(state.inner_opt_state[0].nu, ref_state[0].nu, rtol=1e-5, atol=0)
+
+
+def test_statistics_are_averaged_even_when_gradients_are_summed():
+  model = MLP()
+  x, y = _digits(8)
+  params = model.init(jax.random.key(0), x[:2])["params"]
+  tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=3,
+                               use_grad_mean=False)
+  step = _make_step(model, tx)
+  state = tx.init(params)
+  _, _, state, _, _, s1 = step(params, {}, state, x[:4], y[:4])
+  _, _, state, _, _, s2 = step(params, {}, state, x[4:8], y[4:8])
+  expected = (s1["Dense_0"]["kernel"] + s2["Dense_0"]["kernel"]) / 2
+  np.testing.assert_allclose(state.acc_stats["Dense_0"]["kernel"], expected, rtol=1e-6)
+
+
+def test_batchnorm_model_accumulates_the_micro_batch_statistics_and_trains():
+  # BatchNorm normalises each micro-batch with its own mean and variance, so
+  # k micro-batches are not the concatenated batch (nor with optax alone);
+  # the statistics are still exactly the mean of what the layers saw.
+  model, k = BNCNN(), 2
+  x, y = _digits(64)
+  variables = model.init(jax.random.key(0), x[:2])
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=k)
+  step = _make_step(model, tx)
+  state = tx.init(params)
+  seen, losses = [], []
+  for epoch in range(6):
+    for i in range(4 * k):
+      sl = slice(i * 8, (i + 1) * 8)
+      params, batch_stats, state, _, loss, stats = step(params, batch_stats, state,
+                                                        x[sl], y[sl])
+      losses.append(float(loss))
+      if epoch == 0 and i < k:
+        seen.append(stats["Dense_0"]["kernel"])
+  first = (1 - np.float32(0.999)) * (seen[0] + seen[1]) / 2
+  assert int(state.inner_opt_state[0].count) == 6 * 4
+  assert np.mean(losses[-8:]) < 0.3 * np.mean(losses[:8])
+  # The first emitted step's nu is (1 - b2) times the mean of the two micro-batches.
+  params0 = model.init(jax.random.key(0), x[:2])
+  state0 = tx.init(params0["params"])
+  step0 = _make_step(model, tx)
+  _, _, state0, _, _, _ = step0(params0["params"], params0["batch_stats"], state0, x[:8], y[:8])
+  _, _, state0, _, _, _ = step0(params0["params"], params0["batch_stats"], state0, x[8:16],
+                                y[8:16])
+  np.testing.assert_allclose(state0.inner_opt_state[0].nu["Dense_0"]["kernel"], first,
+                             rtol=1e-5)
+
+
+def test_train_state_with_accumulation():
+  model = MLP()
+  x, y = _digits(8)
+  params = model.init(jax.random.key(0), x[:2])["params"]
+  tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=2)
+  state = adaact_optax.TrainState.create(apply_fn=model.apply, params=params,
+                                         tx=tx.gradient_transformation())
+
+  @jax.jit
+  def train_step(state, x, y):
+    def loss_fn(p):
+      logits, mutated = aa_linen.apply(model, {"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), mutated
+    grads, mutated = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, activation_stats=mutated[aa_linen.COLLECTION])
+
+  state = train_step(train_step(state, x[:4], y[:4]), x[4:], y[4:])
+  assert bool(tx.has_updated(state.opt_state))
+  ref, _, _, _, _, _ = _make_step(model, adaact_optax.adaact(0.1))(
+      params, {}, adaact_optax.adaact(0.1).init(params), x, y)
+  _close(state.params, ref)
