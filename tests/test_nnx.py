@@ -151,3 +151,124 @@ def test_classes_restored_and_unsupported_uses_raise():
   with pytest.raises(ValueError, match="nnx.scan/vmap/remat"):
     aa_nnx.apply(Remat(), jnp.ones((1, 2)))
   assert nnx.Linear.__dict__["__call__"] is original
+
+
+# --- parity with the authors' trajectories, through nnx.Optimizer -----------
+
+class ParityMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(64, 32, rngs=rngs)
+    self.head = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.hidden(x.reshape((x.shape[0], -1)))))
+
+
+class ParityCNN(nnx.Module):
+  def __init__(self, rngs):
+    pad = ((1, 1), (1, 1))
+    self.conv_a = nnx.Conv(1, 8, (3, 3), padding=pad, use_bias=False, rngs=rngs)
+    self.norm = nnx.BatchNorm(8, epsilon=1e-5, use_running_average=False, rngs=rngs)
+    self.conv_b = nnx.Conv(8, 16, (3, 3), strides=2, padding=pad, rngs=rngs)
+    self.head = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.conv_a(x)))
+    x = nnx.relu(self.conv_b(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+# The fixtures use Linen's auto-names; these are the NNX attributes they map to.
+PARITY = {
+    "mlp": (ParityMLP, {"Dense_0": "hidden", "Dense_1": "head"}),
+    "cnn": (ParityCNN, {"Conv_0": "conv_a", "BatchNorm_0": "norm", "Conv_1": "conv_b",
+                        "Dense_0": "head"}),
+}
+
+
+def _renamed(tree, names):
+  return nnx.from_flat_state({(names[m], p): v for m, leaves in tree.items()
+                              for p, v in leaves.items()})
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_nnx_matches_authors_trajectory(fixtures_dir, name):
+  data = np.load(fixtures_dir / f"adaact_parity_{name}.npz")
+  meta = json.loads(str(data["meta"]))
+  cls, names = PARITY[name]
+  model = cls(nnx.Rngs(0))
+  init = _renamed(_tree(data, "init"), names)
+  assert set(_flat(init)) == set(_flat(nnx.state(model, nnx.Param)))
+  nnx.update(model, init)
+  lrs = jnp.asarray([data[f"lr/{t}"] for t in range(meta["steps"])], jnp.float32)
+  tx = adaact_optax.adaact(lambda count: lrs[count], b1=meta["b1"], b2=meta["b2"],
+                           eps=meta["eps"], weight_decay=meta["weight_decay"])
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    def loss_fn(model):
+      logits, stats = aa_nnx.apply(model, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), stats
+    (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activation_stats=stats)
+    return loss
+
+  for t in range(meta["steps"]):
+    loss = step(model, optimizer, jnp.asarray(data[f"x/{t}"]), jnp.asarray(data[f"y/{t}"]))
+    _close(loss, data["loss"][t], f"loss at step {t}")
+    params = _flat(nnx.state(model, nnx.Param))
+    for path, value in _flat(_renamed(_tree(data, f"step{t + 1}"), names)).items():
+      _close(params[path], value, f"{path} after step {t + 1}")
+    nu = _flat(nnx.as_pure(optimizer.opt_state)[0].nu)
+    for path, value in _flat(_renamed(_tree(data, f"nu{t + 1}"), names)).items():
+      _close(nu[path] / (1 - meta["b2"] ** (t + 1)), value, f"V_hat of {path} after step {t + 1}")
+  assert int(optimizer.step[...]) == meta["steps"]
+
+
+class _Grouped(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=rngs)
+    self.norm = nnx.BatchNorm(6, use_running_average=False, rngs=rngs)
+    self.head = nnx.Linear(6, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+
+def test_stats_shapes_for_grouped_convs_and_training_step():
+  model = _Grouped(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(5), (3, 5, 5, 4))
+  before = _flat(nnx.state(model))
+  shapes = aa_nnx.stats_shapes(model, x)
+  assert {adaact_optax.matching.path_name(p): s.shape
+          for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]} == {
+      "conv/kernel": (3, 3, 4), "conv/bias": (), "head/kernel": (6,), "head/bias": ()}
+  after = _flat(nnx.state(model))
+  assert all(np.array_equal(before[k], after[k]) for k in before)  # BatchNorm stats untouched
+
+  def loss_fn(model):
+    out, stats = aa_nnx.apply(model, x)
+    return jnp.mean(out ** 2), stats
+
+  plain = nnx.Optimizer(model, adaact_optax.adaact(0.1), wrt=nnx.Param)
+  (_, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  with pytest.raises(ValueError, match="conv/kernel.*adaact_optax.nnx.stats_shapes"):
+    plain.update(model, grads, activation_stats=stats)
+
+  optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1, stats_shapes=shapes), wrt=nnx.Param)
+  assert optimizer.opt_state[0].nu["conv"]["kernel"].shape == (3, 3, 4)
+
+  @nnx.jit
+  def step(model, optimizer):
+    (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activation_stats=stats)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(5)]
+  assert losses[-1] < losses[0]
+  # The state's V equals the EMA of this step's statistics (constant input: V_hat == A).
+  _, stats = aa_nnx.apply(model, x)
+  nu = _flat(nnx.as_pure(optimizer.opt_state)[0].nu)
+  np.testing.assert_allclose(nu["conv/kernel"] / (1 - 0.999 ** 5), stats["conv"]["kernel"],
+                             rtol=1e-4)  # float32 EMA rounding
