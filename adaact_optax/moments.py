@@ -8,11 +8,14 @@ applied: every example and leading position for a dense layer, every
 computed from ``stop_gradient`` of the input, whatever its dtype.
 
 Convolutions never build the patch tensor (batch x positions x k*C). Instead
-``S = sum over the batch of x**2`` is padded exactly as the convolution pads
-``x``, and each kernel offset ``o`` sums ``S`` over the positions
+``x**2`` is padded exactly as the convolution pads ``x``, and each kernel
+offset ``o`` sums it over the batch and the positions
 ``p * stride + o * kernel_dilation`` it touches. That sum is itself a
-convolution of ``S`` with a kernel of ones the size of the output grid
-(strides and dilations swapped), so the largest temporary is ``S`` padded.
+convolution of ``x**2`` (batch as the contracted feature axis) with a kernel
+of ones the size of the output grid (strides and dilations swapped), so the
+largest temporary is ``x**2`` padded. Contracting the batch inside the
+convolution matters under data parallelism: each device reduces its own
+examples and only the ``(k, C)`` result is all-reduced, never ``(spatial, C)``.
 """
 
 from __future__ import annotations
@@ -132,8 +135,8 @@ def conv_moments(
                      f"{rank} spatial axes plus channels")
   spatial_and_c = x.shape[x.ndim - rank - 1:]
   batch = math.prod(x.shape[:x.ndim - rank - 1])
-  # S: sum of squares over every leading batch axis, shape (*spatial, C).
-  s = jnp.sum(_squares(x).reshape((batch,) + spatial_and_c), axis=0)
+  # S: squares with every leading batch axis flattened, shape (B, *spatial, C).
+  s = _squares(x).reshape((batch,) + spatial_and_c)
 
   dilated_kernel = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation))
   if isinstance(padding, str) and padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
@@ -145,7 +148,7 @@ def conv_moments(
       pads = [((k - 1) // 2, k // 2) for k in dilated_kernel]
       mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
     # As Flax does to x: pad before any input dilation, then convolve VALID.
-    s = jnp.pad(s, pads + [(0, 0)], mode=mode)
+    s = jnp.pad(s, [(0, 0)] + pads + [(0, 0)], mode=mode)
     pads = ((0, 0),) * rank
   elif isinstance(padding, str):
     # lax resolves SAME against the undilated input; mirror it exactly.
@@ -153,7 +156,7 @@ def conv_moments(
   else:
     pads = _pairs(padding, rank)
 
-  in_shape = s.shape[:-1]
+  in_shape = s.shape[1:-1]
   effective = [(n - 1) * d + 1 + lo + hi
                for n, d, (lo, hi) in zip(in_shape, input_dilation, pads)]
   out_shape = tuple((e - k) // st + 1 for e, k, st in zip(effective, dilated_kernel, strides))
@@ -161,11 +164,13 @@ def conv_moments(
     raise ValueError(f"conv input of shape {x.shape} with kernel {kernel_size}, "
                      f"strides {strides} and padding {padding!r} has no output")
 
-  # Window sums: result[o, c] = sum_p S_pad[p * stride + o * dilation, c]. This is a
-  # convolution of S (channels as the batch) with ones over the output grid,
-  # window stride = kernel dilation, kernel dilation = stride.
-  lhs = jnp.moveaxis(s, -1, 0)[:, None]                      # (C, 1, *spatial)
-  rhs = jnp.ones((1, 1) + out_shape, jnp.float32)
+  # Window sums: result[o, c] = sum_{b,p} S_pad[b, p * stride + o * dilation, c]. This
+  # is a convolution of S (channels as the conv batch, examples as the contracted
+  # feature axis) with ones over the output grid, window stride = kernel dilation,
+  # kernel dilation = stride. A batch sharded over devices is thus reduced after
+  # the windowing, so the partitioner all-reduces only the (C, k...) result.
+  lhs = jnp.moveaxis(s, -1, 0)                               # (C, B, *spatial)
+  rhs = jnp.ones((1, batch) + out_shape, jnp.float32)
   sums = lax.conv_general_dilated(
       lhs, rhs,
       window_strides=kernel_dilation,
