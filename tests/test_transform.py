@@ -1,0 +1,209 @@
+"""scale_by_adaact / adaact on their own: no Flax, hand-written statistics trees."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaact_optax
+from adaact_optax import moments
+
+
+def mlp_params(key, sizes=(6, 5, 3)):
+  keys = jax.random.split(key, len(sizes))
+  return {f"layer{i}": {"w": jax.random.normal(keys[i], (a, b)) * 0.5, "b": jnp.zeros((b,))}
+          for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+
+
+def mlp_loss_and_stats(params, x, y):
+  """A pure-JAX MLP that reports each layer's input moments next to its loss."""
+  stats = {}
+  h = x
+  for i in range(len(params)):
+    p = params[f"layer{i}"]
+    stats[f"layer{i}"] = {"w": moments.dense_moments(h).mean, "b": moments.constant_moments().mean}
+    h = h @ p["w"] + p["b"]
+    if i < len(params) - 1:
+      h = jnp.tanh(h)
+  return jnp.mean((h - y) ** 2), stats
+
+
+def numpy_adaact(params, batches, lr, b1, b2, eps, wd, steps):
+  """The rule exactly as the README states it, in float64 numpy."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  m = jax.tree.map(np.zeros_like, p)
+  v = {k: {"w": np.zeros(p[k]["w"].shape[0]), "b": 0.0} for k in p}
+  for t in range(1, steps + 1):
+    x, y = batches[t - 1]
+    (_, stats), g = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(
+        jax.tree.map(jnp.asarray, p), x, y)
+    for k in p:
+      for name in ("w", "b"):
+        gk = np.asarray(g[k][name], np.float64)
+        m[k][name] = b1 * m[k][name] + (1 - b1) * gk
+        a = np.asarray(stats[k][name], np.float64)
+        v[k][name] = b2 * v[k][name] + (1 - b2) * a
+        m_hat = m[k][name] / (1 - b1 ** t)
+        v_hat = v[k][name] / (1 - b2 ** t)
+        scale = np.sqrt(v_hat) + eps
+        update = m_hat / (scale[:, None] if name == "w" else scale)
+        p[k][name] = p[k][name] - lr * (update + wd * p[k][name])
+  return p
+
+
+def _batches(n, key=jax.random.key(1)):
+  out = []
+  for k in jax.random.split(key, n):
+    kx, ky = jax.random.split(k)
+    out.append((jax.random.normal(kx, (8, 6)) * 2.0, jax.random.normal(ky, (8, 3))))
+  return out
+
+
+class TransformTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_pure_jax_model_follows_the_rule(self):
+    params = mlp_params(jax.random.key(0))
+    batches = _batches(4)
+    tx = adaact_optax.adaact(0.05, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.01)
+    state = tx.init(params)
+
+    @self.variant
+    def step(params, state, x, y):
+      (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
+      updates, state = tx.update(grads, state, params, activation_stats=stats)
+      return optax.apply_updates(params, updates), state
+
+    for x, y in batches:
+      params, state = step(params, state, x, y)
+    expected = numpy_adaact(mlp_params(jax.random.key(0)), batches, 0.05, 0.8, 0.9, 1e-3, 0.01, 4)
+    chex.assert_trees_all_close(params, jax.tree.map(np.float32, expected), rtol=2e-5, atol=1e-6)
+    assert int(state[0].count) == 4
+
+
+def test_jit_and_eager_agree_exactly_enough():
+  params = mlp_params(jax.random.key(3))
+  tx = adaact_optax.scale_by_adaact()
+  (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, *_batches(1)[0])
+  state = tx.init(params)
+  eager = tx.update(grads, state, activation_stats=stats)
+  jitted = jax.jit(lambda g, s, a: tx.update(g, s, activation_stats=a))(grads, state, stats)
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-6)
+
+
+def test_unmatched_parameters_sgd_and_momentum():
+  params = {"w": jnp.ones((3, 2)), "norm": jnp.ones((2,))}
+  grads = {"w": jnp.full((3, 2), 0.5), "norm": jnp.array([1.0, -2.0])}
+  stats = {"w": jnp.array([4.0, 1.0, 0.25])}
+  sgd = adaact_optax.scale_by_adaact()
+  updates, state = sgd.update(grads, sgd.init(params), activation_stats=stats)
+  np.testing.assert_array_equal(updates["norm"], grads["norm"])      # raw gradient
+  expected = np.broadcast_to(0.5 / (np.sqrt([4.0, 1.0, 0.25])[:, None] + 1e-8), (3, 2))
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
+  np.testing.assert_array_equal(state.mu["norm"], 0.0)               # no momentum kept
+  mom = adaact_optax.scale_by_adaact(unmatched="momentum")
+  state = mom.init(params)
+  for _ in range(2):
+    updates, state = mom.update(grads, state, activation_stats=stats)
+  # Bias-corrected momentum of a constant gradient is the gradient itself.
+  np.testing.assert_allclose(updates["norm"], grads["norm"], rtol=1e-6)
+  assert not np.allclose(state.mu["norm"], 0.0)
+
+
+def test_state_is_per_input_feature_and_dtypes():
+  params = {"conv": {"kernel": jnp.zeros((3, 3, 16, 32)), "bias": jnp.zeros((32,))},
+            "attn": {"kernel": jnp.zeros((64, 4, 16))}, "scale": jnp.zeros((7,))}
+  state = adaact_optax.scale_by_adaact(mu_dtype=jnp.bfloat16).init(params)
+  assert state.count.dtype == jnp.int32
+  assert jax.tree.map(jnp.shape, state.nu) == {"conv": {"kernel": (3, 3, 16), "bias": ()},
+                                               "attn": {"kernel": (64, 4)}, "scale": ()}
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.nu))
+  assert all(l.dtype == jnp.bfloat16 for l in jax.tree.leaves(state.mu))
+  nu_size = sum(l.size for l in jax.tree.leaves(state.nu))
+  assert nu_size < 0.1 * sum(p.size for p in jax.tree.leaves(params))
+
+
+def test_prefix_statistics_fill_multi_output_kernels():
+  # A (in, heads, dim) projection: one statistic per input feature, shared by heads and dims.
+  params = {"q": jnp.zeros((4, 2, 3))}
+  grads = {"q": jnp.ones((4, 2, 3))}
+  tx = adaact_optax.scale_by_adaact(b1=0.0, b2=0.0)
+  updates, state = tx.update(grads, tx.init(params), activation_stats={"q": jnp.array([1.0, 4.0, 9.0, 16.0])})
+  np.testing.assert_allclose(updates["q"][:, 1, 2], 1 / (np.array([1.0, 2.0, 3.0, 4.0]) + 1e-8), rtol=1e-6)
+  assert state.nu["q"].shape == (4, 2)
+
+
+def test_grouped_kernels_broadcast_per_group():
+  # kernel (k, C/G, C_out) with C=4, G=2, C_out=6: output j reads input channel (j // 3) * 2 + i.
+  v = jnp.arange(1.0, 4 * 2 + 1).reshape(2, 4)
+  got = adaact_optax.matching.apply_scale(jnp.ones((2, 2, 6)), v, "conv/kernel")
+  expected = np.array([[[v[o, (j // 3) * 2 + i] for j in range(6)] for i in range(2)] for o in range(2)])
+  np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"b1": 1.0}, "b1"), ({"b1": -0.1}, "b1"), ({"b2": 1.0}, "b2"), ({"eps": -1e-8}, "eps"),
+    ({"power": 0.0}, "power"), ({"unmatched": "adam"}, "unmatched"),
+])
+def test_bad_hyperparameters_raise_at_construction(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    adaact_optax.scale_by_adaact(**kwargs)
+  with pytest.raises(ValueError, match=name):
+    adaact_optax.adaact(0.1, **kwargs)
+
+
+def test_negative_weight_decay_raises():
+  with pytest.raises(ValueError, match="weight_decay"):
+    adaact_optax.adaact(0.1, weight_decay=-1e-3)
+
+
+def test_missing_statistics_say_how_to_pass_them():
+  params = {"w": jnp.ones((2, 2))}
+  tx = adaact_optax.adaact(0.1)
+  with pytest.raises(ValueError, match="activation_stats="):
+    tx.update(params, tx.init(params), params)
+
+
+def test_statistics_at_unknown_path_or_wrong_shape_name_both():
+  params = {"dense": {"kernel": jnp.ones((3, 2))}}
+  tx = adaact_optax.scale_by_adaact()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"dense/kernal.*\(3,\)"):
+    jax.jit(lambda s: tx.update(params, state, activation_stats=s))({"dense": {"kernal": jnp.ones(3)}})
+  with pytest.raises(ValueError, match=r"\(5,\).*dense/kernel.*\(3, 2\)"):
+    jax.jit(lambda s: tx.update(params, state, activation_stats=s))({"dense": {"kernel": jnp.ones(5)}})
+  grouped = {"conv": {"kernel": jnp.ones((3, 3, 2, 8))}}
+  tx_state = tx.init(grouped)
+  with pytest.raises(ValueError, match="stats_shapes"):
+    tx.update(grouped, tx_state, activation_stats={"conv": {"kernel": jnp.ones((3, 3, 8))}})
+  with pytest.raises(ValueError, match=r"\(3, 5\).*conv/kernel.*\(3, 3, 2, 8\)"):
+    adaact_optax.scale_by_adaact(stats_shapes={"conv": {"kernel": (3, 5)}}).init(grouped)
+
+
+def test_apply_if_finite_leaves_params_and_state_unchanged():
+  params = mlp_params(jax.random.key(0))
+  tx = optax.apply_if_finite(adaact_optax.adaact(0.1), max_consecutive_errors=5)
+  x, y = _batches(1)[0]
+  (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params, activation_stats=stats)
+  params = optax.apply_updates(params, updates)
+  # A NaN input makes NaN statistics and NaN gradients: the step must be dropped.
+  (_, bad_stats), bad_grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(
+      params, x.at[0, 0].set(jnp.nan), y)
+  assert not np.isfinite(bad_stats["layer0"]["w"]).all()
+  step = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activation_stats=a))
+  updates, new_state = step(bad_grads, state, params, bad_stats)
+  chex.assert_trees_all_equal(optax.apply_updates(params, updates), params)
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+  assert int(new_state.notfinite_count) == 1
+
+
+def test_nan_statistics_are_not_hidden():
+  params = {"w": jnp.ones((2, 2))}
+  tx = adaact_optax.scale_by_adaact()
+  updates, state = tx.update(params, tx.init(params), activation_stats={"w": jnp.array([jnp.nan, 1.0])})
+  assert np.isnan(updates["w"][0]).all() and np.isfinite(updates["w"][1]).all()
+  assert np.isnan(state.nu["w"][0])
