@@ -68,6 +68,15 @@ def pmean_tree(tree, axis_name):
   return unravel(jax.lax.pmean(flat, axis_name))
 
 
+def step_scale(v_hat: jax.Array, power, eps) -> jax.Array:
+  """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``."""
+  if isinstance(power, (int, float)):
+    root = jnp.sqrt(v_hat) if power == 0.5 else v_hat ** power
+  else:  # an array under inject_hyperparams: keep the exact sqrt at 0.5
+    root = jnp.where(power == 0.5, jnp.sqrt(v_hat), v_hat ** power)
+  return 1 / (root + eps)
+
+
 def scale_by_adaact(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -141,12 +150,7 @@ def scale_by_adaact(
       u = m_new / bc1
       if a is not None:
         v = b2_ * v + (1 - b2_) * a
-        v_hat = v / bc2
-        if isinstance(power, (int, float)):
-          root = jnp.sqrt(v_hat) if power == 0.5 else v_hat ** power
-        else:  # an array under inject_hyperparams: keep the exact sqrt at 0.5
-          root = jnp.where(power == 0.5, jnp.sqrt(v_hat), v_hat ** power)
-        u = matching.apply_scale(u, 1 / (root + eps_), matching.path_name(path))
+        u = matching.apply_scale(u, step_scale(v / bc2, power, eps_), matching.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
