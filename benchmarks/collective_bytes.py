@@ -12,8 +12,9 @@ Every ``all-reduce`` in ``compiled.as_text()`` (tuple-typed combined ones
 counted operand by operand) is summed as ``elements x dtype bytes``.
 
 * statistics bytes = adaact total - baseline total (the only difference);
-* gradient bytes = baseline all-reduce operands whose shape is a parameter
-  shape (the parameter bytes, as a check: every gradient is reduced once);
+* gradient bytes = baseline all-reduce operands whose shape (or, for
+  gradients XLA reshaped, element count) is a parameter's; it should come
+  out close to the parameter bytes: every gradient is reduced once;
 * other = the rest of the baseline (BatchNorm batch moments, the loss).
 
 Run: ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python
@@ -108,13 +109,22 @@ def report(name: str, batch: int, mesh) -> dict:
     ops[with_stats] = all_reduces(compile_step(model, variables, x, y, mesh, with_stats))
   total = {k: sum(nbytes(d, s) for op in v for d, s in op) for k, v in ops.items()}
   # Gradient operands: match baseline operands to parameter shapes (multiset).
+  # XLA may reshape a gradient before reducing it (DenseGeneral kernels), so
+  # operands left over are matched by element count.
   remaining = collections.Counter(param_shapes)
-  grad_bytes = 0
-  for op in ops[False]:
-    for operand in op:
-      if remaining[operand] > 0:
-        remaining[operand] -= 1
-        grad_bytes += nbytes(*operand)
+  operands = [o for op in ops[False] for o in op]
+  grad_bytes, unmatched = 0, []
+  for operand in operands:
+    if remaining[operand] > 0:
+      remaining[operand] -= 1
+      grad_bytes += nbytes(*operand)
+    else:
+      unmatched.append(operand)
+  sizes = collections.Counter(math.prod(s) for (_, s), n in remaining.items() for _ in range(n))
+  for dtype, shape in unmatched:
+    if sizes[math.prod(shape)] > 0:
+      sizes[math.prod(shape)] -= 1
+      grad_bytes += nbytes(dtype, shape)
   stats_bytes = total[True] - total[False]
   out = {
       "model": name, "global_batch": batch, "devices": mesh.size,

@@ -1,0 +1,268 @@
+"""Data- and model-parallel AdaAct training of a small transformer on a 2-D mesh.
+
+The mesh is ``(data, model)``: the batch is split over ``data``; kernels are
+split over both (FSDP over ``data``, tensor parallelism over ``model``, via
+``nn.with_partitioning``); the optimizer state is sharded like its parameters
+(``adaact_optax.sharding.state_shardings``), so nothing is ever gathered.
+AdaAct's statistics are means over the *global* batch with no extra code:
+``jax.jit`` reduces over the sharded batch like any other mean.
+
+One process (simulated devices)::
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/multihost.py --steps 20
+
+Two processes on one machine (2 CPU devices each, real collectives over
+loopback with gloo)::
+
+  for i in 0 1; do
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/multihost.py \\
+        --coordinator 127.0.0.1:12345 --num-processes 2 --process-id $i --steps 20 &
+  done; wait
+
+The coordinator, process count and id may also come from the environment
+(``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); on
+clusters JAX detects (SLURM, Open MPI, TPU pods) pass ``--auto-detect``
+instead. Each process generates the same global batch from the step number
+and feeds only its own rows with ``jax.make_array_from_process_local_data``.
+Process 0 alone prints and writes metrics; checkpoints are written with
+Orbax, which every process calls (each writes the shards it owns; process 0
+writes the metadata), to a directory all processes can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+
+if __package__ in (None, ""):  # `python examples/multihost.py`
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+
+# Sizes of the toy task: sequences of TOKENS vectors of FEATURES, CLASSES labels.
+TOKENS, FEATURES, CLASSES = 8, 8, 4
+
+
+def _part(*axes):
+  return nn.with_partitioning(nn.initializers.lecun_normal(), axes)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; attention heads and MLP hidden units split over 'model'."""
+
+  dim: int
+  heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm()(x)
+    qkv = functools.partial(nn.DenseGeneral, (self.heads, self.dim // self.heads),
+                            kernel_init=_part("data", "model", None))   # (dim, heads, head_dim)
+    q, k, v = qkv(name="query")(y), qkv(name="key")(y), qkv(name="value")(y)
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]))
+    o = jnp.einsum("bhqk,bkhd->bqhd", w, v)
+    x = x + nn.DenseGeneral(self.dim, axis=(-2, -1), kernel_init=_part("model", None, "data"),
+                            name="out")(o)
+    y = nn.LayerNorm()(x)
+    y = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=_part("data", "model"))(y))
+    return x + nn.Dense(self.dim, kernel_init=_part("model", "data"))(y)
+
+
+class Transformer(nn.Module):
+  """Embed -> ``depth`` blocks stacked with ``nn.scan`` -> mean over tokens -> head."""
+
+  dim: int = 32
+  heads: int = 4
+  mlp_dim: int = 64
+  depth: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.dim, kernel_init=_part(None, "model"))(x)
+    # AdaAct's statistics stack over the layers exactly like the params.
+    stack = nn.scan(lambda block, c, _: (block(c), None),
+                    variable_axes={"params": 0, aa_linen.COLLECTION: 0},
+                    split_rngs={"params": True}, length=self.depth,
+                    metadata_params={nn.PARTITION_NAME: None})
+    x, _ = stack(Block(self.dim, self.heads, self.mlp_dim, name="blocks"), x, None)
+    return nn.Dense(CLASSES, kernel_init=_part("data", None))(nn.LayerNorm()(x).mean(axis=1))
+
+
+def global_batch(seed: int, step: int, size: int):
+  """The step's whole batch, identical on every process: ``(size, T, F)``, labels."""
+  teacher = np.random.default_rng(seed).normal(size=(FEATURES, CLASSES))
+  rng = np.random.default_rng([seed, step])
+  x = rng.normal(size=(size, TOKENS, FEATURES)).astype(np.float32)
+  y = np.argmax(x.mean(axis=1) @ teacher, axis=-1).astype(np.int32)
+  return x, y
+
+
+def local_rows(sharding: NamedSharding, global_shape) -> slice:
+  """The contiguous rows of the global batch this process's devices hold."""
+  rows = [idx[0] for idx in sharding.addressable_devices_indices_map(global_shape).values()]
+  start = min(r.start or 0 for r in rows)
+  stop = max(global_shape[0] if r.stop is None else r.stop for r in rows)
+  return slice(start, stop)
+
+
+def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """Feeds this process's rows of a global batch as one global ``jax.Array``."""
+  return jax.make_array_from_process_local_data(
+      sharding, array[local_rows(sharding, array.shape)], array.shape)
+
+
+def parse_args(argv=None):
+  env = os.environ.get
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
+                 help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+  p.add_argument("--num-processes", type=int, default=int(env("JAX_NUM_PROCESSES", "1")))
+  p.add_argument("--process-id", type=int, default=int(env("JAX_PROCESS_ID", "0")))
+  p.add_argument("--auto-detect", action="store_true",
+                 help="jax.distributed.initialize() with no arguments (SLURM, MPI, TPU pods)")
+  p.add_argument("--heartbeat-timeout", type=int, default=100,
+                 help="seconds before a silent process is declared dead")
+  p.add_argument("--model-parallel", type=int, default=2, help="size of the 'model' mesh axis")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--global-batch", type=int, default=32)
+  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--checkpoint-dir", default=None)
+  p.add_argument("--checkpoint-every", type=int, default=1)
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  p.add_argument("--metrics", default=None, help="JSON lines, written by process 0")
+  p.add_argument("--save-params", default=None,
+                 help="npz of the final params per process; '{process}' is replaced by the id")
+  p.add_argument("--crash-at-step", type=int, default=None,
+                 help="fault injection: --crash-process exits abruptly before this step")
+  p.add_argument("--crash-process", type=int, default=1)
+  return p.parse_args(argv)
+
+
+def initialize(args) -> None:
+  """Joins the distributed runtime when several processes take part."""
+  if args.auto_detect:
+    jax.distributed.initialize()
+  elif args.num_processes > 1:
+    # CPU devices need a collectives backend across processes; GPUs/TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=args.heartbeat_timeout)
+
+
+def make_mesh(model_parallel: int) -> jax.sharding.Mesh:
+  n = jax.device_count()
+  if n % model_parallel:
+    raise ValueError(f"--model-parallel {model_parallel} does not divide the {n} devices")
+  return jax.make_mesh((n // model_parallel, model_parallel), ("data", "model"),
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def train(args) -> dict:
+  """Runs ``args.steps`` steps; returns the final params as host numpy arrays."""
+  mesh = make_mesh(args.model_parallel)
+  model = Transformer()
+  tx = adaact_optax.adaact(args.lr)
+  x0 = jnp.zeros((2, TOKENS, FEATURES))
+  abstract = jax.eval_shape(model.init, jax.random.key(args.seed), x0)
+  p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), nn.get_partition_spec(abstract)["params"],
+                         is_leaf=lambda s: isinstance(s, P))
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(args.seed), x0))["params"],
+                   out_shardings=p_shard)()
+  s_shard = adaact_optax.sharding.state_shardings(tx, p_shard, params)
+  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+  data = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+
+  @functools.partial(jax.jit, in_shardings=(p_shard, s_shard, data, data),
+                     out_shardings=(p_shard, s_shard, replicated), donate_argnums=(0, 1))
+  def step(params, opt_state, x, y):
+    def loss_fn(p):
+      logits, mutated = aa_linen.apply(model, {"params": p}, x)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, mutated[aa_linen.COLLECTION]
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  manager, start = None, 0
+  if args.checkpoint_dir:
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(
+        os.path.abspath(args.checkpoint_dir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=3, save_interval_steps=args.checkpoint_every,
+                                             enable_async_checkpointing=False))
+    if args.resume and manager.latest_step() is not None:
+      start = manager.latest_step()
+      target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            {"params": params, "opt_state": opt_state})
+      restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+      params, opt_state = restored["params"], restored["opt_state"]
+
+  lead = jax.process_index() == 0
+  metrics = open(args.metrics, "a") if (lead and args.metrics) else None
+  if lead:
+    print(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es), "
+          f"{jax.device_count()} devices; starting at step {start}", flush=True)
+  t0 = time.time()
+  for t in range(start, args.steps):
+    if args.crash_at_step == t and jax.process_index() == args.crash_process:
+      print(f"process {jax.process_index()}: simulated crash before step {t}", flush=True)
+      os._exit(17)   # no cleanup, like a lost host
+    x, y = global_batch(args.seed, t, args.global_batch)
+    params, opt_state, loss = step(params, opt_state, to_global(x, data), to_global(y, data))
+    loss = float(loss)   # replicated: every process can read it
+    if manager is not None:
+      manager.save(t + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    if lead:
+      print(f"step {t + 1}/{args.steps}  loss {loss:.4f}", flush=True)
+      if metrics:
+        metrics.write(json.dumps({"step": t + 1, "loss": loss, "seconds": time.time() - t0}) + "\n")
+        metrics.flush()
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+  if metrics:
+    metrics.close()
+
+  # Gather the full params onto every process (a collective: all must call it).
+  from jax.experimental import multihost_utils
+  full = multihost_utils.process_allgather(params, tiled=True)
+  flat = {jax.tree_util.keystr(path): np.asarray(a)
+          for path, a in jax.tree_util.tree_flatten_with_path(full)[0]}
+  if args.save_params:
+    shards = {}
+    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+      for shard in a.addressable_shards:
+        where = ",".join(f"{s.start or 0}:{dim if s.stop is None else s.stop}"
+                         for s, dim in zip(shard.index, a.shape))
+        shards[f"shard{jax.tree_util.keystr(path)}@{where}"] = np.asarray(shard.data)
+    out = args.save_params.replace("{process}", str(jax.process_index()))
+    np.savez(out, **{f"full{k}": v for k, v in flat.items()}, **shards)
+  return flat
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  initialize(args)
+  train(args)
+  if args.num_processes > 1 or args.auto_detect:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
