@@ -1,7 +1,8 @@
 """AdaAct for Optax and Flax: per-input-neuron learning rates from activation statistics."""
 
-from adaact_optax import linen, matching, moments, sharding
+from adaact_optax import linen, matching, moments, nnx, sharding
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
+from adaact_optax.diagnostics import activation_summary
 from adaact_optax.train_state import TrainState
 from adaact_optax.transform import ScaleByAdaActState, adaact, scale_by_adaact
 
@@ -10,10 +11,12 @@ __all__ = [
     "MultiStepsState",
     "ScaleByAdaActState",
     "TrainState",
+    "activation_summary",
     "adaact",
     "linen",
     "matching",
     "moments",
+    "nnx",
     "scale_by_adaact",
     "sharding",
 ]
