@@ -94,6 +94,12 @@ def test_chain_and_inject_hyperparams_states():
   _check(activation_summary(injected), _expected(scale_state, 0.9, 1e-3, 0.25), rtol=1e-4)
   # ... unless passed explicitly.
   _check(activation_summary(injected, b2=0.99), _expected(scale_state, 0.99, 1e-3, 0.25), rtol=1e-4)
+  # Through gradient accumulation around inject_hyperparams.
+  accumulated = _trained(adaact_optax.MultiSteps(tx, every_k_schedule=2), PARAMS, steps=4)
+  scale_state = accumulated.inner_opt_state.inner_state[0]
+  assert int(scale_state.count) == 2
+  _check(adaact_optax.activation_summary(accumulated), _expected(scale_state, 0.9, 1e-3, 0.25),
+         rtol=1e-4)
 
 
 def test_nnx_optimizer_state():
