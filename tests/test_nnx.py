@@ -1,6 +1,8 @@
 """The Flax NNX adapter: statistics like Linen's, paths like nnx.state, parity, training."""
 
 import json
+import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -272,3 +274,18 @@ def test_stats_shapes_for_grouped_convs_and_training_step():
   nu = _flat(nnx.as_pure(optimizer.opt_state)[0].nu)
   np.testing.assert_allclose(nu["conv/kernel"] / (1 - 0.999 ** 5), stats["conv"]["kernel"],
                              rtol=1e-4)  # float32 EMA rounding
+
+
+# --- the README sections (docs/nnx.md) run as written -----------------------
+
+_DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "nnx.md"
+_SNIPPETS = re.findall(r"```python\n(.*?)```", _DOCS.read_text(), re.S)
+
+
+def test_docs_have_the_snippets():
+  assert len(_SNIPPETS) == 4  # NNX training, grouped convs, embeddings, diagnostics
+
+
+@pytest.mark.parametrize("index", range(len(_SNIPPETS)))
+def test_docs_snippet_runs(index):
+  exec(compile(_SNIPPETS[index], f"docs/nnx.md snippet {index}", "exec"), {"__name__": "snippet"})
