@@ -58,12 +58,14 @@ class Variant:
 def variance_summary(opt_state, b2: float) -> dict[str, dict[str, float]]:
   """Per layer (kernel path without ``/kernel``): mean and max of ``V_hat``.
 
-  ``V_hat = nu / (1 - b2**count)``, read from AdaAct's state (``opt_state[0]``
-  of ``adaact_optax.adaact``); the units are those of the squared inputs.
+  ``V_hat = nu / (1 - b2**count)``, read from the ``ScaleByAdaActState``
+  found in ``opt_state``; the units are those of the squared inputs.
   """
-  state = opt_state[0]
-  if not isinstance(state, adaact_optax.ScaleByAdaActState):
-    raise TypeError(f"expected adaact's state first in the chain, got {type(state).__name__}")
+  is_state = lambda s: isinstance(s, adaact_optax.ScaleByAdaActState)
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
+  if len(found) != 1:
+    raise ValueError(f"expected one ScaleByAdaActState in opt_state, found {len(found)}")
+  state = found[0]
   correction = 1 - b2 ** int(state.count)
   out = {}
   for path, nu in jax.tree_util.tree_flatten_with_path(state.nu)[0]:

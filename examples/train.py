@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax import tree_utils as otu
 from tqdm.auto import tqdm
 
 import adaact_optax
@@ -82,33 +84,44 @@ class Config:
 
 
 def make_optimizer(cfg: Config, total_steps: int, steps_per_epoch: int):
-  """The optax transformation for ``cfg`` with its learning-rate schedule."""
+  """``(tx, unit_schedule)`` for ``cfg``: the optimizer with a peak-1 schedule,
+  then ``optax.scale`` by the peak learning rate, an injected hyperparameter
+  (``opt_state[1].hyperparams['step_size']``, set by ``init_state``).
+
+  Keeping the learning rate in the state lets a learning-rate grid and the
+  seeds reuse one compiled step. ``opt_state[0]`` is the optimizer's own
+  state; for AdaAct, ``opt_state[0][0]`` is the ``ScaleByAdaActState``.
+  """
   if cfg.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from {OPTIMIZERS}")
-  lr = cfg.hyper("lr")
   if cfg.schedule == "cosine":
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
-                                                  max(total_steps, warmup + 1))
+    unit = optax.warmup_cosine_decay_schedule(0.0 if warmup else 1.0, 1.0, warmup,
+                                              max(total_steps, warmup + 1))
   elif cfg.schedule == "constant":
-    schedule = optax.constant_schedule(lr)
+    unit = optax.constant_schedule(1.0)
   else:
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose 'cosine' or 'constant'")
   wd = cfg.hyper("weight_decay")
   if cfg.optimizer == "adaact":
-    tx = adaact_optax.adaact(schedule, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"), wd,
+    tx = adaact_optax.adaact(unit, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"), wd,
                              power=cfg.power)
   elif cfg.optimizer == "sgd":   # PyTorch-style coupled L2: decay joins the gradient
     tx = optax.chain(optax.add_decayed_weights(wd),
-                     optax.sgd(schedule, momentum=cfg.hyper("momentum")))
+                     optax.sgd(unit, momentum=cfg.hyper("momentum")))
   elif cfg.optimizer == "adam":
     tx = optax.chain(optax.add_decayed_weights(wd),
-                     optax.adam(schedule, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps")))
+                     optax.adam(unit, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps")))
   else:
-    tx = optax.adamw(schedule, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"),
-                     weight_decay=wd)
-  # So every optimizer accepts (and the others ignore) `activation_stats`.
-  return optax.with_extra_args_support(tx), schedule
+    tx = optax.adamw(unit, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"), weight_decay=wd)
+  # with_extra_args_support: every optimizer accepts (the others ignore) `activation_stats`.
+  tx = optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+  return optax.with_extra_args_support(tx), unit
+
+
+def set_learning_rate(opt_state, lr: float):
+  """The state with its peak learning rate (``step_size``) set to ``lr``."""
+  return otu.tree_set(opt_state, step_size=jnp.asarray(lr, jnp.float32))
 
 
 class TrainState(adaact_optax.TrainState):
@@ -159,6 +172,22 @@ def evaluate(eval_step, state, x, y, batch_size: int) -> tuple[float, float]:
   return loss / len(y), correct / len(y)
 
 
+@functools.lru_cache(maxsize=16)
+def _build(spec: str):
+  """Model, optimizer and jitted init/train/eval for a JSON ``spec``.
+
+  Cached: runs that differ only in seed or learning rate (a grid, the seeds)
+  share one compilation.
+  """
+  d = json.loads(spec)
+  cfg = Config(**d["config"])
+  model = models.get_model(cfg.model, d["num_classes"], d["input_shape"], **cfg.model_kwargs)
+  tx, unit = make_optimizer(cfg, d["total_steps"], d["steps_per_epoch"])
+  train_step, eval_step = make_steps(model, cfg.optimizer == "adaact", d["augment"])
+  init = jax.jit(lambda key, x: model.init(key, x, train=False))
+  return model, tx, unit, init, train_step, eval_step
+
+
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         on_epoch: Callable[[int, TrainState], dict] | None = None) -> dict:
   """Trains per ``cfg``; returns ``{"config", "history", "summary", "state"}``.
@@ -167,20 +196,25 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   ``on_epoch(epoch, state)`` may return extra fields for that epoch's record.
   """
   ds = data_lib.load(cfg.dataset, cfg.data_dir) if dataset is None else dataset
-  model = models.get_model(cfg.model, ds.num_classes, ds.input_shape, **cfg.model_kwargs)
   batch_size = min(cfg.batch_size, len(ds.y_train))
   steps_per_epoch = len(ds.y_train) // batch_size
   if cfg.steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-  tx, schedule = make_optimizer(cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
+  augment = cfg.augment if cfg.augment is not None else ds.name == "cifar10"
+  shape_only = dataclasses.replace(cfg, seed=0, lr=None, data_dir=None, metrics=None, plot=None,
+                                   progress=False, steps_per_epoch=None, augment=None)
+  spec = dict(config=dataclasses.asdict(shape_only), num_classes=ds.num_classes,
+              input_shape=list(ds.input_shape), total_steps=cfg.epochs * steps_per_epoch,
+              steps_per_epoch=steps_per_epoch, augment=augment)
+  model, tx, unit, init, train_step, eval_step = _build(json.dumps(spec, sort_keys=True))
 
   key = jax.random.key(cfg.seed)
   init_key, key = jax.random.split(key)
-  variables = model.init(init_key, jnp.asarray(ds.x_train[:1]), train=False)
+  variables = init(init_key, jnp.asarray(ds.x_train[:1]))
   state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                             batch_stats=variables.get("batch_stats", {}))
-  augment = cfg.augment if cfg.augment is not None else ds.name == "cifar10"
-  train_step, eval_step = make_steps(model, cfg.optimizer == "adaact", augment)
+  lr = cfg.hyper("lr")
+  state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
   rng = np.random.default_rng(cfg.seed)
   metrics_file = None
   if cfg.metrics:
@@ -210,7 +244,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       test_loss, test_acc = evaluate(eval_step, state, ds.x_test, ds.y_test, 1024)
       record = dict(base, epoch=epoch, step=int(state.step), train_loss=train_loss,
                     test_loss=test_loss, test_acc=test_acc, epoch_time=epoch_time,
-                    lr_now=float(schedule(int(state.step))))
+                    lr_now=lr * float(unit(int(state.step))))
       if on_epoch is not None:
         record.update(on_epoch(epoch, state) or {})
       history.append(record)

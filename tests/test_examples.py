@@ -173,13 +173,21 @@ def test_published_defaults_and_overrides():
   assert cfg.hyper("lr") == 0.3 and cfg.power == 0.25
 
 
-def test_cosine_schedule_with_warmup():
-  cfg = train.Config(optimizer="adaact", lr=0.2, warmup_epochs=2)
-  _, schedule = train.make_optimizer(cfg, total_steps=100, steps_per_epoch=10)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(20)) == pytest.approx(0.2)
-  assert float(schedule(60)) == pytest.approx(0.1, rel=1e-5)
-  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+def test_cosine_schedule_with_warmup_scaled_by_the_learning_rate():
+  cfg = train.Config(optimizer="sgd", momentum=0.0, weight_decay=0.0, warmup_epochs=2)
+  tx, unit = train.make_optimizer(cfg, total_steps=100, steps_per_epoch=10)
+  assert float(unit(0)) == 0.0 and float(unit(20)) == pytest.approx(1.0)
+  assert float(unit(60)) == pytest.approx(0.5, rel=1e-5)
+  assert float(unit(100)) == pytest.approx(0.0, abs=1e-7)
+  params = {"w": jnp.zeros(())}
+  state = train.set_learning_rate(tx.init(params), 0.2)
+  update = jax.jit(lambda s: tx.update({"w": jnp.ones(())}, s, params))
+  steps = []
+  for _ in range(61):
+    u, state = update(state)
+    steps.append(float(u["w"]))
+  # The update is -lr * unit(step) * gradient.
+  np.testing.assert_allclose([steps[10], steps[20], steps[60]], [-0.1, -0.2, -0.1], rtol=1e-5)
 
 
 def _cli(tmp_path, optimizer, *extra):
@@ -201,7 +209,7 @@ def test_cli_training_run_lowers_the_loss(tmp_path, capsys, monkeypatch, optimiz
   assert f"final: dataset=digits model=mlp optimizer={optimizer}" in capsys.readouterr().out
   opt_state = result["state"].opt_state
   if optimizer == "adaact":
-    scale = opt_state[0]
+    scale = opt_state[0][0]
     assert isinstance(scale, adaact_optax.ScaleByAdaActState) and int(scale.count) == 24
     assert float(scale.nu["Dense_0"]["kernel"].max()) > 0
 
@@ -220,3 +228,59 @@ def test_cli_cifar_with_augmentation(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="data_batch_1.bin"):
     train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out-dir",
                 str(tmp_path), "--no-progress"])
+
+
+# --- comparison ---------------------------------------------------------------
+
+from examples import compare  # noqa: E402
+
+
+def test_compare_chooses_lr_on_validation_and_reports(tmp_path, monkeypatch, capsys):
+  seen = []
+  run = train.run
+  monkeypatch.setattr(train, "run", lambda cfg, ds, cb: seen.append(
+      (cfg.optimizer, cfg.lr, cfg.seed, len(ds.y_test))) or run(cfg, ds, cb))
+  results = compare.main(["--optimizers", "adaact,sgd", "--seeds", "2", "--epochs", "2",
+                          "--steps-per-epoch", "3", "--batch-size", "64", "--model", "mlp",
+                          "--model-arg", "hidden=[16]", "--grid-factors", "0.3,3",
+                          "--track-variance", "--out-dir", str(tmp_path)])
+  # Selection runs see the 144-example validation split, never the 360-example test set.
+  assert [s for s in seen if s[2] == 0 and s[3] == 144] == [
+      ("adaact", pytest.approx(0.03), 0, 144), ("adaact", pytest.approx(0.3), 0, 144),
+      ("sgd", pytest.approx(0.03), 0, 144), ("sgd", pytest.approx(0.3), 0, 144)]
+  for label, r in results.items():
+    best = max(r["selection"], key=lambda s: (s[1], -s[2]))[0]
+    assert r["lr"] == best
+    assert [s[1:3] for s in seen if s[0] == label and s[3] == 360] == [(best, 0), (best, 1)]
+  report = (tmp_path / "results.md").read_text()
+  assert report in capsys.readouterr().out
+  rows = [line for line in report.splitlines() if " ± " in line]
+  assert [row.split(" | ")[0] for row in rows] == ["| run", "| adaact", "| sgd"]
+  assert "| adaact | Dense_0 |" in report and "| sgd | Dense_0 |" not in report
+  assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "variance.png").stat().st_size
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert len(lines) == 2 * 2 * (2 + 2)           # epochs x optimizers x (grid + seeds)
+  assert {line["phase"] for line in lines} == {"select", "test"}
+
+
+def test_ablate_power_variants_reach_the_optimizer(monkeypatch):
+  args = compare.parse_args(["--ablate-power", "--lr-grid", "adaact=0.05,0.1"])
+  variants = compare.make_variants(args)
+  assert [v.overrides["power"] for v in variants] == [1 / 6, 1 / 4, 1 / 3, 1 / 2, 1.0]
+  assert all(v.overrides["optimizer"] == "adaact" and v.grid == [0.05, 0.1] for v in variants)
+  captured = {}
+  monkeypatch.setattr(adaact_optax, "adaact", lambda *a, **k: captured.update(k) or
+                      adaact_optax.scale_by_adaact())
+  train.make_optimizer(train.Config(power=variants[0].overrides["power"]), 10, 5)
+  assert captured["power"] == 1 / 6
+
+
+def test_variance_summary_reads_v_hat_per_layer():
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+            "LayerNorm_0": {"scale": jnp.ones(3)}}
+  tx = adaact_optax.adaact(0.1, b2=0.5)
+  state = tx.init(params)
+  stats = {"Dense_0": {"kernel": jnp.array([1.0, 2.0, 6.0]), "bias": jnp.ones(())}}
+  _, state = tx.update(params, state, params, activation_stats=stats)
+  summary = compare.variance_summary(state, b2=0.5)
+  assert summary == {"Dense_0": {"mean": pytest.approx(3.0), "max": pytest.approx(6.0)}}
