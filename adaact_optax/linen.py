@@ -99,11 +99,13 @@ def with_bias(kernel: moments.InputMoments, use_bias: bool) -> dict[str, moments
 
 
 def _record(module: nn.Module, name: str, stat: moments.InputMoments, seen: dict):
-  key = (id(module.scope), name)
-  if module.has_variable(COLLECTION, name) and key in seen and seen[key][0] is module.scope:
-    previous = moments.InputMoments(module.get_variable(COLLECTION, name), seen[key][1])
+  # Each call of a shared layer gets a fresh scope object, so key by path. A
+  # leaf this apply has not written yet (stale input or a re-trace) starts over.
+  key = (module.scope.path, name)
+  if module.has_variable(COLLECTION, name) and key in seen:
+    previous = moments.InputMoments(module.get_variable(COLLECTION, name), seen[key])
     stat = moments.combine(previous, stat)
-  seen[key] = (module.scope, stat.rows)
+  seen[key] = stat.rows
   module.put_variable(COLLECTION, name, stat.mean)
 
 
@@ -114,7 +116,7 @@ def _interceptor(next_fun, args, kwargs, context):
   layers = (nn.Dense, nn.DenseGeneral, nn.Conv) + ((nn.Embed,) if floor is not None else ())
   if (seen is None or context.method_name != "__call__"
       or not isinstance(module, layers)
-      or not module.is_mutable_collection(COLLECTION)):
+      or module.is_initializing() or not module.is_mutable_collection(COLLECTION)):
     return next_fun(*args, **kwargs)
   x = args[0] if args else kwargs["inputs"]
   out = next_fun(*args, **kwargs)

@@ -1,0 +1,221 @@
+"""Linen capture on unmodified models: coverage, repeated use, lifted transforms."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+
+COLLECTION = aa_linen.COLLECTION
+
+
+def _stats(model, x, **kwargs):
+  variables = model.init(jax.random.key(0), x)
+  _, mutated = aa_linen.apply(model, variables, x, **kwargs)
+  return variables, mutated[COLLECTION]
+
+
+def test_collection_name_and_apply_returns_pair():
+  assert COLLECTION == "adaact_stats"
+  model = nn.Dense(3)
+  x = jnp.ones((2, 4))
+  variables = model.init(jax.random.key(0), x)
+  out, mutated = aa_linen.apply(model, variables, x)
+  assert out.shape == (2, 3) and set(mutated) == {COLLECTION}
+  # Stale statistics in the input variables are ignored, not pooled.
+  _, again = aa_linen.apply(model, {**variables, **mutated}, 2 * x)
+  np.testing.assert_allclose(again[COLLECTION]["kernel"], 4.0)
+
+
+def test_dense_any_rank_and_stats_mirror_params():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(5)(x))
+      x = nn.LayerNorm()(x)
+      return nn.Dense(2, use_bias=False)(x)
+
+  x = jax.random.normal(jax.random.key(1), (2, 3, 4))
+  variables, stats = _stats(Model(), x)
+  assert set(stats) == {"Dense_0", "Dense_1"}          # LayerNorm is unmatched
+  np.testing.assert_allclose(stats["Dense_0"]["kernel"], np.mean(np.asarray(x).reshape(6, 4) ** 2, 0),
+                             rtol=1e-6)
+  assert stats["Dense_0"]["bias"] == 1.0 and "bias" not in stats["Dense_1"]
+  # A bias's statistic leads to M_hat / (1 + eps): exactly the bias-corrected momentum.
+  tx = adaact_optax.scale_by_adaact()
+  grads = jax.tree.map(jnp.ones_like, variables["params"])
+  updates, _ = tx.update(grads, tx.init(variables["params"]), activation_stats=stats)
+  np.testing.assert_allclose(updates["Dense_0"]["bias"], 1 / (1 + 1e-8), rtol=1e-7)
+  np.testing.assert_array_equal(updates["LayerNorm_0"]["scale"], 1.0)
+
+
+def test_dense_general_several_axes_and_attention():
+  x = jax.random.normal(jax.random.key(2), (2, 3, 4, 5))
+  layer = nn.DenseGeneral(features=(6, 7), axis=(1, -1))
+  variables, stats = _stats(layer, x)
+  assert variables["params"]["kernel"].shape == (3, 5, 6, 7)
+  np.testing.assert_allclose(stats["kernel"], np.mean(np.asarray(x) ** 2, axis=(0, 2)), rtol=1e-6)
+
+  attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  tokens = jax.random.normal(jax.random.key(3), (2, 5, 8))
+  variables, stats = _stats(attention, tokens)
+  assert set(stats) == {"query", "key", "value", "out"}
+  np.testing.assert_allclose(stats["query"]["kernel"], np.mean(np.asarray(tokens) ** 2, axis=(0, 1)),
+                             rtol=1e-6)
+  assert stats["out"]["kernel"].shape == variables["params"]["out"]["kernel"].shape[:2]
+  tx = adaact_optax.adaact(0.1)
+  state = tx.init(variables["params"])
+  updates, _ = jax.jit(tx.update)(variables["params"], state, variables["params"],
+                                  activation_stats=stats)
+  assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, variables["params"])
+
+
+def test_repeated_use_averages_all_rows():
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x, z):
+      layer = nn.Dense(4)
+      return layer(x), layer(z)
+
+  x = jax.random.normal(jax.random.key(4), (2, 4))
+  z = jax.random.normal(jax.random.key(5), (6, 4))
+  model = Twice()
+  variables = model.init(jax.random.key(0), x, z)
+  _, mutated = aa_linen.apply(model, variables, x, z)
+  rows = np.concatenate([np.asarray(x), np.asarray(z)])
+  np.testing.assert_allclose(mutated[COLLECTION]["Dense_0"]["kernel"], np.mean(rows ** 2, 0), rtol=1e-6)
+
+
+def test_grouped_and_depthwise_convs_train_with_stats_shapes():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3), feature_group_count=2)(x)
+      x = nn.Conv(8, (3, 3), feature_group_count=8, padding="CIRCULAR")(x)   # depthwise
+      return x.mean()
+
+  x = jax.random.normal(jax.random.key(6), (2, 6, 6, 4))
+  model = Model()
+  variables = model.init(jax.random.key(0), x)
+  shapes = aa_linen.stats_shapes(model, variables, x)
+  assert shapes["Conv_0"]["kernel"].shape == (3, 3, 4)
+  assert variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 2, 8)
+  tx = adaact_optax.adaact(0.1, stats_shapes=shapes)
+  state = tx.init(variables["params"])
+  assert state[0].nu["Conv_1"]["kernel"].shape == (3, 3, 8)
+
+  @jax.jit
+  def step(params, state):
+    (_, mutated), grads = jax.value_and_grad(
+        lambda p: aa_linen.apply(model, {"params": p}, x), has_aux=True)(params)
+    updates, state = tx.update(grads, state, params, activation_stats=mutated[COLLECTION])
+    return optax.apply_updates(params, updates), state, mutated[COLLECTION]
+
+  params, state, stats = step(variables["params"], state)
+  assert np.isfinite(jax.tree.leaves(params)[0]).all()
+  np.testing.assert_allclose(state[0].nu["Conv_0"]["kernel"], 1e-3 * stats["Conv_0"]["kernel"], rtol=1e-4)
+
+
+def test_grouped_convention_matches_flax_connectivity():
+  # For each input channel c, the kernel entries that touch it (nonzero gradient) must be
+  # exactly those whose scale comes from channel c.
+  layer = nn.Conv(6, (1,), feature_group_count=2, use_bias=False)
+  x0 = jnp.zeros((1, 1, 4))
+  params = layer.init(jax.random.key(0), x0)["params"]
+  for c in range(4):
+    x = x0.at[0, 0, c].set(1.0)
+    grad = jax.grad(lambda p: layer.apply({"params": p}, x).sum())(params)["kernel"]
+    marker = jnp.zeros((1, 4)).at[0, c].set(1.0)
+    mapped = adaact_optax.matching.apply_scale(jnp.ones((1, 2, 6)), marker, "kernel")
+    np.testing.assert_array_equal(np.asarray(grad) != 0, np.asarray(mapped) != 0)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return jnp.tanh(nn.Dense(4)(h)), None
+
+
+def test_scan_vmap_and_remat_stack_statistics():
+  scanned = nn.scan(Block, variable_axes={"params": 0, COLLECTION: 0}, split_rngs={"params": True},
+                    length=3)
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return scanned()(x, None)[0]
+
+  x = jax.random.normal(jax.random.key(7), (5, 4))
+  model = Stack()
+  variables = model.init(jax.random.key(0), x)
+  _, mutated = aa_linen.apply(model, variables, x)
+  stats = mutated[COLLECTION]["ScanBlock_0"]["Dense_0"]
+  kernels = variables["params"]["ScanBlock_0"]["Dense_0"]["kernel"]
+  assert kernels.shape == (3, 4, 4) and stats["kernel"].shape == (3, 4)
+  h, expected = np.asarray(x), []
+  for i in range(3):
+    expected.append(np.mean(h ** 2, 0))
+    h = np.tanh(h @ np.asarray(kernels[i]) + np.asarray(variables["params"]["ScanBlock_0"]["Dense_0"]["bias"][i]))
+  np.testing.assert_allclose(stats["kernel"], np.stack(expected), rtol=1e-5)
+  tx = adaact_optax.adaact(0.1)
+  state = tx.init(variables["params"])
+  grads = jax.tree.map(jnp.ones_like, variables["params"])
+  jax.jit(tx.update)(grads, state, variables["params"], activation_stats=mutated[COLLECTION])
+
+  ensemble = nn.vmap(nn.Dense, variable_axes={"params": 0, COLLECTION: 0},
+                     split_rngs={"params": True}, in_axes=0, out_axes=0)(features=2)
+  xs = jax.random.normal(jax.random.key(8), (3, 5, 4))
+  v = ensemble.init(jax.random.key(0), xs)
+  _, m = aa_linen.apply(ensemble, v, xs)
+  np.testing.assert_allclose(m[COLLECTION]["kernel"], np.mean(np.asarray(xs) ** 2, axis=1), rtol=1e-6)
+
+  remat = nn.remat(Block)
+  class Remat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return remat()(x, None)[0]
+  v = Remat().init(jax.random.key(0), x)
+  _, m = aa_linen.apply(Remat(), v, x)
+  np.testing.assert_allclose(m[COLLECTION]["CheckpointBlock_0"]["Dense_0"]["kernel"], np.mean(np.asarray(x) ** 2, 0),
+                             rtol=1e-6)
+
+
+def test_batchnorm_collections_pass_through_and_init_is_untouched():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.BatchNorm(use_running_average=False)(nn.Conv(2, (3,))(x))
+
+  x = jax.random.normal(jax.random.key(9), (2, 5, 3))
+  with aa_linen.capture():
+    variables = Model().init(jax.random.key(0), x)
+  assert COLLECTION not in variables
+  _, mutated = aa_linen.apply(Model(), variables, x, mutable=["batch_stats"])
+  assert set(mutated) == {"batch_stats", COLLECTION}
+  _, mutated = aa_linen.apply(Model(), variables, x, mutable=True)
+  assert set(mutated) >= {"batch_stats", COLLECTION}
+
+
+def test_train_state_passes_statistics():
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(10), (4, 5))
+  variables = model.init(jax.random.key(0), x)
+  tx = adaact_optax.adaact(0.1)
+  state = adaact_optax.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+
+  def loss_fn(p):
+    out, mutated = aa_linen.apply(model, {"params": p}, x)
+    return jnp.mean(out ** 2), mutated[COLLECTION]
+
+  (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = jax.jit(lambda s, g, a: s.apply_gradients(grads=g, activation_stats=a))(state, grads, stats)
+  updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"], activation_stats=stats)
+  np.testing.assert_allclose(new_state.params["kernel"],
+                             optax.apply_updates(variables["params"], updates)["kernel"], rtol=1e-6)
+  assert int(new_state.step) == 1
+  with pytest.raises(TypeError):
+    state.apply_gradients(grads=grads)   # statistics are required, never silently dropped
