@@ -137,6 +137,7 @@ def parse_args(argv=None):
   p.add_argument("--heartbeat-timeout", type=int, default=100,
                  help="seconds before a silent process is declared dead")
   p.add_argument("--model-parallel", type=int, default=2, help="size of the 'model' mesh axis")
+  p.add_argument("--depth", type=int, default=2, help="transformer blocks")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--global-batch", type=int, default=32)
   p.add_argument("--lr", type=float, default=0.1)
@@ -175,7 +176,7 @@ def make_mesh(model_parallel: int) -> jax.sharding.Mesh:
 def train(args) -> dict:
   """Runs ``args.steps`` steps; returns the final params as host numpy arrays."""
   mesh = make_mesh(args.model_parallel)
-  model = Transformer()
+  model = Transformer(depth=args.depth)
   tx = adaact_optax.adaact(args.lr)
   x0 = jnp.zeros((2, TOKENS, FEATURES))
   abstract = jax.eval_shape(model.init, jax.random.key(args.seed), x0)
