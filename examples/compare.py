@@ -38,7 +38,6 @@ import jax
 import numpy as np
 
 import adaact_optax
-from adaact_optax import matching
 from examples import data as data_lib
 from examples import models
 from examples import train
@@ -58,21 +57,14 @@ class Variant:
 def variance_summary(opt_state, b2: float) -> dict[str, dict[str, float]]:
   """Per layer (kernel path without ``/kernel``): mean and max of ``V_hat``.
 
-  ``V_hat = nu / (1 - b2**count)``, read from the ``ScaleByAdaActState``
-  found in ``opt_state``; the units are those of the squared inputs.
+  From ``adaact_optax.activation_summary``: ``V_hat = nu / (1 - b2**count)``,
+  the bias-corrected mean square of each input feature (input units squared).
   """
-  is_state = lambda s: isinstance(s, adaact_optax.ScaleByAdaActState)
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
-  if len(found) != 1:
-    raise ValueError(f"expected one ScaleByAdaActState in opt_state, found {len(found)}")
-  state = found[0]
-  correction = 1 - b2 ** int(state.count)
-  out = {}
-  for path, nu in jax.tree_util.tree_flatten_with_path(state.nu)[0]:
-    name = matching.path_name(path)
-    if name.endswith("/kernel") and nu.size:
-      v_hat = np.asarray(nu) / correction
-      out[name[: -len("/kernel")]] = {"mean": float(v_hat.mean()), "max": float(v_hat.max())}
+  out: dict[str, dict[str, float]] = {}
+  for key, value in adaact_optax.activation_summary(opt_state, b2=b2).items():
+    path, _, stat = key.rpartition("/")              # "Dense_0/kernel", "v_hat_mean"
+    if path.endswith("/kernel") and stat.startswith("v_hat_"):
+      out.setdefault(path[: -len("/kernel")], {})[stat[len("v_hat_"):]] = float(value)
   return out
 
 
