@@ -2,6 +2,10 @@
 partition, apply_if_finite. The statistics must reach the AdaAct transform
 through every wrapper, and the wrappers must change nothing else."""
 
+import pathlib
+import re
+import tempfile
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -187,3 +191,14 @@ def test_apply_if_finite_skips_a_nan_step():
   after, final = _train(tx, steps=1, params=params, opt_state=new_state, first_batch=10)
   assert int(final.inner_state[0].count) == 3
   assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(after))
+
+
+def test_ecosystem_docs_run_as_written(tmp_path, monkeypatch):
+  # docs/ecosystem.md (README sections): its snippets continue one another.
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md").read_text()
+  snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+  assert len(snippets) >= 8
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the checkpoints go to tmp_path
+  namespace = {"__name__": "snippet"}
+  for i, snippet in enumerate(snippets):
+    exec(compile(snippet, f"docs/ecosystem.md snippet {i}", "exec"), namespace)
