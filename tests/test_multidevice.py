@@ -296,3 +296,51 @@ def test_state_partition_specs_for_chains_hyperparams_and_grouped_convs():
   # The structures agree with the real state, so the specs can be used as shardings.
   state = jax.eval_shape(tx.init, params)
   assert jax.tree.structure(state) == jax.tree.structure(out, is_leaf=lambda x: isinstance(x, P))
+
+
+def test_explicit_mesh_data_parallel_and_sharded_state():
+  # jax.make_mesh defaults to Explicit axes: data-parallel training needs
+  # nothing else, and tx.update takes FSDP/TP-sharded state with replicated
+  # statistics. (Linen layers whose contraction is sharded need Auto axes.)
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2,
+                       devices=jax.devices()[:8])
+  model, xs, ys = PlainMLP(), *batches()
+  tx = adaact_optax.adaact(0.1)
+  ref_params, ref_state = reference(model, tx, xs, ys)
+  params, opt_state, _, _ = sharded_run(model, tx, mesh, xs, ys)
+  assert_trees_close(params, ref_params)
+  assert_trees_close(opt_state, ref_state)
+
+  params = {"d": {"kernel": jnp.linspace(-1, 1, 32).reshape(8, 4), "bias": jnp.ones((4,))}}
+  stats = {"d": {"kernel": jnp.arange(1.0, 9.0), "bias": jnp.ones(())}}
+  p_shard = {"d": {"kernel": NamedSharding(mesh, P("data", "model")),
+                   "bias": NamedSharding(mesh, P("model"))}}
+  s_shard = aa_sharding.state_shardings(tx, p_shard, params)
+  update = lambda g, s, a: tx.update(g, s, g, activation_stats=a)
+  expected = update(params, tx.init(params), stats)
+  sharded = jax.device_put(params, p_shard)
+  got = jax.jit(update, out_shardings=(p_shard, s_shard))(
+      sharded, jax.jit(tx.init, out_shardings=s_shard)(sharded), stats)
+  assert_trees_close(got, expected)
+  assert jax.typeof(got[1][0].nu["d"]["kernel"]).sharding.spec == P("data")
+
+
+def test_statistics_are_one_collective_under_shard_map():
+  # pmean_tree ravels the statistics: one all-reduce for all layers, before
+  # XLA's combiner (the lowered module, not the optimised one).
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AUTO,), devices=jax.devices()[:4])
+  model, xs, _ = Net(), *batches()
+  params = init_params(model, xs[0])
+  stats = aa_linen.apply(model, {"params": params}, xs[0])[1][aa_linen.COLLECTION]
+  assert len(jax.tree.leaves(stats)) > 5
+  for axis_name, expected in (("data", 1), (None, 0)):
+    tx = adaact_optax.adaact(0.1, axis_name=axis_name)
+    update = jax.shard_map(lambda s, a: tx.update(params, s, params, activation_stats=a)[1],
+                           mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)
+    text = jax.jit(update).lower(tx.init(params), stats).as_text()
+    assert text.count("all_reduce") == expected, (axis_name, text.count("all_reduce"))
+
+
+def test_unknown_mesh_axis_error_names_the_axis():
+  with pytest.raises(ValueError, match="bogus"):
+    NamedSharding(mesh_4x2(), P("bogus"))
