@@ -202,3 +202,45 @@ def test_train_state_with_accumulation():
   ref, _, _, _, _, _ = _make_step(model, adaact_optax.adaact(0.1))(
       params, {}, adaact_optax.adaact(0.1).init(params), x, y)
   _close(state.params, ref)
+
+
+def test_nnx_optimizer_with_a_grouped_convolution():
+  from flax import nnx
+  from adaact_optax import nnx as aa_nnx
+
+  class Grouped(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(4, 8, (3, 3), feature_group_count=2, rngs=rngs)
+      self.head = nnx.Linear(8, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.relu(self.conv(x)).mean((1, 2)))
+
+  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 4))
+  y = jnp.arange(16) % 10
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    def loss_fn(m):
+      logits, stats = aa_nnx.apply(m, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), stats
+    grads, stats = nnx.grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activation_stats=stats)
+
+  def train(k):
+    model = Grouped(nnx.Rngs(0))
+    shapes = aa_nnx.stats_shapes(model, x[:2])  # (3, 3, 4) per input channel, not (3, 3, 2)
+    tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1, stats_shapes=shapes), k,
+                                 stats_shapes=shapes)
+    optimizer = nnx.Optimizer(model, tx.gradient_transformation(), wrt=nnx.Param)
+    micro = 16 // k
+    for i in range(2 * k):
+      sl = slice((i % k) * micro, (i % k + 1) * micro)
+      step(model, optimizer, x[sl], y[sl])
+    return nnx.state(model, nnx.Param), nnx.as_pure(optimizer.opt_state)
+
+  params, state = train(4)
+  full_params, full_state = train(1)
+  assert state.acc_stats["conv"]["kernel"].shape == (3, 3, 4)
+  _close(params, full_params)
+  _close(state.inner_opt_state[0].nu, full_state.inner_opt_state[0].nu, rtol=1e-5, atol=0)
