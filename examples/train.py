@@ -221,7 +221,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     pathlib.Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
     metrics_file = open(cfg.metrics, "a")
   base = dict(dataset=ds.name, model=cfg.model, optimizer=cfg.optimizer, seed=cfg.seed,
-              lr=cfg.hyper("lr"), power=cfg.power if cfg.optimizer == "adaact" else None)
+              lr=lr, power=cfg.power if cfg.optimizer == "adaact" else None)
   history = []
   try:
     for epoch in range(1, cfg.epochs + 1):
