@@ -176,6 +176,10 @@ def make_mesh(model_parallel: int) -> jax.sharding.Mesh:
 def train(args) -> dict:
   """Runs ``args.steps`` steps; returns the final params as host numpy arrays."""
   mesh = make_mesh(args.model_parallel)
+  if args.global_batch % mesh.shape["data"]:
+    # Equal shards keep every device's statistics a mean over the same number of rows.
+    raise ValueError(f"--global-batch {args.global_batch} must be a multiple of the data "
+                     f"axis size {mesh.shape['data']}")
   model = Transformer(depth=args.depth)
   tx = adaact_optax.adaact(args.lr)
   x0 = jnp.zeros((2, TOKENS, FEATURES))
