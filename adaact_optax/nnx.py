@@ -45,10 +45,6 @@ def _conv(layer, x):
   return _linen.with_bias(_linen.conv_layer_moments(layer, x), layer.use_bias)
 
 
-def _embed(layer, ids, floor):
-  return {"embedding": moments.token_moments(ids, layer.num_embeddings, floor)}
-
-
 # The layers AdaAct scales and how each one's input becomes statistics.
 _LAYERS = {nnx.Linear: _linear, nnx.LinearGeneral: _linear_general, nnx.Conv: _conv}
 
@@ -62,7 +58,8 @@ def layer_moments(layer: nnx.Module, x: jax.Array, *, embeddings: bool | float =
   """
   floor = _linen.embedding_floor(embeddings)
   if isinstance(layer, nnx.Embed):
-    return {} if floor is None else _embed(layer, x, floor)
+    return {} if floor is None else {
+        "embedding": moments.token_moments(x, layer.num_embeddings, floor)}
   for cls, fn in _LAYERS.items():
     if isinstance(layer, cls):
       return fn(layer, x)
@@ -72,17 +69,15 @@ def layer_moments(layer: nnx.Module, x: jax.Array, *, embeddings: bool | float =
 class _Recorder:
   """Statistics of every captured call, pooled per layer instance."""
 
-  def __init__(self, floor: float | None):
-    self.floor = floor
+  def __init__(self, embeddings: bool | float):
+    _linen.embedding_floor(embeddings)  # validate once, before the forward pass
+    self.embeddings = embeddings
     self.calls: dict[int, tuple[nnx.Module, dict[str, moments.InputMoments]]] = {}
 
-  def record(self, cls, layer, x):
-    if cls is nnx.Embed:
-      if self.floor is None:
-        return
-      stats = _embed(layer, x, self.floor)
-    else:
-      stats = _LAYERS[cls](layer, x)
+  def record(self, layer, x):
+    stats = layer_moments(layer, x, embeddings=self.embeddings)
+    if not stats:
+      return
     if id(layer) in self.calls:
       # Repeated use: the mean over all rows of all calls.
       previous = self.calls[id(layer)][1]
@@ -116,12 +111,12 @@ _patch_depth = 0
 _originals: dict[type, Any] = {}
 
 
-def _wrap(cls, original):
+def _wrap(original):
   @functools.wraps(original)
   def __call__(self, inputs, *args, **kwargs):
     recorder = _recorder.get()
     if recorder is not None:
-      recorder.record(cls, self, inputs)
+      recorder.record(self, inputs)
     return original(self, inputs, *args, **kwargs)
   return __call__
 
@@ -134,7 +129,7 @@ def _patched():
     if _patch_depth == 0:
       for cls in (*_LAYERS, nnx.Embed):
         _originals[cls] = cls.__dict__["__call__"]
-        cls.__call__ = _wrap(cls, _originals[cls])
+        cls.__call__ = _wrap(_originals[cls])
     _patch_depth += 1
   try:
     yield
@@ -165,7 +160,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, **kwargs):
       ``moments.EMBEDDING_FLOOR``, a float sets the floor (see
       ``moments.token_moments``).
   """
-  recorder = _Recorder(_linen.embedding_floor(embeddings))
+  recorder = _Recorder(embeddings)
   token = _recorder.set(recorder)
   try:
     with _patched():

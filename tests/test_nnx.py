@@ -42,10 +42,12 @@ CONVS = [  # (nnx/linen kwargs, input shape)
 def test_conv_statistics_equal_linen(kwargs, shape):
   x = jax.random.normal(jax.random.key(1), shape)
   layer = nnx.Conv(4, 8, rngs=nnx.Rngs(0), **kwargs)
-  _, stats = aa_nnx.apply(layer, x)
+  # Under jit: one compilation per case instead of one per eager op.
+  stats = jax.jit(lambda x: aa_nnx.apply(layer, x)[1])(x)
   linen_layer = nn.Conv(8, **kwargs)
-  variables = linen_layer.init(jax.random.key(0), x)
-  _, mutated = aa_linen.apply(linen_layer, variables, x)
+  variables = jax.eval_shape(linen_layer.init, jax.random.key(0), x)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+  mutated = jax.jit(lambda x: aa_linen.apply(linen_layer, variables, x)[1])(x)
   ours, ref = _flat(stats), _flat(mutated[aa_linen.COLLECTION])
   assert ours.keys() == ref.keys() == ({"kernel"} | ({"bias"} if kwargs.get("use_bias", True) else set()))
   for k in ref:
@@ -289,3 +291,15 @@ def test_docs_have_the_snippets():
 @pytest.mark.parametrize("index", range(len(_SNIPPETS)))
 def test_docs_snippet_runs(index):
   exec(compile(_SNIPPETS[index], f"docs/nnx.md snippet {index}", "exec"), {"__name__": "snippet"})
+
+
+def test_layer_moments_for_one_layer():
+  x = jnp.arange(12.0).reshape(4, 3)
+  stats = aa_nnx.layer_moments(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), x)
+  np.testing.assert_allclose(stats["kernel"].mean, jnp.mean(x ** 2, 0))
+  assert stats["kernel"].rows == 4 and stats["bias"].rows == 4
+  assert aa_nnx.layer_moments(nnx.LayerNorm(3, rngs=nnx.Rngs(0)), x) == {}
+  embed = nnx.Embed(5, 2, rngs=nnx.Rngs(0))
+  assert aa_nnx.layer_moments(embed, jnp.array([1, 1])) == {}
+  np.testing.assert_allclose(aa_nnx.layer_moments(embed, jnp.array([1, 1]), embeddings=0.5)
+                             ["embedding"].mean, [0.5, 1.5, 0.5, 0.5, 0.5])
