@@ -35,6 +35,7 @@ CONVS = [  # (nnx/linen kwargs, input shape)
     (dict(kernel_size=(3, 3), padding=((1, 0), (2, 1)), feature_group_count=2), (1, 5, 5, 4)),
     (dict(kernel_size=(3, 3), padding="REFLECT", strides=2, feature_group_count=4), (2, 6, 6, 4)),
     (dict(kernel_size=(2, 2, 2), padding=1), (4, 3, 3, 4)),  # 3-D, no batch axis
+    (dict(kernel_size=(2, 3), padding="SAME_LOWER", strides=(2, 3)), (2, 1, 5, 6, 4)),  # 2 batch axes
 ]
 
 
