@@ -173,8 +173,11 @@ def make_mesh(model_parallel: int) -> jax.sharding.Mesh:
                        axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def train(args) -> dict:
-  """Runs ``args.steps`` steps; returns the final params as host numpy arrays."""
+def train(args, gather: bool = True) -> dict | None:
+  """Runs ``args.steps`` steps; returns the final params as host numpy arrays.
+
+  ``gather=False`` skips collecting the params on every host (large models).
+  """
   mesh = make_mesh(args.model_parallel)
   if args.global_batch % mesh.shape["data"]:
     # Equal shards keep every device's statistics a mean over the same number of rows.
@@ -244,6 +247,8 @@ def train(args) -> dict:
   if metrics:
     metrics.close()
 
+  if not (gather or args.save_params):
+    return None
   # Gather the full params onto every process (a collective: all must call it).
   from jax.experimental import multihost_utils
   full = multihost_utils.process_allgather(params, tiled=True)
@@ -264,7 +269,7 @@ def train(args) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   initialize(args)
-  train(args)
+  train(args, gather=False)
   if args.num_processes > 1 or args.auto_detect:
     jax.distributed.shutdown()
 

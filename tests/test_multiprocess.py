@@ -135,3 +135,9 @@ def test_dead_process_fails_the_other_and_restart_resumes(tmp_path, reference):
   for i in range(2):
     saved = load(tmp_path / f"params{i}.npz")
     assert_close({k[len("full"):]: v for k, v in saved.items() if k.startswith("full")}, reference)
+
+
+def test_batch_the_data_axis_does_not_divide_is_refused():
+  # 8 devices here, model axis 2: the data axis has 4 shards; 6 rows cannot split evenly.
+  with pytest.raises(ValueError, match="global-batch 6 must be a multiple of the data axis size 4"):
+    multihost.train(multihost.parse_args(["--global-batch", "6", "--steps", "1"]))
