@@ -90,9 +90,10 @@ def compile_step(model, variables, x, y, mesh, with_stats: bool):
   return jitted.lower(params, extra, opt_state, x, y).compile().as_text()
 
 
-def report(name: str, batch: int, mesh) -> dict:
-  shape = (32, 32, 3)
-  model = get_model(name, 10, shape)
+def report(name: str, batch: int, mesh, shape=(32, 32, 3), **model_kwargs) -> dict:
+  """All-reduce bytes of ``get_model(name)``'s step on ``(batch, *shape)`` inputs."""
+  shape = tuple(shape)
+  model = get_model(name, 10, shape, **model_kwargs)
   x = jax.ShapeDtypeStruct((batch,) + shape, jnp.float32)
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2,) + shape)))

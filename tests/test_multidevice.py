@@ -344,3 +344,20 @@ def test_statistics_are_one_collective_under_shard_map():
 def test_unknown_mesh_axis_error_names_the_axis():
   with pytest.raises(ValueError, match="bogus"):
     NamedSharding(mesh_4x2(), P("bogus"))
+
+
+def test_collective_bytes_benchmark_attributes_statistics():
+  # benchmarks/collective_bytes.py on small models: the statistics add exactly
+  # their own bytes to the all-reduces (conv statistics are reduced after
+  # their window sums, never as (H, W, C) sums), and gradients = params.
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "collective_bytes.py"
+  spec = importlib.util.spec_from_file_location("collective_bytes", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AUTO,), devices=jax.devices()[:4])
+  for name, kwargs in (("mlp", {"hidden": (32,)}), ("cnn", {"features": (8, 16), "hidden": 16})):
+    r = bench.report(name, 16, mesh, shape=(8, 8, 3), **kwargs)
+    assert r["gradient_allreduce_bytes"] == r["param_bytes"], r
+    assert r["stats_tree_bytes"] <= r["stats_allreduce_bytes"] <= 1.5 * r["stats_tree_bytes"], r
