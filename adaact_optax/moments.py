@@ -8,14 +8,12 @@ applied: every example and leading position for a dense layer, every
 computed from ``stop_gradient`` of the input, whatever its dtype.
 
 Convolutions never build the patch tensor (batch x positions x k*C). Instead
-``x**2`` is padded exactly as the convolution pads ``x``, and each kernel
-offset ``o`` sums it over the batch and the positions
-``p * stride + o * kernel_dilation`` it touches. That sum is itself a
-convolution of ``x**2`` (batch as the contracted feature axis) with a kernel
-of ones the size of the output grid (strides and dilations swapped), so the
-largest temporary is ``x**2`` padded. Contracting the batch inside the
-convolution matters under data parallelism: each device reduces its own
-examples and only the ``(k, C)`` result is all-reduced, never ``(spatial, C)``.
+``x**2`` is contracted, one spatial axis at a time, with a 0/1 matrix
+``(k, n)`` marking which input rows each kernel offset reads over all output
+positions (padding, strides and dilations folded in), and the batch is summed
+last. The largest temporary is ``x**2``. Summing the batch last matters under
+data parallelism: each device reduces its own examples and only the
+``(*kernel, C)`` result is all-reduced, never a ``(spatial, C)`` sum.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from typing import NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
@@ -98,6 +97,24 @@ def _pairs(padding: Padding, rank: int):
   return pairs
 
 
+def _window_matrix(n: int, k: int, stride: int, input_dilation: int, kernel_dilation: int,
+                   low: int, out: int) -> np.ndarray:
+  """(k, n) 0/1 float32: ``[o, i]`` = 1 when kernel offset o reads input row i somewhere.
+
+  One spatial axis; ``low`` is the padding before it (after input dilation, as
+  in ``lax.conv_general_dilated``), ``out`` the number of output positions.
+  """
+  m = np.zeros((k, n), np.float32)
+  # Position q = p * stride + o * kernel_dilation of the padded, dilated axis holds
+  # input row (q - low) / input_dilation when that is a whole number in [0, n).
+  q = np.arange(out)[None, :] * stride + np.arange(k)[:, None] * kernel_dilation - low
+  row = q // input_dilation
+  hit = (q % input_dilation == 0) & (row >= 0) & (row < n)
+  offsets = np.broadcast_to(np.arange(k)[:, None], q.shape)
+  np.add.at(m, (offsets[hit], row[hit]), 1.0)
+  return m
+
+
 def conv_moments(
     x: jax.Array,
     kernel_size: Sequence[int],
@@ -164,22 +181,18 @@ def conv_moments(
     raise ValueError(f"conv input of shape {x.shape} with kernel {kernel_size}, "
                      f"strides {strides} and padding {padding!r} has no output")
 
-  # Window sums: result[o, c] = sum_{b,p} S_pad[b, p * stride + o * dilation, c]. This
-  # is a convolution of S (channels as the conv batch, examples as the contracted
-  # feature axis) with ones over the output grid, window stride = kernel dilation,
-  # kernel dilation = stride. A batch sharded over devices is thus reduced after
-  # the windowing, so the partitioner all-reduces only the (C, k...) result.
-  lhs = jnp.moveaxis(s, -1, 0)                               # (C, B, *spatial)
-  rhs = jnp.ones((1, batch) + out_shape, jnp.float32)
-  sums = lax.conv_general_dilated(
-      lhs, rhs,
-      window_strides=kernel_dilation,
-      padding=pads,
-      lhs_dilation=input_dilation,
-      rhs_dilation=strides,
-      precision=lax.Precision.HIGHEST,
-  )                                                        # (C, 1, >= k...)
-  sums = sums[(slice(None), 0) + tuple(slice(0, k) for k in kernel_size)]
+  # Window sums: result[o, c] = sum_{b,p} S[b, i, c] over the input rows i that
+  # output position p reads at kernel offset o. Per spatial axis that is a
+  # contraction with a 0/1 matrix (k, n), which folds in padding, strides and
+  # dilations without materialising a padded S. The batch is summed last, so a
+  # batch sharded over devices is all-reduced only as the (..., k, C) result.
+  sums = s
+  for n, k, st, di, dk, (lo, _), p in zip(in_shape, kernel_size, strides, input_dilation,
+                                           kernel_dilation, pads, out_shape):
+    m = jnp.asarray(_window_matrix(n, k, st, di, dk, lo, p))
+    # (B, n, ..., C, k...) x (k, n) -> (B, ..., C, k..., k): the next spatial axis is axis 1.
+    sums = lax.dot_general(sums, m, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
+  sums = jnp.sum(sums, axis=0)                              # (C, *kernel_size)
   rows = batch * math.prod(out_shape)
   return InputMoments(jnp.moveaxis(sums, 0, -1) / rows, rows)
 
