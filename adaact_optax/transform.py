@@ -68,13 +68,17 @@ def pmean_tree(tree, axis_name):
   return unravel(jax.lax.pmean(flat, axis_name))
 
 
-def step_scale(v_hat: jax.Array, power, eps) -> jax.Array:
-  """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``."""
+def step_scale(v_hat: jax.Array, power, eps, bc1=1.0) -> jax.Array:
+  """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``.
+
+  With ``bc1`` (the first moment's bias correction) it is the factor of the
+  raw ``M_t`` instead: ``1 / ((v_hat ** power + eps) * bc1)``.
+  """
   if isinstance(power, (int, float)):
     root = jnp.sqrt(v_hat) if power == 0.5 else v_hat ** power
   else:  # an array under inject_hyperparams: keep the exact sqrt at 0.5
     root = jnp.where(power == 0.5, jnp.sqrt(v_hat), v_hat ** power)
-  return 1 / (root + eps)
+  return 1 / ((root + eps) * bc1)
 
 
 def scale_by_adaact(
@@ -154,7 +158,10 @@ def scale_by_adaact(
         # 1/bc1 folded into the small per-input-feature scale: one multiply per
         # weight, no per-weight divide (measurable on CPUs; the update is
         # otherwise bandwidth-bound).
-        scale = step_scale(v / bc2, power, eps_) * (1 / bc1)
+        # One reciprocal, not a product of two: XLA:CPU then compiles the
+        # update identically with constant hyperparameters and with
+        # inject_hyperparams' array ones (FMA contraction), bit for bit.
+        scale = step_scale(v / bc2, power, eps_, bc1)
         u = matching.apply_scale(m_new, scale, matching.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
