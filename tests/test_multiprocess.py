@@ -126,7 +126,11 @@ def test_dead_process_fails_the_other_and_restart_resumes(tmp_path, reference):
   (rc0, out0), (rc1, out1) = results
   assert rc1 == 17, show(results)
   assert rc0 != 0, show(results)
-  assert "another task died" in out0 or "stopped sending heartbeats" in out0, show(results)
+  # The coordination service's verdict (usually first), or gloo's if the
+  # collective notices the closed connection before the heartbeat times out.
+  clear = ("another task died", "stopped sending heartbeats", "Connection closed by peer",
+           "Connection reset by peer")
+  assert any(c in out0 for c in clear), show(results)
   assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())[-1] == 3
 
   results = launch(tmp_path, *flags, "--resume", "--save-params", "params{process}.npz")
