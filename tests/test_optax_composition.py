@@ -78,17 +78,23 @@ def test_chain_with_clipping_and_warmup_cosine_schedule():
   tx = optax.chain(optax.clip_by_global_norm(1.0), adaact_optax.adaact(schedule))
   # Reference, by hand: clip to norm 1, AdaAct's scaling, decoupled decay, -lr(t).
   scale = adaact_optax.scale_by_adaact()
-  params = ref = _init()
+  params = _init()
   state, ref_state = tx.init(params), scale.init(params)
-  for t in range(4):
-    batch = _batch(1 + t)
+
+  @jax.jit
+  def step(params, state, ref_state, t, batch):
     grads, stats = _grads_and_stats(params, batch, loss_scale=50.0)
     norm = optax.tree.norm(grads)
-    assert norm > 1.0  # the clip is active
     updates, state = tx.update(grads, state, params, activation_stats=stats)
     clipped = jax.tree.map(lambda g: g / norm, grads)
     ref_updates, ref_state = scale.update(clipped, ref_state, activation_stats=stats)
     ref_updates = jax.tree.map(lambda u, p: -schedule(t) * (u + 2e-3 * p), ref_updates, params)
+    return norm, updates, state, ref_updates, ref_state
+
+  for t in range(4):
+    norm, updates, state, ref_updates, ref_state = step(params, state, ref_state, t,
+                                                        _batch(1 + t))
+    assert norm > 1.0  # the clip is active
     jax.tree.map(lambda u, r: np.testing.assert_allclose(u, r, rtol=2e-5, atol=1e-9),
                  updates, ref_updates)
     params = optax.apply_updates(params, updates)
