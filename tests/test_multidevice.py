@@ -361,3 +361,24 @@ def test_collective_bytes_benchmark_attributes_statistics():
     r = bench.report(name, 16, mesh, shape=(8, 8, 3), **kwargs)
     assert r["gradient_allreduce_bytes"] == r["param_bytes"], r
     assert r["stats_tree_bytes"] <= r["stats_allreduce_bytes"] <= 1.5 * r["stats_tree_bytes"], r
+
+
+def test_conv_statistics_under_data_parallel_jit_equal_one_device():
+  # Conv statistics sum the batch after their window sums; sharding the batch
+  # must not change them (strided and padded convs, BatchNorm-free CNN).
+  from examples.models import CNN
+  model = CNN(num_classes=CLASSES, features=(4, 8), hidden=8)
+  rng = np.random.default_rng(3)
+  xs = rng.normal(size=(STEPS, BATCH, 8, 8, 2)).astype(np.float32)
+  ys = rng.integers(0, CLASSES, size=(STEPS, BATCH)).astype(np.int32)
+  tx = adaact_optax.adaact(0.1)
+  ref_params, ref_state = reference(model, tx, xs, ys)
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AUTO,), devices=jax.devices()[:4])
+  data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  step = jax.jit(make_step(model, tx), in_shardings=(rep, rep, data, data), out_shardings=rep)
+  params = init_params(model, xs[0])
+  opt_state = tx.init(params)
+  for x, y in zip(xs, ys):
+    params, opt_state = step(params, opt_state, x, y)
+  assert_trees_close(params, ref_params)
+  assert_trees_close(opt_state, ref_state)
