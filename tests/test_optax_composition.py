@@ -181,6 +181,21 @@ def test_partition_with_prefix_labels_and_a_wrong_statistics_path():
     tx.update(grads, state, params, activation_stats=bad)
 
 
+def test_masked_adaact_ignores_the_statistics_of_masked_parameters():
+  mask = {"Dense_0": True, "Dense_1": False, "Embed_0": False, "LayerNorm_0": False}
+  tx = optax.masked(adaact_optax.adaact(0.1), mask)
+  params = _init()
+  grads, stats = _grads_and_stats(params, _batch(1))
+  updates, state = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activation_stats=a))(
+      grads, tx.init(params), params, stats)
+  _assert_trees_equal(updates["Dense_1"], grads["Dense_1"])  # masked: passed through
+  ref, _ = adaact_optax.adaact(0.1).update(grads, adaact_optax.adaact(0.1).init(params), params,
+                                           activation_stats=stats)
+  jax.tree.map(lambda u, r: np.testing.assert_allclose(u, r, rtol=1e-6),
+               updates["Dense_0"], ref["Dense_0"])
+  assert float(jnp.min(state.inner_state[0].nu["Dense_0"]["kernel"])) > 0
+
+
 def test_apply_if_finite_skips_a_nan_step():
   tx = optax.apply_if_finite(adaact_optax.adaact(0.1), max_consecutive_errors=3)
   params, state = _train(tx, steps=2)
