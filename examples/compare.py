@@ -149,9 +149,12 @@ def table(results: dict, seeds: int) -> str:
   rows = [head, "|" + "---|" * 8]
   for label, r in results.items():
     grid = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc, _ in r["selection"])
+    lrs = [s[0] for s in r["selection"]]
+    # A choice at the end of the grid means the best learning rate may lie beyond it.
+    edge = " (grid edge)" if len(lrs) > 1 and r["lr"] in (min(lrs), max(lrs)) else ""
     hs = r["histories"]
     rows.append(
-        f"| {label} | {grid} | {r['lr']:g} | {_mean_std([s['test_acc'] for s in r['summaries']])} "
+        f"| {label} | {grid} | {r['lr']:g}{edge} | {_mean_std([s['test_acc'] for s in r['summaries']])} "
         f"| {_loss_at(hs, 1)} | {_loss_at(hs, 5)} | {_loss_at(hs)} "
         f"| {np.mean([s['epoch_time'] for s in r['summaries']]):.3f} |")
   return "\n".join(rows)

@@ -256,6 +256,7 @@ def test_compare_chooses_lr_on_validation_and_reports(tmp_path, monkeypatch, cap
   assert report in capsys.readouterr().out
   rows = [line for line in report.splitlines() if " ± " in line]
   assert [row.split(" | ")[0] for row in rows] == ["| run", "| adaact", "| sgd"]
+  assert all("(grid edge)" in row for row in rows[1:])   # a 2-point grid: always an edge
   assert "| adaact | Dense_0 |" in report and "| sgd | Dense_0 |" not in report
   assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "variance.png").stat().st_size
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -284,3 +285,17 @@ def test_variance_summary_reads_v_hat_per_layer():
   _, state = tx.update(params, state, params, activation_stats=stats)
   summary = compare.variance_summary(state, b2=0.5)
   assert summary == {"Dense_0": {"mean": pytest.approx(3.0), "max": pytest.approx(6.0)}}
+
+
+def test_table_marks_a_choice_at_the_grid_edge():
+  history = [{"train_loss": 2.0 - 0.1 * e} for e in range(6)]
+  run = dict(histories=[history, history], summaries=[
+      {"test_acc": 0.9, "epoch_time": 0.5}, {"test_acc": 0.8, "epoch_time": 0.5}])
+  results = {"middle": dict(run, lr=0.1, selection=[(0.03, 0.5, 1.0), (0.1, 0.7, 0.8),
+                                                     (0.3, 0.6, 0.9)]),
+             "top": dict(run, lr=0.3, selection=[(0.03, 0.5, 1.0), (0.1, 0.6, 0.8),
+                                                  (0.3, 0.7, 0.9)])}
+  rows = compare.table(results, 2).splitlines()[2:]
+  assert rows[0] == ("| middle | 0.03: 0.500, 0.1: 0.700, 0.3: 0.600 | 0.1 | 0.8500 ± 0.0707 "
+                     "| 2.0000 | 1.6000 | 1.5000 | 0.500 |")
+  assert "| 0.3 (grid edge) |" in rows[1]
