@@ -168,9 +168,13 @@ def variance_table_and_plot(results: dict, path: pathlib.Path) -> str:
   tracked = {k: r["histories"][0] for k, r in results.items() if "variance" in r["histories"][0][0]}
   if not tracked:
     return ""
-  fig, axes = plt.subplots(1, len(tracked), figsize=(6 * len(tracked), 4), squeeze=False)
+  cols = min(3, len(tracked))
+  rows = -(-len(tracked) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+  for ax in axes.flat[len(tracked):]:
+    ax.set_visible(False)
   lines = ["| run | layer | mean V_hat (final) | max V_hat (final) |", "|---|---|---|---|"]
-  for ax, (label, history) in zip(axes[0], tracked.items()):
+  for ax, (label, history) in zip(axes.flat, tracked.items()):
     epochs = [r["epoch"] for r in history]
     for layer in history[0]["variance"]:
       ax.plot(epochs, [r["variance"][layer]["mean"] for r in history], label=layer)
