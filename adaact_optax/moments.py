@@ -186,15 +186,27 @@ def conv_moments(
   # contraction with a 0/1 matrix (k, n), which folds in padding, strides and
   # dilations without materialising a padded S. The batch is summed last, so a
   # batch sharded over devices is all-reduced only as the (..., k, C) result.
-  sums = s
-  for n, k, st, di, dk, (lo, _), p in zip(in_shape, kernel_size, strides, input_dilation,
-                                           kernel_dilation, pads, out_shape):
+  sums = s                                                  # (B, *spatial, C)
+  for axis, (n, k, st, di, dk, (lo, _), p) in enumerate(zip(
+      in_shape, kernel_size, strides, input_dilation, kernel_dilation, pads, out_shape)):
     m = jnp.asarray(_window_matrix(n, k, st, di, dk, lo, p))
-    # (B, n, ..., C, k...) x (k, n) -> (B, ..., C, k..., k): the next spatial axis is axis 1.
-    sums = lax.dot_general(sums, m, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
-  sums = jnp.sum(sums, axis=0)                              # (C, *kernel_size)
+    lead, rest = sums.shape[:axis + 1], sums.shape[axis + 2:]
+    if math.prod(rest) >= k:
+      # A batched matmul over the leading (B, k...) axes, (k, n) @ (n, rest): x's
+      # layout is kept, no batch-sized transpose (in a model on CPU, contracting
+      # axis 1 in place cost ~0.4x ResNet-20's forward pass). The broadcast m is
+      # no larger than the data.
+      out = lax.dot_general(jnp.broadcast_to(m, (math.prod(lead),) + m.shape),
+                            sums.reshape(math.prod(lead), n, math.prod(rest)),
+                            (((2,), (1,)), ((0,), (0,))), precision=lax.Precision.HIGHEST)
+      sums = out.reshape(lead + (k,) + rest)               # (B, k..., k, ..., C)
+    else:  # fewer trailing elements than taps (e.g. 1-D, few channels): in place
+      out = lax.dot_general(sums, m, (((axis + 1,), (1,)), ((), ())),
+                            precision=lax.Precision.HIGHEST)
+      sums = jnp.moveaxis(out, -1, axis + 1)
+  sums = jnp.sum(sums, axis=0)                              # (*kernel_size, C)
   rows = batch * math.prod(out_shape)
-  return InputMoments(jnp.moveaxis(sums, 0, -1) / rows, rows)
+  return InputMoments(sums / rows, rows)
 
 
 def constant_moments(rows: int = 1) -> InputMoments:
