@@ -1,0 +1,1 @@
+"""Example models, datasets, training and comparison programs for adaact-optax."""

@@ -201,6 +201,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if cfg.steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
   augment = cfg.augment if cfg.augment is not None else ds.name == "cifar10"
+  if augment and len(ds.input_shape) != 3:
+    raise ValueError(f"--augment crops and flips images (H, W, C); {ds.name} inputs have "
+                     f"shape {ds.input_shape}")
   shape_only = dataclasses.replace(cfg, seed=0, lr=None, data_dir=None, metrics=None, plot=None,
                                    progress=False, steps_per_epoch=None, augment=None)
   spec = dict(config=dataclasses.asdict(shape_only), num_classes=ds.num_classes,

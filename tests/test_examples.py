@@ -299,3 +299,11 @@ def test_table_marks_a_choice_at_the_grid_edge():
   assert rows[0] == ("| middle | 0.03: 0.500, 0.1: 0.700, 0.3: 0.600 | 0.1 | 0.8500 ± 0.0707 "
                      "| 2.0000 | 1.6000 | 1.5000 | 0.500 |")
   assert "| 0.3 (grid edge) |" in rows[1]
+
+
+def test_augmentation_needs_images():
+  x = np.zeros((4, 40, 1), np.float32)
+  y = np.zeros(4, np.int32)
+  ds = data_lib.Dataset(x, y, x, y, 10, "mnist1d")
+  with pytest.raises(ValueError, match=r"--augment .* shape \(40, 1\)"):
+    train.run(train.Config(augment=True, progress=False), ds)
