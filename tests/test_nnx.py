@@ -1,8 +1,6 @@
 """The Flax NNX adapter: statistics like Linen's, paths like nnx.state, parity, training."""
 
 import json
-import pathlib
-import re
 
 import flax.linen as nn
 import jax
@@ -17,6 +15,7 @@ from adaact_optax import linen as aa_linen
 from adaact_optax import moments
 from adaact_optax import nnx as aa_nnx
 from test_parity import _close, _tree  # the Linen parity test's fixture helpers
+from conftest import readme_snippets
 
 
 def _flat(tree):
@@ -279,10 +278,9 @@ def test_stats_shapes_for_grouped_convs_and_training_step():
                              rtol=1e-4)  # float32 EMA rounding
 
 
-# --- the README sections (docs/nnx.md) run as written -----------------------
+# --- the README sections (NNX, Embeddings, Diagnostics) run as written ------
 
-_DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "nnx.md"
-_SNIPPETS = re.findall(r"```python\n(.*?)```", _DOCS.read_text(), re.S)
+_SNIPPETS = readme_snippets("Flax NNX", "Embeddings", "Diagnostics")
 
 
 def test_docs_have_the_snippets():
@@ -291,7 +289,7 @@ def test_docs_have_the_snippets():
 
 @pytest.mark.parametrize("index", range(len(_SNIPPETS)))
 def test_docs_snippet_runs(index):
-  exec(compile(_SNIPPETS[index], f"docs/nnx.md snippet {index}", "exec"), {"__name__": "snippet"})
+  exec(compile(_SNIPPETS[index], f"README.md NNX snippet {index}", "exec"), {"__name__": "snippet"})
 
 
 def test_layer_moments_for_one_layer():

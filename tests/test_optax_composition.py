@@ -2,8 +2,6 @@
 partition, apply_if_finite. The statistics must reach the AdaAct transform
 through every wrapper, and the wrappers must change nothing else."""
 
-import pathlib
-import re
 import tempfile
 
 import flax.linen as nn
@@ -15,6 +13,7 @@ import pytest
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
+from conftest import readme_snippets
 
 
 class TokenMLP(nn.Module):
@@ -215,11 +214,10 @@ def test_apply_if_finite_skips_a_nan_step():
 
 
 def test_ecosystem_docs_run_as_written(tmp_path, monkeypatch):
-  # docs/ecosystem.md (README sections): its snippets continue one another.
-  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md").read_text()
-  snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+  # The README's "Optax and Flax idioms" section: its snippets continue one another.
+  snippets = readme_snippets("Optax and Flax idioms")
   assert len(snippets) >= 8
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the checkpoints go to tmp_path
   namespace = {"__name__": "snippet"}
   for i, snippet in enumerate(snippets):
-    exec(compile(snippet, f"docs/ecosystem.md snippet {i}", "exec"), namespace)
+    exec(compile(snippet, f"README.md idioms snippet {i}", "exec"), namespace)
