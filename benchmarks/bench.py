@@ -362,7 +362,10 @@ def main(argv=None):
   import optax  # pylint: disable=import-outside-toplevel
   # CPU backends may decline a donation; that is the same for every optimizer.
   warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-  device = jax.devices()[0]
+  try:
+    device = jax.devices()[0]
+  except Exception as e:  # pylint: disable=broad-except  # e.g. --device gpu, CPU-only jaxlib
+    raise SystemExit(f"--device {args.device}: JAX found no such device ({e})") from e
   results = {"meta": {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
