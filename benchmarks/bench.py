@@ -203,7 +203,7 @@ def _timer(fn, state, calls):
 
 def _calls_for(fn, state, min_time):
   """How many chained calls make one sample last ``min_time`` (at least one)."""
-  _, state = _timer(fn, state, 1)  # compiles
+  _, state = _timer(fn, state, 1)  # warm-up (and compiles the jitted forwards)
   per_call, state = _timer(fn, state, 1)
   return max(1, math.ceil(min_time / max(per_call, 1e-7))), state
 
@@ -212,8 +212,8 @@ def interleaved(fns, states, reps, min_time):
   """Times every ``fns[k]`` round-robin, ``reps`` rounds; returns samples (s/call) per key.
 
   Each fn maps its state to its next state (donated buffers are chained).
-  Calls per sample are set once, from the fastest fn, so each sample of each
-  key has the same number of calls.
+  Calls per sample are set once and are the same for every key: enough for
+  the slowest fn's sample to last ``min_time`` (faster ones last less).
   """
   calls = {}
   for k in fns:  # compile and warm up
