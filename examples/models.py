@@ -181,7 +181,7 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int], **kwargs:
   builders: dict[str, Callable[..., nn.Module]] = {
       "mlp": MLP,
       "cnn": CNN,
-      "resnet20": lambda **kw: ResNet(blocks=3, **kw),
+      "resnet20": lambda **kw: ResNet(**{"blocks": 3, **kw}),
       "vit_tiny": lambda **kw: ViT(**{"patch": _default_patch(input_shape), **kw}),
   }
   if name not in builders:
