@@ -155,12 +155,10 @@ def scale_by_adaact(
         u = m_new * (1 / bc1)
       else:
         v = b2_ * v + (1 - b2_) * a
-        # 1/bc1 folded into the small per-input-feature scale: one multiply per
-        # weight, no per-weight divide (measurable on CPUs; the update is
-        # otherwise bandwidth-bound).
-        # One reciprocal, not a product of two: XLA:CPU then compiles the
-        # update identically with constant hyperparameters and with
-        # inject_hyperparams' array ones (FMA contraction), bit for bit.
+        # 1/bc1 is folded into the small per-input-feature scale, so each weight
+        # costs one multiply and no divide; as one reciprocal (not a product of
+        # two) XLA:CPU compiles it identically with constant and with
+        # inject_hyperparams' array hyperparameters, bit for bit.
         scale = step_scale(v / bc2, power, eps_, bc1)
         u = matching.apply_scale(m_new, scale, matching.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
