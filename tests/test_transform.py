@@ -207,3 +207,17 @@ def test_nan_statistics_are_not_hidden():
   updates, state = tx.update(params, tx.init(params), activation_stats={"w": jnp.array([jnp.nan, 1.0])})
   assert np.isnan(updates["w"][0]).all() and np.isfinite(updates["w"][1]).all()
   assert np.isnan(state.nu["w"][0])
+
+
+def test_weight_decay_mask_and_schedule():
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  stats = {"w": jnp.ones((2,)), "b": jnp.ones(())}
+  schedule = optax.linear_schedule(0.1, 0.0, 2)
+  tx = adaact_optax.adaact(schedule, weight_decay=0.5, mask={"w": True, "b": False})
+  state = tx.init(params)
+  for lr in (0.1, 0.05):
+    # Zero gradients: only the decoupled weight decay moves the (masked) parameters.
+    updates, state = tx.update(zeros, state, params, activation_stats=stats)
+    np.testing.assert_allclose(updates["w"], -lr * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(updates["b"], 0.0)
