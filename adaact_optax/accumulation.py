@@ -72,8 +72,7 @@ class MultiSteps(optax.MultiSteps):
     self._stats_shapes = stats_shapes
 
   def init(self, params: optax.Params) -> MultiStepsState:
-    shapes = matching.moment_shapes(params, self._stats_shapes)
-    acc_stats = jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
+    acc_stats = matching.moment_zeros(params, self._stats_shapes)
     return MultiStepsState(*super().init(params), acc_stats=acc_stats)
 
   def update(self, updates, state: MultiStepsState, params=None, *,

@@ -91,6 +91,12 @@ def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
   return tree_util.tree_map_with_path(shape_for, params)
 
 
+def moment_zeros(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
+  """float32 zeros of ``moment_shapes(params, stats_shapes)``: a fresh second-moment tree."""
+  shapes = moment_shapes(params, stats_shapes)
+  return jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
+
+
 def broadcast_plan(moment_shape, param_shape, name: str) -> str:
   """How a per-input-feature array reaches its parameter: 'prefix' or 'grouped'.
 

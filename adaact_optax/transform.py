@@ -129,8 +129,7 @@ def scale_by_adaact(
 
   def init_fn(params):
     mu = otu.tree_zeros_like(params, dtype=mu_dtype)
-    shapes = matching.moment_shapes(params, stats_shapes)
-    nu = jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
+    nu = matching.moment_zeros(params, stats_shapes)
     return ScaleByAdaActState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
