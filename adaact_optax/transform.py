@@ -49,7 +49,11 @@ def _validate(b1, b2, eps, power, unmatched):
   _check("eps", eps, lambda v: v >= 0, ">= 0")
   _check("power", power, lambda v: v > 0, "> 0")
   if unmatched not in _UNMATCHED:
-    raise ValueError(f"unmatched must be one of {_UNMATCHED}, got {unmatched!r}")
+    hint = (" (an optax transformation is accepted by adaact(), not scale_by_adaact: "
+            "wrap scale_by_adaact in optax.partition instead)"
+            if isinstance(unmatched, optax.GradientTransformation) else "")
+    raise ValueError(f"unmatched must be one of {_UNMATCHED} or, for adaact(), an optax "
+                     f"transformation; got {unmatched!r}{hint}")
 
 
 def _missing_stats_error():
@@ -193,6 +197,47 @@ def scale_by_adaact(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _unmatched_needs_stats_shapes():
+  return ValueError(
+      "adaact(unmatched=<an optax transformation>) needs stats_shapes=: which parameters "
+      "have statistics must be known at init, so the transformation's state covers only the "
+      "others. Pass the layout the capture reports, e.g. stats_shapes="
+      "adaact_optax.linen.stats_shapes(model, variables, x) (or adaact_optax.nnx."
+      "stats_shapes(model, x)); or use a string unmatched='sgd'/'momentum'.")
+
+
+def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
+  """``optax.partition`` of ``adaact_tx`` (parameters with statistics) and ``other``."""
+  labels = lambda params: jax.tree.map(
+      lambda has: "adaact" if has else "unmatched",
+      matching.with_statistics(params, stats_shapes))
+  tx = optax.partition({"adaact": adaact_tx, "unmatched": other}, labels)
+
+  def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
+    if activation_stats is None:
+      raise _missing_stats_error()
+    # The split was fixed at init from stats_shapes; statistics that disagree
+    # with it would be dropped (or missed) silently, so they are an error.
+    owned = set(matching.param_names(updates))
+    expected = {n for n, has in zip(matching.param_names(updates),
+                                    jax.tree.leaves(matching.with_statistics(updates,
+                                                                             stats_shapes)))
+                if has}
+    given = {n for n, leaf in matching.stats_leaves(activation_stats).items()
+             if n in owned and not matching.is_uncaptured(leaf)}
+    if given != expected:
+      raise ValueError(
+          "adaact(unmatched=<an optax transformation>): activation_stats and the "
+          "stats_shapes the optimizer was built with disagree: statistics at "
+          f"{sorted(given - expected)} but stats_shapes has none there, none at "
+          f"{sorted(expected - given)} where stats_shapes has them. Build the optimizer "
+          "with the stats_shapes of the model and inputs you train (the capture's "
+          "stats_shapes function).")
+    return tx.update(updates, state, params, activation_stats=activation_stats, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def adaact(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -203,7 +248,7 @@ def adaact(
     power: float = 0.5,
     mask: Any | None = None,
     mu_dtype: Any | None = None,
-    unmatched: str = "sgd",
+    unmatched: str | optax.GradientTransformation = "sgd",
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -213,9 +258,33 @@ def adaact(
   as in ``optax.adamw``) and the learning rate (a float or an optax
   schedule). The paper's defaults: lr 0.1, b1 0.9, b2 0.999, eps 1e-8,
   weight decay 2e-3. Works inside ``optax.inject_hyperparams``.
+
+  ``unmatched`` may also be a complete optax optimizer for the parameters
+  without statistics (norm scales, embeddings, ...), applied as given with
+  its own learning rate, schedule and weight decay; ``learning_rate`` and
+  ``weight_decay`` then apply to the parameters with statistics only. The
+  split is fixed at ``init`` from ``stats_shapes`` (required then: the
+  parameters with a non-marker entry have statistics), and the
+  transformation's state covers the other parameters only. It is
+  ``optax.partition({'adaact': adaact(...), 'unmatched': tx}, labels)``::
+
+    tx = adaact_optax.adaact(1.0, unmatched=optax.adamw(3e-3, weight_decay=0.1),
+                             stats_shapes=adaact_optax.linen.stats_shapes(model, variables, x))
+
   See ``scale_by_adaact`` for the other arguments.
+
+  Raises:
+    ValueError: a hyperparameter out of range; ``unmatched`` a transformation
+      without ``stats_shapes``.
   """
   _check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+  if isinstance(unmatched, optax.GradientTransformation):
+    if stats_shapes is None:
+      raise _unmatched_needs_stats_shapes()
+    inner = adaact(learning_rate, b1, b2, eps, weight_decay, power=power, mask=mask,
+                   mu_dtype=mu_dtype, unmatched="sgd", stats_shapes=stats_shapes,
+                   axis_name=axis_name)
+    return _with_unmatched_optimizer(inner, unmatched, stats_shapes)
   return optax.chain(
       scale_by_adaact(b1, b2, eps, power, mu_dtype=mu_dtype, unmatched=unmatched,
                       stats_shapes=stats_shapes, axis_name=axis_name),

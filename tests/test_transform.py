@@ -335,3 +335,79 @@ def test_unmatched_error_names_the_uncaptured_paths_and_the_fixes():
   with pytest.raises(ValueError, match=r"quant/kernel.*unmatched='momentum'"):
     adaact_optax.adaact(0.1, unmatched="error",
                         stats_shapes={"quant": {"kernel": (0,)}}).init(params)
+
+
+# --- unmatched=<an optax transformation> (issue 13) --------------------------
+
+def gain_mlp_loss_and_stats(params, x, y):
+  """A per-feature gain (no statistics) in front of the MLP."""
+  loss, stats = mlp_loss_and_stats(params["mlp"], x * params["gain"], y)
+  return loss, {"mlp": stats}
+
+
+def _gain_params():
+  return {"gain": jnp.linspace(0.5, 1.5, 6), "mlp": mlp_params(jax.random.key(5))}
+
+
+def _gain_stats_shapes(params):
+  x, y = _batches(1)[0]
+  return jax.eval_shape(lambda p: gain_mlp_loss_and_stats(p, x, y)[1], params)
+
+
+def _run(tx, params, steps=3):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, x, y):
+    (_, stats), grads = jax.value_and_grad(gain_mlp_loss_and_stats, has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  for x, y in _batches(steps):
+    params, state = step(params, state, x, y)
+  return params, state
+
+
+def test_unmatched_optimizer_equals_the_hand_built_partition():
+  params = _gain_params()
+  shapes = _gain_stats_shapes(params)
+  tx = adaact_optax.adaact(0.3, weight_decay=0.01, stats_shapes=shapes,
+                           unmatched=optax.adamw(3e-3, weight_decay=0.1))
+  labels = {"gain": "other", "mlp": jax.tree.map(lambda _: "adaact", params["mlp"])}
+  by_hand = optax.partition({"adaact": adaact_optax.adaact(0.3, weight_decay=0.01),
+                             "other": optax.adamw(3e-3, weight_decay=0.1)}, labels)
+  got, state = _run(tx, params)
+  want, _ = _run(by_hand, params)
+  chex.assert_trees_all_equal(got, want)
+  # The gain moved as AdamW moves it (its own lr and decay), not by AdaAct's lr 0.3.
+  assert 0 < float(jnp.abs(got["gain"] - params["gain"]).max()) < 3 * 3e-3 + 1e-6
+  # AdamW's state has moments for the gain only, none for the matrices.
+  adam_state = state.inner_states["unmatched"].inner_state
+  mus = [s.mu for s in jax.tree.leaves(adam_state, is_leaf=lambda s: hasattr(s, "mu"))
+         if hasattr(s, "mu")]
+  assert len(mus) == 1 and [jnp.shape(m) for m in jax.tree.leaves(mus[0])] == [(6,)]
+  adaact_nu = state.inner_states["adaact"].inner_state[0].nu
+  assert not jax.tree.leaves(adaact_nu["gain"]) and len(jax.tree.leaves(adaact_nu["mlp"])) == 4
+
+
+def test_unmatched_optimizer_needs_stats_shapes_and_consistent_statistics():
+  with pytest.raises(ValueError, match="stats_shapes=.*stats_shapes\\(model"):
+    adaact_optax.adaact(0.1, unmatched=optax.adam(1e-3))
+  with pytest.raises(ValueError, match="scale_by_adaact.*optax.partition"):
+    adaact_optax.scale_by_adaact(unmatched=optax.adam(1e-3))
+  params = _gain_params()
+  shapes = _gain_stats_shapes(params)
+  del shapes["mlp"]["layer1"]["w"]  # stale: layer1/w has statistics at update time
+  tx = adaact_optax.adaact(0.1, unmatched=optax.adam(1e-3), stats_shapes=shapes)
+  with pytest.raises(ValueError, match=r"statistics at \['mlp/layer1/w'\] but stats_shapes"):
+    _run(tx, params, steps=1)
+
+
+def test_unmatched_strings_keep_their_meaning_with_stats_shapes():
+  # stats_shapes only sizes the state with the strings: the updates are unchanged.
+  params = _gain_params()
+  for mode in ("sgd", "momentum"):
+    got, _ = _run(adaact_optax.adaact(0.1, unmatched=mode,
+                                      stats_shapes=_gain_stats_shapes(params)), params)
+    want, _ = _run(adaact_optax.adaact(0.1, unmatched=mode), params)
+    chex.assert_trees_all_equal(got, want)
