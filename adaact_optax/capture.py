@@ -1087,6 +1087,17 @@ def _is_dynamic(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+_version_warned = []
+
+
+def _check_version():
+  if not jc.is_tested_version() and not _version_warned:
+    _version_warned.append(True)
+    warnings.warn(f"adaact_optax.capture was tested on jax {jc.TESTED_JAX[0]}..{jc.TESTED_JAX[1]}, "
+                  f"not {jax.__version__}: run tests/test_jax_compat.py to check the internals "
+                  "it reads", stacklevel=3)
+
+
 def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = None, *,
                  embeddings: bool | float = False, row_mask=None):
   """Runs ``fun(params, *args, **kwargs)`` and captures AdaAct's statistics.
@@ -1101,6 +1112,7 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
     statistic, the ``(0,)``-shaped uncaptured marker, or ``None``; and a
     ``CoverageReport``.
   """
+  _check_version()
   kwargs = kwargs or {}
   floor = _embedding_floor(embeddings)
   flat, treedef = tree_util.tree_flatten_with_path(params)
