@@ -154,7 +154,8 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, **kwargs):
 
   Args:
     model: an NNX module (or anything whose Params ``nnx.state`` finds).
-    *args, **kwargs: the model's arguments.
+    *args: the model's positional arguments.
+    **kwargs: the model's keyword arguments.
     embeddings: ``nnx.Embed`` tables are unmatched by default; ``True``
       gives them token-frequency statistics with the floor
       ``moments.EMBEDDING_FLOOR``, a float sets the floor (see
