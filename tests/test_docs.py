@@ -9,6 +9,7 @@
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 import re
 import subprocess
@@ -65,3 +66,28 @@ def test_sphinx_build_has_no_warnings(tmp_path):
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
   assert (tmp_path / "html" / "api.html").exists()
+
+
+_AUTODOC = re.compile(r"^\.\. auto(?:function|class|data|module):: ([\w.]+)", re.M)
+
+
+def public_names(module) -> set[str]:
+  """A module's public API: ``__all__`` if it has one, else the functions, classes and
+  UPPERCASE constants it defines whose names do not start with an underscore."""
+  if hasattr(module, "__all__"):
+    return set(module.__all__)
+  return {name for name, obj in vars(module).items()
+          if not name.startswith("_")
+          and (getattr(obj, "__module__", None) == module.__name__ or name.isupper())}
+
+
+def test_api_reference_lists_exactly_the_public_names():
+  documented = set(_AUTODOC.findall((ROOT / "docs" / "api.md").read_text()))
+  expected = {f"adaact_optax.{name}" for name in adaact_optax.__all__}
+  for name in adaact_optax.__all__:
+    obj = getattr(adaact_optax, name)
+    if inspect.ismodule(obj):
+      expected |= {f"{obj.__name__}.{member}" for member in public_names(obj)}
+  assert documented == expected, (
+      f"missing from docs/api.md: {sorted(expected - documented)}; "
+      f"documented but not public: {sorted(documented - expected)}")
