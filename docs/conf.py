@@ -41,6 +41,14 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 autodoc_default_options = {"members": False, "show-inheritance": False}
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
+# Keep Optax's and JAX's alias names instead of their expanded unions.
+autodoc_type_aliases = {
+    name: name for name in (
+        "PyTree", "Padding", "optax.ScalarOrSchedule", "optax.Params", "optax.Updates",
+        "optax.OptState", "jax.typing.ArrayLike", "jax.typing.DTypeLike", "ArrayLike",
+        "DTypeLike")
+}
 autodoc_member_order = "bysource"
 # Type hints name JAX/Optax/Flax types that this offline build cannot cross-reference.
 nitpicky = False
