@@ -173,13 +173,42 @@ def conv_moments(
   else:
     pads = _pairs(padding, rank)
 
+  sums, rows = conv_window_sums(s, kernel_size, strides, pads, input_dilation, kernel_dilation)
+  return InputMoments(sums / rows, rows)
+
+
+def conv_window_sums(
+    s: jax.Array,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    input_dilation: Sequence[int],
+    kernel_dilation: Sequence[int],
+) -> tuple[jax.Array, int]:
+  """Sums of the squared patch elements of a convolution, without patches.
+
+  Args:
+    s: squared input, float32, shape ``(B, *spatial, C)``.
+    kernel_size, strides, input_dilation, kernel_dilation: one int per
+      spatial axis, as ``lax.conv_general_dilated``'s ``rhs`` spatial shape,
+      ``window_strides``, ``lhs_dilation`` and ``rhs_dilation``.
+    pads: one ``(low, high)`` pair per spatial axis (applied after input
+      dilation, as in ``lax.conv_general_dilated``).
+
+  Returns:
+    ``(sums, rows)``: ``sums`` of shape ``(*kernel_size, C)`` holds, for each
+    patch element, the sum of its squares over every (example, output
+    position); ``rows`` = B x number of output positions (a Python int).
+  """
+  kernel_size = tuple(kernel_size)
   in_shape = s.shape[1:-1]
+  dilated_kernel = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation))
   effective = [(n - 1) * d + 1 + lo + hi
                for n, d, (lo, hi) in zip(in_shape, input_dilation, pads)]
   out_shape = tuple((e - k) // st + 1 for e, k, st in zip(effective, dilated_kernel, strides))
   if any(p <= 0 for p in out_shape):
-    raise ValueError(f"conv input of shape {x.shape} with kernel {kernel_size}, "
-                     f"strides {strides} and padding {padding!r} has no output")
+    raise ValueError(f"conv input of shape {s.shape} with kernel {kernel_size}, "
+                     f"strides {tuple(strides)} and padding {tuple(pads)} has no output")
 
   # Window sums: result[o, c] = sum_{b,p} S[b, i, c] over the input rows i that
   # output position p reads at kernel offset o. Per spatial axis that is a
@@ -205,8 +234,30 @@ def conv_moments(
                             precision=lax.Precision.HIGHEST)
       sums = jnp.moveaxis(out, -1, axis + 1)
   sums = jnp.sum(sums, axis=0)                              # (*kernel_size, C)
-  rows = batch * math.prod(out_shape)
-  return InputMoments(sums / rows, rows)
+  return sums, s.shape[0] * math.prod(out_shape)
+
+
+def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int],
+                  param_shape: Sequence[int]) -> InputMoments:
+  """Second moment of ``x`` laid over a parameter's axes (the keep-rank layout).
+
+  For a weight whose input axes ``param_axes`` multiply ``x``'s axes
+  ``x_axes`` (in that order): the mean of ``x**2`` over every other axis of
+  ``x`` (the rows), shaped like the parameter with size 1 on its other axes.
+  A Dense kernel ``(in, out)`` fed ``x[..., in]`` is ``x_axes=(-1,)``,
+  ``param_axes=(0,)`` -> shape ``(in, 1)``.
+  """
+  x_axes = tuple(a % x.ndim for a in x_axes)
+  param_axes = tuple(a % len(param_shape) for a in param_axes)
+  if len(x_axes) != len(param_axes) or any(
+      x.shape[a] != param_shape[p] for a, p in zip(x_axes, param_axes)):
+    raise ValueError(f"input axes {x_axes} of shape {tuple(x.shape[a] for a in x_axes)} do not "
+                     f"match the parameter's axes {param_axes} of its shape {tuple(param_shape)}")
+  m = dense_moments(x, x_axes)                      # (x_axes sizes, in x_axes order)
+  order = sorted(range(len(param_axes)), key=lambda i: param_axes[i])
+  mean = jnp.transpose(m.mean, order)
+  shape = [param_shape[p] if p in param_axes else 1 for p in range(len(param_shape))]
+  return InputMoments(mean.reshape(shape), m.rows)
 
 
 def constant_moments(rows: int = 1) -> InputMoments:
