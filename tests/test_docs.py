@@ -68,7 +68,7 @@ def test_sphinx_build_has_no_warnings(tmp_path):
   assert (tmp_path / "html" / "api.html").exists()
 
 
-_AUTODOC = re.compile(r"^\.\. auto(?:function|class|data|module):: ([\w.]+)", re.M)
+_AUTODOC = re.compile(r"^\.\. auto(?:function|class|exception|data|module):: ([\w.]+)", re.M)
 
 
 def public_names(module) -> set[str]:
@@ -81,22 +81,39 @@ def public_names(module) -> set[str]:
           and (getattr(obj, "__module__", None) == module.__name__ or name.isupper())}
 
 
+# Helpers that issue 15's public-surface tidy makes private (or moves to an internal module):
+# not documented as API. Remove a name here when it gets its underscore.
+TO_BE_PRIVATE = {
+    "adaact_optax.capture.CONST", "adaact_optax.capture.DATA", "adaact_optax.capture.Factor",
+    "adaact_optax.capture.Opaque", "adaact_optax.capture.Piece", "adaact_optax.capture.View",
+    "adaact_optax.capture.warn_uncaptured",
+    "adaact_optax.linen.conv_layer_moments", "adaact_optax.linen.embedding_floor",
+    "adaact_optax.linen.with_bias",
+    "adaact_optax.matching.align", "adaact_optax.matching.apply_scale",
+    "adaact_optax.matching.broadcast_plan", "adaact_optax.matching.default_moment_shape",
+    "adaact_optax.matching.moment_shapes", "adaact_optax.matching.moment_zeros",
+    "adaact_optax.matching.path_name",
+}
+
+
+def api_names() -> set[str]:
+  """``adaact_optax.__all__`` and the public names of the modules it exports; a module
+  member that the package also exports at the top level counts as the top-level name."""
+  names = {f"adaact_optax.{name}" for name in adaact_optax.__all__}
+  exported = {id(getattr(adaact_optax, name)) for name in adaact_optax.__all__}
+  for name in adaact_optax.__all__:
+    module = getattr(adaact_optax, name)
+    if inspect.ismodule(module):
+      names |= {f"{module.__name__}.{member}" for member in public_names(module)
+                if id(getattr(module, member)) not in exported}
+  return names
+
+
 def test_api_reference_lists_exactly_the_public_names():
   documented = set(_AUTODOC.findall((ROOT / "docs" / "api.md").read_text()))
-  expected = {f"adaact_optax.{name}" for name in adaact_optax.__all__}
-  for name in adaact_optax.__all__:
-    obj = getattr(adaact_optax, name)
-    if inspect.ismodule(obj):
-      expected |= {f"{obj.__name__}.{member}" for member in public_names(obj)}
+  public = api_names()
+  assert TO_BE_PRIVATE <= public, f"already private, drop from TO_BE_PRIVATE: {TO_BE_PRIVATE - public}"
+  expected = public - TO_BE_PRIVATE
   assert documented == expected, (
       f"missing from docs/api.md: {sorted(expected - documented)}; "
       f"documented but not public: {sorted(documented - expected)}")
-
-
-def test_readme_is_short_and_free_of_lab_notes():
-  text = (ROOT / "README.md").read_text()
-  assert len(text.splitlines()) <= 200
-  assert "/tmp/" not in text                                   # no temporary paths
-  assert not re.search(r"`[0-9a-f]{7,40}`", text)              # no commit hashes
-  assert not re.search(r"\b\d+(\.\d+)? ?(ms|s)\b", text.split("## Citation")[0]), \
-      "timings go stale: put them in docs/benchmarks.md"
