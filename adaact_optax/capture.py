@@ -1084,7 +1084,7 @@ def _embedding_floor(embeddings) -> float | None:
 
 
 def _is_dynamic(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 _version_warned = []
@@ -1209,12 +1209,18 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
 
 def _abstract_capture(fun, params, args, kwargs, embeddings):
   box = {}
+  leaves, treedef = tree_util.tree_flatten((args, kwargs))
+  dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
 
-  def run(p):
-    _, stats, report = capture_call(fun, p, args, kwargs, embeddings=embeddings)
+  def run(p, d):
+    full = list(leaves)
+    for i, x in zip(dyn, d):
+      full[i] = x
+    a, kw = tree_util.tree_unflatten(treedef, full)
+    _, stats, report = capture_call(fun, p, a, kw, embeddings=embeddings)
     box["report"] = report
     return stats
-  stats = jax.eval_shape(run, params)
+  stats = jax.eval_shape(run, params, [leaves[i] for i in dyn])
   return stats, box["report"]
 
 
