@@ -330,7 +330,8 @@ def check_stats_shapes(case: Case):
   _, _, stats, _ = run_engine(case.fun, case.params, case.args, embeddings=case.embeddings)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    shapes = by_path(adaact_optax.stats_shapes(case.fun, case.params, *case.args))
+    shapes = by_path(adaact_optax.stats_shapes(case.fun, case.params, *case.args,
+                                               embeddings=case.embeddings))
   for name, stat in by_path(stats).items():
     if stat is None:
       assert shapes.get(name) is None, name

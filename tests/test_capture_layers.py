@@ -7,6 +7,7 @@ by rebuilding the layer's output from those inputs; ``test_engine_*`` compare
 """
 
 import functools
+import re
 import warnings
 
 import flax.linen as nn
@@ -516,8 +517,9 @@ def _warned_paths(records):
 
 
 def _one_warning_naming(records, path, *ops):
-  msgs = [m for m in _warned_paths(records) if f"'{path}'" in m or f" {path}" in m
-          or m.startswith(path)]
+  """Exactly one warning names ``path`` (quoted), and it names one of ``ops``."""
+  named = re.compile(r"[`'\"]" + re.escape(path) + r"[`'\"]")
+  msgs = [m for m in _warned_paths(records) if named.search(m)]
   assert len(msgs) == 1, (path, _warned_paths(records))
   assert any(op in msgs[0] for op in ops), (path, ops, msgs[0])
   return msgs[0]
@@ -585,8 +587,7 @@ def test_shard_map_weight_is_captured_or_reported():
   (equal to brute force over the whole batch), or the marker and a warning naming
   shard_map."""
   from jax.sharding import PartitionSpec as P
-  mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,),
-                       devices=jax.devices()[:2])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("d",))
   x = normal(1, 6, 4)
   p = {"w": normal(2, 4, 3)}
   inner = jax.shard_map(lambda w, x: jnp.tanh(x @ w), mesh=mesh, in_specs=(P(), P("d")),
