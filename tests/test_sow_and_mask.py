@@ -307,3 +307,24 @@ def test_interception_capture_warns_for_einsum():
   assert messages == []
   np.testing.assert_allclose(mutated[COLLECTION]["Einsum_0"]["kernel"], np.mean(X ** 2, 0)[:, None],
                              rtol=1e-5)
+
+
+def test_row_mask_applies_to_sown_statistics():
+  # A sown layer's input carries the (B, T) axes too: its padded rows must not count either.
+  class SeqQuant(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return QuantDense(3)(x)
+
+  variables = SeqQuant().init(jax.random.key(7), SEQ)
+  _, mutated = aa_linen.apply(SeqQuant(), variables, SEQ, row_mask=MASK)
+  kernel = np.asarray(variables["params"]["QuantDense_0"]["kernel"])
+  stats = mutated[COLLECTION]["QuantDense_0"]
+  np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
+  np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ kernel, MASK), rtol=1e-5)
+
+  quant = NNXQuantDense(D, 3, nnx.Rngs(0))
+  _, stats = aa_nnx.apply(quant, SEQ, row_mask=jnp.asarray(MASK, bool))
+  np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
+  np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ np.asarray(quant.kernel[...]), MASK),
+                             rtol=1e-5)
