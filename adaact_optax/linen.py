@@ -35,6 +35,8 @@ COLLECTION = "adaact_stats"
 # applied several times averages over all its rows. Row counts are static.
 _rows_seen: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "adaact_rows_seen", default=None)
+# apply()'s row_mask while it runs, for sow_input.
+_row_mask: contextvars.ContextVar[Any] = contextvars.ContextVar("adaact_row_mask", default=None)
 # The token-frequency floor while nn.Embed is captured, None while it is not.
 _embedding_floor: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "adaact_embedding_floor", default=None)
@@ -226,9 +228,11 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
 
   def fun(p, rest, *args, **kwargs):
     token = _rows_seen.set({})  # for sow_input's pooling of repeated calls
+    mask_token = _row_mask.set(row_mask)
     try:
       return model.apply({"params": p, **rest}, *args, mutable=mut, **kwargs)
     finally:
+      _row_mask.reset(mask_token)
       _rows_seen.reset(token)
 
   (out, mutated), leaves, report = _capture.capture_call(
@@ -263,7 +267,8 @@ def sow_input(module: nn.Module, name: str, x: jax.Array, *, x_axes=(-1,), param
   kernel dequantised before use, a weight computed by arithmetic): call it in
   the layer's ``__call__`` with the activation the weight multiplies. The
   statistic (mean of ``x**2`` over every axis but ``x_axes``, laid over the
-  parameter's ``param_axes``; repeated calls pool their rows) goes into
+  parameter's ``param_axes``; repeated calls pool their rows; ``apply``'s
+  ``row_mask`` weights the rows when ``x`` carries its leading axes) goes into
   ``COLLECTION`` at the parameter's path, and ``apply`` then uses it instead
   of warning. Does nothing unless ``COLLECTION`` is mutable (outside
   ``apply``/``capture``) or while initialising.
@@ -279,4 +284,5 @@ def sow_input(module: nn.Module, name: str, x: jax.Array, *, x_axes=(-1,), param
   if seen is None or module.is_initializing() or not module.is_mutable_collection(COLLECTION):
     return
   shape = module.get_variable("params", name).shape
-  _record(module, name, moments.input_moments(x, x_axes, param_axes, shape), seen)
+  _record(module, name, moments.input_moments(x, x_axes, param_axes, shape, _row_mask.get()),
+          seen)

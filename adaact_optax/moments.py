@@ -301,7 +301,8 @@ def conv_window_sums(
 
 
 def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int],
-                  param_shape: Sequence[int]) -> InputMoments:
+                  param_shape: Sequence[int], row_weights: jax.Array | None = None
+                  ) -> InputMoments:
   """Second moment of ``x`` laid over a parameter's axes (the keep-rank layout).
 
   For a weight whose input axes ``param_axes`` multiply ``x``'s axes
@@ -310,11 +311,17 @@ def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int]
   A Dense kernel ``(in, out)`` fed ``x[..., in]`` is ``x_axes=(-1,)``,
   ``param_axes=(0,)`` -> shape ``(in, 1)``.
 
+  ``row_weights`` (optional, >= 0, e.g. a 0/1 padding mask) of the shape of
+  ``x``'s leading axes weights the rows when those axes are rows (not among
+  ``x_axes``); otherwise it is ignored. ``rows`` is then the (traced) total
+  weight.
+
   Args:
     x: the input the parameter multiplies, any rank and dtype.
     x_axes: the axes of ``x`` the parameter contracts.
     param_axes: the parameter axes they meet, in the same order.
     param_shape: the parameter's shape.
+    row_weights: optional weights of ``x``'s leading (row) axes, see above.
 
   Returns:
     ``InputMoments`` whose float32 mean has ``len(param_shape)`` axes:
@@ -337,7 +344,19 @@ def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int]
       x.shape[a] != param_shape[p] for a, p in zip(x_axes, param_axes)):
     raise ValueError(f"input axes {x_axes} of shape {tuple(x.shape[a] for a in x_axes)} do not "
                      f"match the parameter's axes {param_axes} of its shape {tuple(param_shape)}")
-  m = dense_moments(x, x_axes)                      # (x_axes sizes, in x_axes order)
+  weights = None
+  if row_weights is not None:
+    m = jnp.ndim(row_weights)
+    if tuple(x.shape[:m]) == tuple(jnp.shape(row_weights)) and not set(range(m)) & set(x_axes):
+      weights = lax.stop_gradient(jnp.asarray(row_weights, jnp.float32))
+  if weights is not None:
+    # sqrt(w) * x has squares w * x**2: its plain mean, rescaled to the total weight.
+    w = weights.reshape(weights.shape + (1,) * (x.ndim - weights.ndim))
+    m = dense_moments(jnp.sqrt(w) * lax.stop_gradient(x).astype(jnp.float32), x_axes)
+    rows = jnp.sum(weights) * (m.rows // weights.size)
+    m = InputMoments(m.mean * (m.rows / jnp.where(rows > 0, rows, 1.0)), rows)
+  else:
+    m = dense_moments(x, x_axes)                    # (x_axes sizes, in x_axes order)
   order = sorted(range(len(param_axes)), key=lambda i: param_axes[i])
   mean = jnp.transpose(m.mean, order)
   shape = [param_shape[p] if p in param_axes else 1 for p in range(len(param_shape))]

@@ -26,7 +26,8 @@ from adaact_optax import matching, moments
 class _SowRecorder:
   """Statistics recorded by ``sow_input`` during one ``apply``, pooled per Variable."""
 
-  def __init__(self):
+  def __init__(self, row_mask=None):
+    self.row_mask = row_mask   # apply()'s row_mask: weights the rows of sown inputs
     self.stats: dict[int, tuple[Any, moments.InputMoments]] = {}
 
   def record(self, variable, stat: moments.InputMoments):
@@ -49,14 +50,16 @@ def sow_input(module: nnx.Module, name: str, x: jax.Array, *, x_axes=(-1,), para
   The NNX twin of ``adaact_optax.linen.sow_input``: call it in the layer's
   ``__call__`` with the activation the weight multiplies; ``apply`` then uses
   this statistic (mean of ``x**2`` over every axis but ``x_axes``, laid over
-  the parameter's ``param_axes``) instead of warning that the weight could
+  the parameter's ``param_axes``; ``apply``'s ``row_mask`` weights the rows
+  when ``x`` carries its leading axes) instead of warning that the weight could
   not be captured. Does nothing outside ``apply``.
   """
   recorder = _recorder.get()
   if recorder is None:
     return
   variable = getattr(module, name)
-  recorder.record(variable, moments.input_moments(x, x_axes, param_axes, variable.shape))
+  recorder.record(variable, moments.input_moments(x, x_axes, param_axes, variable.shape,
+                                                  recorder.row_mask))
 
 
 def _key(k):
@@ -94,7 +97,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
 
   def fun(p, rest, *args, **kwargs):
     m = nnx.merge(graphdef, p, rest)
-    recorder = _SowRecorder()
+    recorder = _SowRecorder(row_mask)
     token = _recorder.set(recorder)
     try:
       out = m(*args, **kwargs)

@@ -1,0 +1,330 @@
+"""The sow_input hatch (custom quantized layers), row_mask (padding), capture()'s warning.
+
+References are numpy brute force: the mean of the squared input over the rows
+that count, laid out keep-rank (a kernel (in, out) gets (in, 1)).
+"""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import adaact_optax
+from adaact_optax import linen as aa_linen
+from adaact_optax import nnx as aa_nnx
+
+COLLECTION = aa_linen.COLLECTION
+X = np.asarray(jax.random.normal(jax.random.key(0), (6, 5)))
+TARGET = np.asarray(jax.random.normal(jax.random.key(1), (6, 3)))
+
+
+def _int8_values(key, shape):
+  """A float kernel holding int8 values, as a quantized checkpoint stores it."""
+  return jnp.round(127 * jax.random.uniform(key, shape, minval=-1.0))
+
+
+def _quiet_apply(fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` and the UncapturedWeightWarning messages it emitted."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = fn(*args, **kwargs)
+  return out, [str(w.message) for w in caught
+               if issubclass(w.category, adaact_optax.UncapturedWeightWarning)]
+
+
+# --- (a) sow_input on a quantized Dense ---------------------------------------
+
+class QuantDense(nn.Module):
+  """y = x @ (kernel * scale): the weight is computed before its matmul, no capture sees it."""
+  features: int
+  sow: tuple = ("kernel", "scale")
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _int8_values, (x.shape[-1], self.features))
+    scale = self.param("scale", nn.initializers.constant(0.01), (self.features,))
+    if "kernel" in self.sow:
+      aa_linen.sow_input(self, "kernel", x)
+    if "scale" in self.sow:   # scale[o] multiplies (x @ kernel)[..., o], elementwise
+      aa_linen.sow_input(self, "scale", x @ kernel, x_axes=(-1,), param_axes=(0,))
+    return x @ (kernel * scale)
+
+
+class LinenModel(nn.Module):
+  sow: tuple = ("kernel", "scale")
+
+  @nn.compact
+  def __call__(self, x):
+    return QuantDense(3, self.sow)(nn.relu(nn.Dense(4)(x)))
+
+
+def _quant_reference(dense_kernel, dense_bias, kernel):
+  h = np.maximum(X @ np.asarray(dense_kernel) + np.asarray(dense_bias), 0)
+  return np.mean(h ** 2, 0)[:, None], np.mean((h @ np.asarray(kernel)) ** 2, 0)
+
+
+def test_linen_sow_input_replaces_the_warning_and_trains():
+  bare = LinenModel(sow=())
+  variables = bare.init(jax.random.key(2), X)
+  (_, mutated), messages = _quiet_apply(aa_linen.apply, bare, variables, X)
+  assert len(messages) == 2
+  assert "'QuantDense_0/kernel' (shape (5, 4)" not in messages[0]
+  assert "'QuantDense_0/kernel' (shape (4, 3))" in messages[0] and "sow_input" in messages[0]
+  assert "'QuantDense_0/scale' (shape (3,))" in messages[1]
+  assert mutated[COLLECTION]["QuantDense_0"]["kernel"].shape == (0,)    # the uncaptured marker
+  # Sowing only the kernel silences the kernel's warning, not the scale's.
+  _, messages = _quiet_apply(aa_linen.apply, LinenModel(sow=("kernel",)), variables, X)
+  assert len(messages) == 1 and "'QuantDense_0/scale'" in messages[0]
+
+  model = LinenModel()
+  (_, mutated), messages = _quiet_apply(aa_linen.apply, model, variables, X)
+  assert messages == []
+  p = variables["params"]
+  kernel_ref, scale_ref = _quant_reference(p["Dense_0"]["kernel"], p["Dense_0"]["bias"],
+                                           p["QuantDense_0"]["kernel"])
+  stats = mutated[COLLECTION]["QuantDense_0"]
+  assert stats["kernel"].shape == (4, 1) and stats["scale"].shape == (3,)
+  np.testing.assert_allclose(stats["kernel"], kernel_ref, rtol=1e-5)
+  np.testing.assert_allclose(stats["scale"], scale_ref, rtol=1e-5)
+
+  shapes = aa_linen.stats_shapes(model, variables, X)
+  tx = adaact_optax.adaact(3e-3, stats_shapes=shapes, unmatched="error")
+
+  def loss_fn(params):
+    out, mutated = aa_linen.apply(model, {"params": params}, X)
+    return jnp.mean((out - TARGET) ** 2), mutated[COLLECTION]
+
+  @jax.jit
+  def step(params, state):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  params, state = p, tx.init(p)
+  losses = []
+  for _ in range(5):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+
+
+class NNXQuantDense(nnx.Module):
+  def __init__(self, din, dout, rngs, sow=("kernel", "scale")):
+    self.kernel = nnx.Param(_int8_values(rngs.params(), (din, dout)))
+    self.scale = nnx.Param(jnp.full((dout,), 0.01))
+    self.sow = sow
+
+  def __call__(self, x):
+    kernel = self.kernel[...]
+    if "kernel" in self.sow:
+      aa_nnx.sow_input(self, "kernel", x)
+    if "scale" in self.sow:
+      aa_nnx.sow_input(self, "scale", x @ kernel, x_axes=(-1,), param_axes=(0,))
+    return x @ (kernel * self.scale[...])
+
+
+class NNXModel(nnx.Module):
+  def __init__(self, rngs, sow=("kernel", "scale")):
+    self.dense = nnx.Linear(5, 4, rngs=rngs)
+    self.quant = NNXQuantDense(4, 3, rngs, sow)
+
+  def __call__(self, x):
+    return self.quant(nnx.relu(self.dense(x)))
+
+
+def test_nnx_sow_input_replaces_the_warning_and_trains():
+  (_, stats), messages = _quiet_apply(aa_nnx.apply, NNXModel(nnx.Rngs(0), sow=()), X)
+  assert len(messages) == 2
+  assert "'quant/kernel' (shape (4, 3))" in messages[0] and "'quant/scale' (shape (3,))" in messages[1]
+  assert stats["quant"]["kernel"].shape == (0,)
+
+  model = NNXModel(nnx.Rngs(0))
+  (_, stats), messages = _quiet_apply(aa_nnx.apply, model, X)
+  assert messages == []
+  kernel_ref, scale_ref = _quant_reference(model.dense.kernel[...], model.dense.bias[...],
+                                           model.quant.kernel[...])
+  np.testing.assert_allclose(stats["quant"]["kernel"], kernel_ref, rtol=1e-5)
+  np.testing.assert_allclose(stats["quant"]["scale"], scale_ref, rtol=1e-5)
+
+  tx = adaact_optax.adaact(3e-3, stats_shapes=aa_nnx.stats_shapes(model, X), unmatched="error")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      out, stats = aa_nnx.apply(model, X)
+      return jnp.mean((out - TARGET) ** 2), stats
+    (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activation_stats=stats)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(5)]
+  assert losses[-1] < losses[0]
+
+
+def test_sow_input_checks_axes_and_is_inert_outside_apply():
+  model = LinenModel()
+  variables = model.init(jax.random.key(2), X)
+  out = model.apply(variables, X)              # a plain apply: the hatch does nothing
+  assert out.shape == (6, 3)
+
+  class Wrong(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param("kernel", nn.initializers.ones, (x.shape[-1], 2))
+      aa_linen.sow_input(self, "kernel", x, param_axes=(1,))   # 5 inputs vs 2 outputs
+      return x @ kernel
+
+  v = Wrong().init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match=r"\(5,\).*\(5, 2\)"):
+    aa_linen.apply(Wrong(), v, X)
+
+
+# --- (b) row_mask -------------------------------------------------------------
+
+B, T, D = 3, 4, 5
+SEQ = np.asarray(jax.random.normal(jax.random.key(3), (B, T, D)))
+MASK = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], np.float32)   # (B, T) padding
+
+
+def _masked_mean_sq(a, mask):
+  """Mean of a**2 over the rows whose mask is 1 (a: (*mask.shape, features)), brute force."""
+  rows = [a[idx] for idx in np.ndindex(*mask.shape) if mask[idx]]
+  return np.mean(np.stack(rows) ** 2, 0)
+
+
+class Tagger(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(4)(x))                      # (B, T, 4): rows are (b, t)
+    return nn.Dense(2, name="head")(h.mean(1)), h     # (B, 4) input: not (B, T)-shaped
+
+
+def _tagger_reference(params):
+  p = jax.tree.map(np.asarray, params)
+  h = np.tanh(SEQ @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+  return (_masked_mean_sq(SEQ, MASK)[:, None],
+          _masked_mean_sq(h, MASK)[:, None],
+          np.mean(h.mean(1) ** 2, 0)[:, None])            # the head's rows carry no time axis
+
+
+def test_row_mask_linen_apply_and_value_grad_and_stats():
+  model = Tagger()
+  variables = model.init(jax.random.key(4), SEQ)
+  first, _, head = _tagger_reference(variables["params"])
+  _, mutated = aa_linen.apply(model, variables, SEQ, row_mask=MASK)
+  stats = mutated[COLLECTION]
+  np.testing.assert_allclose(stats["Dense_0"]["kernel"], first, rtol=1e-5)
+  np.testing.assert_allclose(stats["head"]["kernel"], head, rtol=1e-5)
+  # The mask changes the statistics (the padded rows are not zeros in SEQ).
+  _, unmasked = aa_linen.apply(model, variables, SEQ)
+  assert not np.allclose(unmasked[COLLECTION]["Dense_0"]["kernel"], first, rtol=1e-3)
+
+  def loss(params, x):
+    out, h = model.apply({"params": params}, x)
+    return jnp.mean(out ** 2) + jnp.mean(h ** 2)
+
+  grad_fn = jax.jit(adaact_optax.value_grad_and_stats(loss))
+  value, grads, vstats = grad_fn(variables["params"], SEQ, row_mask=jnp.asarray(MASK))
+  np.testing.assert_allclose(vstats["Dense_0"]["kernel"], first, rtol=1e-5)
+  np.testing.assert_allclose(vstats["head"]["kernel"], head, rtol=1e-5)
+  ref_value, ref_grads = jax.value_and_grad(loss)(variables["params"], SEQ)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)     # the mask touches statistics only
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), grads, ref_grads)
+  # A boolean mask means the same.
+  _, _, bstats = grad_fn(variables["params"], SEQ, row_mask=jnp.asarray(MASK, bool))
+  np.testing.assert_allclose(bstats["Dense_0"]["kernel"], first, rtol=1e-5)
+
+
+class NNXTagger(nnx.Module):
+  def __init__(self, rngs):
+    self.first = nnx.Linear(D, 4, rngs=rngs)
+    self.second = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.second(jnp.tanh(self.first(x)))
+
+
+def test_row_mask_nnx_apply():
+  model = NNXTagger(nnx.Rngs(0))
+  _, stats = aa_nnx.apply(model, SEQ, row_mask=MASK)
+  h = np.tanh(SEQ @ np.asarray(model.first.kernel[...]) + np.asarray(model.first.bias[...]))
+  np.testing.assert_allclose(stats["first"]["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
+  np.testing.assert_allclose(stats["second"]["kernel"], _masked_mean_sq(h, MASK)[:, None], rtol=1e-5)
+  np.testing.assert_array_equal(stats["second"]["bias"], np.ones((1,), np.float32))
+
+
+def test_row_mask_on_the_batch_axis_of_a_conv():
+  x = np.asarray(jax.random.normal(jax.random.key(5), (4, 6, 3)))      # (B, length, C)
+  mask = np.array([1, 0, 1, 0], np.float32)                            # (B,)
+  # Brute force: SAME padding for a width-3 window pads one zero each side; kernel element
+  # (k, c) multiplies xp[b, p + k, c] at output position p; average over kept b and all p.
+  xp = np.pad(x, ((0, 0), (1, 1), (0, 0)))
+  windows = np.stack([xp[:, k:k + 6] for k in range(3)], 1)            # (B, 3, length, C)
+  expected = np.mean(windows[mask == 1] ** 2, axis=(0, 2))[:, :, None]  # (3, C, 1)
+
+  layer = nn.Conv(2, (3,), padding="SAME")
+  variables = layer.init(jax.random.key(0), x)
+  _, mutated = aa_linen.apply(layer, variables, x, row_mask=mask)
+  np.testing.assert_allclose(mutated[COLLECTION]["kernel"], expected, rtol=1e-5)
+
+  conv = nnx.Conv(3, 2, (3,), padding="SAME", rngs=nnx.Rngs(0))
+  _, stats = aa_nnx.apply(conv, x, row_mask=mask)
+  np.testing.assert_allclose(stats["kernel"], expected, rtol=1e-5)
+
+  def loss(params, x):
+    return jnp.sum(layer.apply({"params": params}, x) ** 2)
+  _, _, vstats = adaact_optax.value_grad_and_stats(loss)(variables["params"], x, row_mask=mask)
+  np.testing.assert_allclose(vstats["kernel"], expected, rtol=1e-5)
+
+
+# --- (c) the interception capture() warns about layers it cannot see into -----
+
+def test_interception_capture_warns_for_einsum():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Einsum((5, 4), "bd,dk->bk")(x)
+      return nn.Dense(2)(nn.LayerNorm()(h))
+
+  model = Model()
+  variables = model.init(jax.random.key(6), X)
+
+  def run():
+    with aa_linen.capture():
+      return model.apply(variables, X, mutable=[COLLECTION])
+  (_, mutated), messages = _quiet_apply(run)
+  assert len(messages) == 1                     # the Einsum only: not the LayerNorm, not the Dense
+  assert "Einsum at 'Einsum_0'" in messages[0] and "adaact_optax.linen.apply" in messages[0]
+  assert set(mutated[COLLECTION]) == {"Dense_0"}
+  # apply() (the jaxpr capture) does see into it.
+  (_, mutated), messages = _quiet_apply(aa_linen.apply, model, variables, X)
+  assert messages == []
+  np.testing.assert_allclose(mutated[COLLECTION]["Einsum_0"]["kernel"], np.mean(X ** 2, 0)[:, None],
+                             rtol=1e-5)
+
+
+def test_row_mask_applies_to_sown_statistics():
+  # A sown layer's input carries the (B, T) axes too: its padded rows must not count either.
+  class SeqQuant(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return QuantDense(3)(x)
+
+  variables = SeqQuant().init(jax.random.key(7), SEQ)
+  _, mutated = aa_linen.apply(SeqQuant(), variables, SEQ, row_mask=MASK)
+  kernel = np.asarray(variables["params"]["QuantDense_0"]["kernel"])
+  stats = mutated[COLLECTION]["QuantDense_0"]
+  np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
+  np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ kernel, MASK), rtol=1e-5)
+
+  quant = NNXQuantDense(D, 3, nnx.Rngs(0))
+  _, stats = aa_nnx.apply(quant, SEQ, row_mask=jnp.asarray(MASK, bool))
+  np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
+  np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ np.asarray(quant.kernel[...]), MASK),
+                             rtol=1e-5)
