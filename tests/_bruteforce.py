@@ -272,6 +272,7 @@ class Case:
   embeddings: bool = False
   linen: tuple | None = None   # (module, variables, args) for the Linen adapter
   nnx: tuple | None = None     # (module, args) for the NNX adapter
+  runs: dict = dataclasses.field(default_factory=dict, repr=False)  # engine results by jit
 
   @property
   def fun(self):
@@ -304,12 +305,22 @@ def run_engine(fun, params, args, *, embeddings=False, jit=False, has_aux=False)
   return value, grads, stats, records
 
 
-def check_engine(case: Case, *, jit=False):
+def engine_result(case: Case, jit=True):
+  """``run_engine`` on a case, once per (case, jit): the tests share it."""
+  if jit not in case.runs:
+    case.runs[jit] = run_engine(case.fun, case.params, case.args, embeddings=case.embeddings,
+                                jit=jit)
+  return case.runs[jit]
+
+
+def check_engine(case: Case, *, jit=True):
   """Engine stats against the references; value and grads against plain autodiff;
-  no UncapturedWeightWarning unless an UNCAPTURED marker is expected."""
-  value, grads, stats, records = run_engine(case.fun, case.params, case.args,
-                                            embeddings=case.embeddings, jit=jit)
-  ref_value, ref_grads = jax.value_and_grad(case.fun)(case.params, *case.args)
+  no UncapturedWeightWarning unless an UNCAPTURED marker is expected.
+
+  Under ``jax.jit`` by default (one compilation instead of an op-by-op run:
+  fast); ``jit=False`` runs the engine eagerly."""
+  value, grads, stats, records = engine_result(case, jit)
+  ref_value, ref_grads = jax.jit(jax.value_and_grad(case.fun))(case.params, *case.args)
   np.testing.assert_allclose(value, ref_value, rtol=RTOL, atol=ATOL)
   ref_g = by_path(ref_grads)
   for name, grad in by_path(grads).items():
@@ -327,7 +338,7 @@ def check_engine(case: Case, *, jit=False):
 def check_stats_shapes(case: Case):
   """``stats_shapes`` gives the engine's leaves' shapes, without running it."""
   import adaact_optax
-  _, _, stats, _ = run_engine(case.fun, case.params, case.args, embeddings=case.embeddings)
+  _, _, stats, _ = engine_result(case)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     shapes = by_path(adaact_optax.stats_shapes(case.fun, case.params, *case.args,

