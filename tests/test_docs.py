@@ -92,7 +92,9 @@ TO_BE_PRIVATE = {
     "adaact_optax.matching.align", "adaact_optax.matching.apply_scale",
     "adaact_optax.matching.broadcast_plan", "adaact_optax.matching.default_moment_shape",
     "adaact_optax.matching.moment_shapes", "adaact_optax.matching.moment_zeros",
-    "adaact_optax.matching.path_name",
+    "adaact_optax.matching.param_names", "adaact_optax.matching.path_name",
+    "adaact_optax.matching.stats_leaves", "adaact_optax.matching.uncaptured_paths",
+    "adaact_optax.matching.with_statistics",
 }
 
 
