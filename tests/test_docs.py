@@ -119,3 +119,12 @@ def test_api_reference_lists_exactly_the_public_names():
   assert documented == expected, (
       f"missing from docs/api.md: {sorted(expected - documented)}; "
       f"documented but not public: {sorted(documented - expected)}")
+
+
+def test_readme_is_short_and_free_of_lab_notes():
+  text = (ROOT / "README.md").read_text()
+  assert len(text.splitlines()) <= 200
+  assert "/tmp/" not in text                                   # no temporary paths
+  assert not re.search(r"`[0-9a-f]{7,40}`", text)              # no commit hashes
+  assert not re.search(r"\b\d+(\.\d+)? ?(ms|s)\b", text.split("## Citation")[0]), \
+      "timings go stale: put them in docs/benchmarks.md"
