@@ -265,7 +265,16 @@ def _view_reshape(view, out_shape, new_sizes, dimensions=None, **_):
   if dimensions is not None:
     raise _Unsupported("reshape with dimensions")
 
+  in_axes = [a for a, n in enumerate(view.shape) if n != 1]
+  out_axes = [a for a, n in enumerate(new_sizes) if n != 1]
+  unit_only = [view.shape[a] for a in in_axes] == [new_sizes[a] for a in out_axes]
+
   def fn(p):
+    if unit_only:  # only size-1 axes come or go: boxes carry over (concatenations too)
+      box, axes = [(0, 1)] * len(new_sizes), [()] * len(new_sizes)
+      for i, o in zip(in_axes, out_axes):
+        box[o], axes[o] = p.box[i], p.axes[i]
+      return dataclasses.replace(p, box=tuple(box), axes=tuple(axes))
     if not all(_full(p, view.shape, a) for a in range(len(view.shape))):
       raise _Unsupported("a reshape of a concatenated weight")
     axes = _regroup(p.axes, view.shape, tuple(new_sizes))
@@ -642,18 +651,19 @@ class _Interpreter:
     """Which operand is the weight: ``(weight index, kind of result)`` or None."""
     lk, rk = inkinds
     if isinstance(lk, View) and isinstance(rk, View):
-      return None, Opaque(_sources(inkinds), "it is multiplied by another parameter "
-                          f"(`{eqn_name}` of two parameters)")
+      return None, Opaque(_sources(inkinds), f"`{eqn_name}` with another parameter")
     if isinstance(lk, Opaque) and isinstance(rk, Opaque):
       return None, _opaque(inkinds, eqn_name)
     for w, (wk, ak) in ((1, (rk, lk)), (0, (lk, rk))):
       if isinstance(wk, View):
         if isinstance(ak, Opaque):
-          self.trace.miss(ak.sources, f"{ak.reason} before it meets another weight")
+          self.trace.miss(ak.sources, f"it passes through {ak.reason}, which is not a layout "
+                          "op, before it multiplies another weight")
         return w, DATA
     for k in (lk, rk):
       if isinstance(k, Opaque):
-        self.trace.miss(k.sources, f"{k.reason} before the `{eqn_name}`")
+        self.trace.miss(k.sources, f"it passes through {k.reason}, which is not a layout "
+                        f"op, before its `{eqn_name}`")
     return None, DATA
 
   def _dot(self, eqn, invals, inkinds):
@@ -675,7 +685,8 @@ class _Interpreter:
         return DATA
       return _opaque(inkinds, "`conv_general_dilated`")
     if isinstance(rk, Opaque):
-      self.trace.miss(rk.sources, f"{rk.reason} before the `conv_general_dilated`")
+      self.trace.miss(rk.sources, f"it passes through {rk.reason}, which is not a layout "
+                      "op, before its `conv_general_dilated`")
       return DATA
     cp = jc.conv_params(eqn)
     if cp["batch_groups"] != 1:
@@ -774,7 +785,7 @@ class _Interpreter:
     carry_in = body.jaxpr.invars[nc:nc + ncar]
     carry_out = body.jaxpr.outvars[:ncar]
     carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
-                   Opaque(_sources([k]), "it is carried through a `scan` loop")
+                   Opaque(_sources([k]), "a `scan` carry")
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
     carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
     x_kinds = [self._pin(k) for k in xk]
@@ -823,7 +834,7 @@ class _Interpreter:
     body = p["body_jaxpr"]
     carry_in, carry_out = body.jaxpr.invars[bn:], body.jaxpr.outvars
     carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
-                   Opaque(_sources([k]), "it is carried through a `while` loop")
+                   Opaque(_sources([k]), "a `while` carry")
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
     carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
     fn, info = self._nested(body.jaxpr, body.consts, bk + carry_kinds)
@@ -1073,7 +1084,18 @@ def _embedding_floor(embeddings) -> float | None:
 
 
 def _is_dynamic(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+_version_warned = []
+
+
+def _check_version():
+  if not jc.is_tested_version() and not _version_warned:
+    _version_warned.append(True)
+    warnings.warn(f"adaact_optax.capture was tested on jax {jc.TESTED_JAX[0]}..{jc.TESTED_JAX[1]}, "
+                  f"not {jax.__version__}: run tests/test_jax_compat.py to check the internals "
+                  "it reads", stacklevel=3)
 
 
 def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = None, *,
@@ -1090,6 +1112,7 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
     statistic, the ``(0,)``-shaped uncaptured marker, or ``None``; and a
     ``CoverageReport``.
   """
+  _check_version()
   kwargs = kwargs or {}
   floor = _embedding_floor(embeddings)
   flat, treedef = tree_util.tree_flatten_with_path(params)
@@ -1186,12 +1209,18 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
 
 def _abstract_capture(fun, params, args, kwargs, embeddings):
   box = {}
+  leaves, treedef = tree_util.tree_flatten((args, kwargs))
+  dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
 
-  def run(p):
-    _, stats, report = capture_call(fun, p, args, kwargs, embeddings=embeddings)
+  def run(p, d):
+    full = list(leaves)
+    for i, x in zip(dyn, d):
+      full[i] = x
+    a, kw = tree_util.tree_unflatten(treedef, full)
+    _, stats, report = capture_call(fun, p, a, kw, embeddings=embeddings)
     box["report"] = report
     return stats
-  stats = jax.eval_shape(run, params)
+  stats = jax.eval_shape(run, params, [leaves[i] for i in dyn])
   return stats, box["report"]
 
 
