@@ -209,7 +209,8 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
   Args:
     model: the Linen module.
     variables: its variables (``{'params': ..., 'batch_stats': ...}``).
-    *args, **kwargs: as for ``model.apply`` (``rngs=``, ``method=``, flags).
+    *args: as for ``model.apply``.
+    **kwargs: as for ``model.apply`` (``rngs=``, ``method=``, flags).
     mutable: as for ``model.apply``.
     embeddings: ``nn.Embed`` tables used only for lookups get no statistics
       by default; ``True`` (or a float floor) gives them token frequencies

@@ -80,7 +80,8 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
 
   Args:
     model: an NNX module.
-    *args, **kwargs: the model's arguments.
+    *args: the model's positional arguments.
+    **kwargs: the model's keyword arguments.
     embeddings: ``nnx.Embed`` tables used only for lookups get no statistics
       by default; ``True`` (or a float floor) gives them token frequencies
       plus a floor (see ``moments.token_moments``).
