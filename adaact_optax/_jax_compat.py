@@ -37,7 +37,7 @@ DOT, CONV, GATHER = "dot_general", "conv_general_dilated", "gather"
 IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
                       "sharding_constraint", "pvary", "optimization_barrier"})
 LAYOUT = frozenset({"transpose", "reshape", "squeeze", "broadcast_in_dim", "slice", "rev",
-                    "concatenate", "split", "pad", "expand_dims"})
+                    "concatenate", "split", "pad"})
 ADD = frozenset({"add", "add_any"})
 
 

@@ -305,10 +305,6 @@ def _view_squeeze(view, out_shape, dimensions):
   return _map_pieces(view, fn, out_shape)
 
 
-def _view_expand_dims(view, out_shape, dimensions):
-  return _view_reshape(view, out_shape, out_shape)
-
-
 def _view_broadcast(view, out_shape, shape, broadcast_dimensions, **_):
   def fn(p):
     box, axes = [(0, n) for n in shape], [_bcast(n) for n in shape]
@@ -395,7 +391,6 @@ _VIEW_RULES = {
     "transpose": _view_transpose,
     "reshape": _view_reshape,
     "squeeze": _view_squeeze,
-    "expand_dims": _view_expand_dims,
     "broadcast_in_dim": _view_broadcast,
     "slice": _view_slice,
     "rev": _view_rev,
@@ -786,7 +781,7 @@ class _Interpreter:
     self._adopt(info["contributions"], arrays)
     return list(outs), info["kinds"], info["mm"]
 
-  def _adopt(self, contributions, arrays, stacked=False):
+  def _adopt(self, contributions, arrays):
     for c, (s, n) in zip(contributions, arrays):
       self.contributions.append(c._replace(sums=s, counts=n))
 
@@ -1106,8 +1101,19 @@ def _embedding_floor(embeddings) -> float | None:
   return float(embeddings)
 
 
-def _is_dynamic(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+def _split_dynamic(args, kwargs):
+  """``(arrays, rebuild)``: the array leaves of ``(args, kwargs)`` and a function
+  putting new values for them back (other leaves, e.g. flags, stay static)."""
+  leaves, treedef = tree_util.tree_flatten((args, kwargs))
+  dynamic = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+  idx = [i for i, x in enumerate(leaves) if isinstance(x, dynamic)]
+
+  def rebuild(values):
+    full = list(leaves)
+    for i, x in zip(idx, values):
+      full[i] = x
+    return tree_util.tree_unflatten(treedef, full)
+  return [leaves[i] for i in idx], rebuild
 
 
 _version_warned = []
@@ -1159,17 +1165,12 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   flat, treedef = tree_util.tree_flatten_with_path(params)
   paths = [matching.path_name(p) for p, _ in flat]
   p_leaves = [jnp.asarray(x) for _, x in flat]
-  a_leaves, a_def = tree_util.tree_flatten((args, kwargs))
-  dyn = [i for i, x in enumerate(a_leaves) if _is_dynamic(x)]
+  dyn_vals, rebuild = _split_dynamic(args, kwargs)
 
   def flat_fun(p, d):
-    leaves = list(a_leaves)
-    for i, x in zip(dyn, d):
-      leaves[i] = x
-    a, kw = tree_util.tree_unflatten(a_def, leaves)
+    a, kw = rebuild(d)
     return fun(tree_util.tree_unflatten(treedef, p), *a, **kw)
 
-  dyn_vals = [a_leaves[i] for i in dyn]
   closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(p_leaves, dyn_vals)
   shapes = [x.shape for x in p_leaves]
   trace = _Trace(shapes, floor, row_mask)
@@ -1250,18 +1251,14 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
 
 def _abstract_capture(fun, params, args, kwargs, embeddings):
   box = {}
-  leaves, treedef = tree_util.tree_flatten((args, kwargs))
-  dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+  dyn_vals, rebuild = _split_dynamic(args, kwargs)
 
   def run(p, d):
-    full = list(leaves)
-    for i, x in zip(dyn, d):
-      full[i] = x
-    a, kw = tree_util.tree_unflatten(treedef, full)
+    a, kw = rebuild(d)
     _, stats, report = capture_call(fun, p, a, kw, embeddings=embeddings)
     box["report"] = report
     return stats
-  stats = jax.eval_shape(run, params, [leaves[i] for i in dyn])
+  stats = jax.eval_shape(run, params, dyn_vals)
   return stats, box["report"]
 
 

@@ -48,8 +48,9 @@ def _close(ours, ref, what):
   assert err.max() <= 0, f"{what}: worst excess {err.max():.3g}"
 
 
+@pytest.mark.parametrize("via", ["linen.apply", "value_grad_and_stats"])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_matches_authors_trajectory(fixtures_dir, name):
+def test_matches_authors_trajectory(fixtures_dir, name, via):
   data = np.load(fixtures_dir / f"adaact_parity_{name}.npz")
   meta = json.loads(str(data["meta"]))
   steps = meta["steps"]
@@ -65,16 +66,26 @@ def test_matches_authors_trajectory(fixtures_dir, name):
                            eps=meta["eps"], weight_decay=meta["weight_decay"])
   opt_state = tx.init(params)
 
+  def plain_loss(p, batch_stats, x, y):
+    # A plain JAX function of the parameters: the engine reads the computation.
+    logits, mutated = model.apply({"params": p, "batch_stats": batch_stats}, x,
+                                  mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), mutated
+
   @jax.jit
   def step(params, batch_stats, opt_state, x, y):
-    def loss_fn(p):
-      logits, mutated = aa_linen.apply(model, {"params": p, "batch_stats": batch_stats}, x,
-                                       mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, mutated
-    (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   activation_stats=mutated[aa_linen.COLLECTION])
+    if via == "value_grad_and_stats":
+      (loss, mutated), grads, stats = adaact_optax.value_grad_and_stats(
+          plain_loss, has_aux=True)(params, batch_stats, x, y)
+    else:
+      def loss_fn(p):
+        logits, mutated = aa_linen.apply(model, {"params": p, "batch_stats": batch_stats}, x,
+                                         mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, mutated
+      (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      stats = mutated[aa_linen.COLLECTION]
+    updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
     return (optax.apply_updates(params, updates), mutated.get("batch_stats", {}),
             opt_state, loss)
 
