@@ -31,6 +31,15 @@ class MultiStepsState(NamedTuple):
     acc_stats: float32 mean of the statistics of this step's micro-batches so
       far, a params-shaped tree of per-input-feature arrays (AdaAct's ``nu``
       shapes); zeros at parameters without statistics.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=2)
+    >>> state = tx.init({"w": jnp.ones((3, 2))})
+    >>> int(state.mini_step), jax.tree.map(jnp.shape, state.acc_stats)
+    (0, {'w': (3, 1)})
   """
 
   mini_step: jax.Array
@@ -51,10 +60,38 @@ class MultiSteps(optax.MultiSteps):
   ``use_grad_mean=False`` (a mean over rows is what AdaAct's statistic is).
   A skipped micro-batch leaves them untouched.
 
-  Example::
+  Args:
+    opt: the optimizer to wrap (``adaact(...)``, or a chain containing it).
+    every_k_schedule: k, the number of micro-batches per step, or a
+      function of the step giving it, as in ``optax.MultiSteps``.
+    use_grad_mean: average the gradients (``True``) or sum them.
+    should_skip_update_fn: as in ``optax.MultiSteps``.
+    accumulator_dtype: dtype of the gradient accumulator.
+    stats_shapes: the statistics' shapes, as for ``adaact``.
 
-    tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=4)
-    updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+  Examples:
+    Two micro-batches make one step whose statistics are their mean:
+
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(params, x):
+    ...   return jnp.mean((x @ params["w"]) ** 2)
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=2)
+    >>> state = tx.init(params)
+    >>> for scale in (1.0, 2.0):   # inputs of mean square 1, then 4
+    ...   x = jnp.full((4, 3), scale)
+    ...   _, grads, stats = adaact_optax.value_grad_and_stats(loss)(params, x)
+    ...   updates, state = tx.update(grads, state, params, activation_stats=stats)
+    ...   print(bool(tx.has_updated(state)))
+    False
+    True
+    >>> nu = state.inner_opt_state[0].nu["w"]          # (1 - b2) * mean of 1 and 4
+    >>> round(float(nu[0, 0]) / (1 - 0.999), 3)
+    2.5
+
+    Under ``nnx.Optimizer`` or ``TrainState``, pass
+    ``tx.gradient_transformation()`` as the ``tx``.
   """
 
   def __init__(

@@ -61,6 +61,19 @@ class UncapturedWeightWarning(UserWarning):
   parameter's path and the reason. The weight then gets the optimizer's
   ``unmatched`` update; ``adaact(..., unmatched="error")`` turns it into an
   error.
+
+  Examples:
+    >>> import warnings
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(params, x):   # the weight is masked before its matmul: not a layout op
+    ...   return jnp.mean(x @ (params["w"] * jnp.tril(jnp.ones((3, 3)))))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _, _, stats = adaact_optax.value_grad_and_stats(loss)(
+    ...       {"w": jnp.ones((3, 3))}, jnp.ones((2, 3)))
+    >>> caught[0].category.__name__, stats["w"].shape    # the uncaptured marker
+    ('UncapturedWeightWarning', (0,))
   """
 
 
@@ -1007,6 +1020,16 @@ class CoverageReport(NamedTuple):
     other: paths of parameters that multiply no activation (norm scales,
       lookup-only embedding tables without ``embeddings=True``, ...): they
       get the ``unmatched`` update, silently, as the authors' rule says.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(params, x):
+    ...   return params["scale"] * jnp.mean(jnp.tanh(x @ params["w"] + params["b"]) ** 2)
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "scale": jnp.ones(())}
+    >>> report = adaact_optax.coverage(loss, params, jnp.ones((4, 3)))
+    >>> report.matched, report.unmatched, report.other
+    ({'b': (1,), 'w': (3, 1)}, {}, ('scale',))
   """
 
   matched: dict
@@ -1112,11 +1135,29 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   respect to ``params`` (use it inside your own loss function), emits no
   warnings itself.
 
+  Args:
+    fun: called as ``fun(params, *args, **kwargs)``.
+    params: the parameter pytree.
+    args: ``fun``'s other positional arguments (a tuple).
+    kwargs: ``fun``'s keyword arguments (a dict, or ``None``).
+    embeddings: as for :func:`value_grad_and_stats`.
+    row_mask: as for :func:`value_grad_and_stats`.
+
   Returns:
     ``(output, stats_leaves, report)``: ``fun``'s output; one entry per leaf
     of ``params`` (in ``jax.tree.leaves`` order): a keep-rank float32
     statistic, the ``(0,)``-shaped uncaptured marker, or ``None``; and a
     ``CoverageReport``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import capture
+    >>> def loss(params, x):
+    ...   return jnp.mean(jnp.tanh(x @ params["w"] + params["b"]) ** 2)
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    >>> out, leaves, report = capture.capture_call(loss, params, (jnp.ones((4, 3)),))
+    >>> [leaf.shape for leaf in leaves]                # leaves order: "b", "w"
+    [(1,), (3, 1)]
   """
   _check_version()
   kwargs = kwargs or {}
@@ -1228,6 +1269,32 @@ def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False,
   leaves (``None`` where a parameter has no statistics; shape ``(0,)`` for
   an uncaptured weight), for ``adaact(..., stats_shapes=...)``: it sizes the
   optimizer state to the statistics' layout (which axes are input axes).
+
+  Args:
+    fun: the loss function, ``fun(params, *args, **kwargs)``.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    *args: ``fun``'s other positional arguments (arrays or shapes).
+    embeddings: as for :func:`value_grad_and_stats`.
+    **kwargs: ``fun``'s keyword arguments.
+
+  Returns:
+    The tree of shapes described above.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(params, x):   # a grouped convolution: C=4 input channels, G=2 groups
+    ...   y = jax.lax.conv_general_dilated(x, params["kernel"], (1, 1), "SAME",
+    ...       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+    ...   return jnp.mean(y ** 2)
+    >>> params = {"kernel": jnp.ones((3, 3, 2, 6))}
+    >>> shapes = adaact_optax.stats_shapes(loss, params, jnp.ones((1, 5, 5, 4)))
+    >>> shapes["kernel"].shape
+    (3, 3, 2, 2)
+    >>> tx = adaact_optax.adaact(0.1, stats_shapes=shapes)
+    >>> tx.init(params)[0].nu["kernel"].shape
+    (3, 3, 2, 2)
   """
   stats, _ = _abstract_capture(fun, params, args, kwargs, embeddings)
   return jax.tree.structure(params).unflatten(stats)
@@ -1240,5 +1307,27 @@ def coverage(fun: Callable, params, *args, embeddings: bool | float = False,
   Traces ``fun`` abstractly (no FLOPs, no warnings). ``print(report)``
   gives a table; ``report.unmatched`` maps each uncaptured weight's path to
   the reason.
+
+  Args:
+    fun: the loss function, ``fun(params, *args, **kwargs)``.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    *args: ``fun``'s other positional arguments (arrays or shapes).
+    embeddings: as for :func:`value_grad_and_stats`.
+    **kwargs: ``fun``'s keyword arguments.
+
+  Returns:
+    A :class:`CoverageReport`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(params, x):
+    ...   return params["scale"] * jnp.mean(jnp.tanh(x @ params["w"] + params["b"]) ** 2)
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "scale": jnp.ones(())}
+    >>> print(adaact_optax.coverage(loss, params, jnp.ones((4, 3))))
+    AdaAct coverage: 2 with statistics, 0 uncaptured, 1 without
+      ok    b  (1,)
+      ok    w  (3, 1)
+      --    scale
   """
   return _abstract_capture(fun, params, args, kwargs, embeddings)[1]

@@ -66,9 +66,24 @@ def activation_summary(opt_state: Any, *, b2: float | None = None, eps: float | 
       ``adaact``'s default (0.999, 1e-8, 0.5): pass them if you built the
       optimizer with other values.
 
+  Returns:
+    A flat dict of float32 scalars, four per parameter (see above).
+
   Raises:
     ValueError: if ``opt_state`` holds no ``ScaleByAdaActState``, or two
       of them name the same parameter path.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> tx = adaact_optax.adaact(0.1)
+    >>> stats = {"w": jnp.array([[4.0], [1.0], [0.25]])}   # mean squares of 3 inputs
+    >>> _, opt_state = tx.update({"w": jnp.ones((3, 2))}, tx.init(params), params,
+    ...                          activation_stats=stats)
+    >>> summary = adaact_optax.activation_summary(opt_state)
+    >>> {k: round(float(v), 4) for k, v in summary.items()}
+    {'w/v_hat_mean': 1.75, 'w/v_hat_max': 4.0, 'w/scale_mean': 1.1667, 'w/scale_max': 2.0}
   """
   found = list(_adaact_states(opt_state, {}))
   if not found:

@@ -64,6 +64,24 @@ def layer_moments(module: nn.Module, x: jax.Array, *, embeddings: bool | float =
 
   Returns ``{}`` for modules AdaAct does not scale (``nn.Embed`` unless
   ``embeddings``: see ``capture``).
+
+  Args:
+    module: a bound or unbound ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``
+      or ``nn.Embed``.
+    x: the layer's input.
+    embeddings: as for ``capture``.
+
+  Returns:
+    ``{parameter name: moments.InputMoments}`` in the 0.1.0 layout (a Dense
+    kernel's mean is ``(in,)``, a bias's a scalar).
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import linen as aa_linen
+    >>> stats = aa_linen.layer_moments(nn.Dense(2), jnp.ones((4, 3)))
+    >>> {name: (m.mean.shape, m.rows) for name, m in stats.items()}
+    {'kernel': ((3,), 4), 'bias': ((), 4)}
   """
   if isinstance(module, nn.Embed):
     floor = embedding_floor(embeddings)
@@ -154,6 +172,25 @@ def capture(embeddings: bool | float = False):
   enter it inside the traced (jitted) function. ``nn.Embed`` tables are
   unmatched unless ``embeddings``: ``True`` records token frequencies plus
   ``moments.EMBEDDING_FLOOR``, a float sets the floor (``moments.token_moments``).
+  The older path: ``apply`` sees every weight and returns the keep-rank layout.
+
+  Args:
+    embeddings: ``False``, ``True`` or a float floor, as above.
+
+  Raises:
+    ValueError: if ``embeddings`` is neither a bool nor a float >= 0.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import linen as aa_linen
+    >>> model, x = nn.Dense(2), jnp.ones((4, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> with aa_linen.capture():
+    ...   y, mutated = model.apply(variables, x, mutable=[aa_linen.COLLECTION])
+    >>> jax.tree.map(jnp.shape, mutated[aa_linen.COLLECTION])   # the 0.1.0 layout
+    {'bias': (), 'kernel': (3,)}
   """
   token = _rows_seen.set({})
   floor_token = _embedding_floor.set(embedding_floor(embeddings))
@@ -211,7 +248,8 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
   Args:
     model: the Linen module.
     variables: its variables (``{'params': ..., 'batch_stats': ...}``).
-    *args, **kwargs: as for ``model.apply`` (``rngs=``, ``method=``, flags).
+    *args: as for ``model.apply``.
+    **kwargs: as for ``model.apply`` (``rngs=``, ``method=``, flags).
     mutable: as for ``model.apply``.
     embeddings: ``nn.Embed`` tables used only for lookups get no statistics
       by default; ``True`` (or a float floor) gives them token frequencies
@@ -220,6 +258,24 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
       leading axes of the model's inputs (batch, or batch x time); rows with
       weight 0 do not count in the statistics of layers whose input carries
       those leading axes.
+
+  Returns:
+    ``(output, mutated_variables)`` as ``model.apply(..., mutable=...)``
+    returns them, with the statistics under ``COLLECTION``.
+
+  Raises:
+    TypeError: if ``mutable`` is not a bool, a collection name or a list.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import linen as aa_linen
+    >>> model, x = nn.Dense(2), jnp.ones((4, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> y, mutated = aa_linen.apply(model, variables, x)
+    >>> jax.tree.map(jnp.shape, mutated[aa_linen.COLLECTION])
+    {'bias': (1,), 'kernel': (3, 1)}
   """
   variables = {k: v for k, v in variables.items() if k != COLLECTION}
   params = variables.get("params", {})
@@ -254,6 +310,28 @@ def stats_shapes(model: nn.Module, variables, *args, **kwargs) -> Any:
   Pass it as ``stats_shapes=`` to ``adaact``/``scale_by_adaact``: it sizes the
   optimizer's state to the statistics' layout (grouped convolutions, (out, in)
   kernels, ``Embed.attend`` tables, per-block fused projections).
+
+  Args:
+    model: the Linen module.
+    variables: its variables (arrays or ``jax.ShapeDtypeStruct``).
+    *args: as for :func:`apply`.
+    **kwargs: as for :func:`apply`.
+
+  Returns:
+    The statistics tree of :func:`apply`, with ``jax.ShapeDtypeStruct`` leaves.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> from adaact_optax import linen as aa_linen
+    >>> model, x = nn.Conv(6, (3, 3), feature_group_count=2), jnp.ones((1, 5, 5, 4))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> shapes = aa_linen.stats_shapes(model, variables, x)
+    >>> shapes["kernel"].shape                  # kernel (3, 3, 2, 6): (kh, kw, C/G, G)
+    (3, 3, 2, 2)
+    >>> tx = adaact_optax.adaact(0.1, stats_shapes=shapes)
   """
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", _capture.UncapturedWeightWarning)
@@ -279,6 +357,22 @@ def sow_input(module: nn.Module, name: str, x: jax.Array, *, x_axes=(-1,), param
     x: the layer's input.
     x_axes: the axes of ``x`` the parameter contracts.
     param_axes: the parameter's axes that multiply ``x_axes``, in the same order.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import linen as aa_linen
+    >>> class MaskedDense(nn.Module):     # the mask hides the kernel from the capture
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     kernel = self.param("kernel", nn.initializers.ones, (x.shape[-1], 3))
+    ...     aa_linen.sow_input(self, "kernel", x)
+    ...     return x @ (kernel * jnp.tril(jnp.ones_like(kernel)))
+    >>> model, x = MaskedDense(), jnp.full((4, 3), 2.0)
+    >>> _, mutated = aa_linen.apply(model, model.init(jax.random.key(0), x), x)
+    >>> mutated[aa_linen.COLLECTION]["kernel"].ravel().tolist()
+    [4.0, 4.0, 4.0]
   """
   seen = _rows_seen.get()
   if seen is None or module.is_initializing() or not module.is_mutable_collection(COLLECTION):

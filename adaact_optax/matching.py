@@ -1,7 +1,7 @@
 """Aligns a statistics tree with a params tree: paths, shapes, broadcasting.
 
 This module is the one place that knows the statistics layout (version 0.2,
-"keep-rank"); the README states it for users:
+"keep-rank"); docs/statistics.md states it for users:
 
 * A statistics leaf sits at the path of the parameter it scales; any pytree
   whose paths name the same keys works (dict, FrozenDict, ``nnx.State``,
@@ -70,7 +70,20 @@ def _shape_of(x) -> tuple[int, ...]:
 
 def is_uncaptured(x) -> bool:
   """True for the UNCAPTURED marker: a leaf (array, ``ShapeDtypeStruct`` or
-  shape tuple) of shape ``(0,)``."""
+  shape tuple) of shape ``(0,)``.
+
+  Args:
+    x: a statistics leaf, a shape tuple, or ``None``.
+
+  Returns:
+    Whether ``x`` marks a weight the capture saw but could not record.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import matching
+    >>> matching.is_uncaptured(jnp.zeros((0,))), matching.is_uncaptured(jnp.ones((3, 1)))
+    (True, False)
+  """
   return x is not None and _shape_of(x) == UNCAPTURED_SHAPE
 
 
@@ -115,6 +128,13 @@ def keep_rank_shape(stat_shape, param_shape, name: str) -> tuple[int, ...]:
 
   Raises:
     ValueError: naming the path and both shapes when no form applies.
+
+  Examples:
+    >>> from adaact_optax import matching
+    >>> matching.keep_rank_shape((3,), (3, 2), "Dense_0/kernel")          # 0.1.0 prefix
+    (3, 1)
+    >>> matching.keep_rank_shape((3, 3, 4), (3, 3, 2, 8), "Conv_0/kernel")  # 0.1.0 grouped
+    (3, 3, 2, 2)
   """
   s, k = _shape_of(stat_shape), tuple(param_shape)
   if len(s) == len(k):
@@ -135,6 +155,24 @@ def to_keep_rank(a: jax.Array, param_shape, name: str) -> jax.Array:
   The 0.1.0 grouped form ``(*k, C)`` holds input channel ``c = g*C/G + i``
   at ``[..., c]``; the keep-rank form ``(*k, C/G, G)`` holds it at
   ``[..., i, g]``.
+
+  Args:
+    a: a statistics leaf.
+    param_shape: the parameter's shape.
+    name: the parameter's path, for the error.
+
+  Returns:
+    ``a`` as float32 in the shape :func:`keep_rank_shape` gives.
+
+  Raises:
+    ValueError: as :func:`keep_rank_shape`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import matching
+    >>> old = jnp.arange(4.0).reshape(1, 1, 4)     # channels 0..3 of a 2-group conv
+    >>> matching.to_keep_rank(old, (1, 1, 2, 4), "Conv_0/kernel")[0, 0].tolist()
+    [[0.0, 2.0], [1.0, 3.0]]
   """
   a = jnp.asarray(a, jnp.float32)
   s, k = tuple(a.shape), tuple(param_shape)

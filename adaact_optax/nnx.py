@@ -53,6 +53,27 @@ def sow_input(module: nnx.Module, name: str, x: jax.Array, *, x_axes=(-1,), para
   the parameter's ``param_axes``; ``apply``'s ``row_mask`` weights the rows
   when ``x`` carries its leading axes) instead of warning that the weight could
   not be captured. Does nothing outside ``apply``.
+
+  Args:
+    module: the layer (``self``).
+    name: the attribute holding the parameter (e.g. ``"kernel"``).
+    x: the activation the parameter multiplies.
+    x_axes: the axes of ``x`` the parameter contracts.
+    param_axes: the parameter's axes that multiply ``x_axes``, in the same order.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import adaact_optax
+    >>> class MaskedLinear(nnx.Module):   # the mask hides the kernel from the capture
+    ...   def __init__(self):
+    ...     self.kernel = nnx.Param(jnp.ones((3, 3)))
+    ...   def __call__(self, x):
+    ...     adaact_optax.nnx.sow_input(self, "kernel", x)
+    ...     return x @ (self.kernel[...] * jnp.tril(jnp.ones((3, 3))))
+    >>> _, stats = adaact_optax.nnx.apply(MaskedLinear(), jnp.full((4, 3), 2.0))
+    >>> stats["kernel"][...].ravel().tolist()
+    [4.0, 4.0, 4.0]
   """
   recorder = _recorder.get()
   if recorder is None:
@@ -83,7 +104,8 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
 
   Args:
     model: an NNX module.
-    *args, **kwargs: the model's arguments.
+    *args: the model's positional arguments.
+    **kwargs: the model's keyword arguments.
     embeddings: ``nnx.Embed`` tables used only for lookups get no statistics
       by default; ``True`` (or a float floor) gives them token frequencies
       plus a floor (see ``moments.token_moments``).
@@ -92,6 +114,19 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
     wrt: the parameters to capture, as ``nnx.Optimizer``'s ``wrt``
       (``nnx.LoRAParam`` for LoRA fine-tuning: the frozen base kernels then
       get no statistics and no error).
+
+  Returns:
+    ``(output, activation_stats)``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import adaact_optax
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> y, stats = adaact_optax.nnx.apply(model, jnp.ones((4, 3)))
+    >>> jax.tree.map(jnp.shape, stats.to_pure_dict())
+    {'bias': (1,), 'kernel': (3, 1)}
   """
   graphdef, params, rest = nnx.split(model, wrt, ...)
 
@@ -131,6 +166,26 @@ def stats_shapes(model: nnx.Module, *args, **kwargs) -> nnx.State:
   optimizer's state to the statistics' layout (grouped convolutions, (out, in)
   kernels, ``Embed.attend`` tables, per-block fused projections). The model is
   not modified (its batch statistics, RNG counters... are untouched).
+
+  Args:
+    model: an NNX module.
+    *args: as for :func:`apply`.
+    **kwargs: as for :func:`apply`.
+
+  Returns:
+    An ``nnx.State`` like :func:`apply`'s statistics, with
+    ``jax.ShapeDtypeStruct`` leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import adaact_optax
+    >>> model = nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+    >>> shapes = adaact_optax.nnx.stats_shapes(model, jnp.ones((1, 5, 5, 4)))
+    >>> shapes["kernel"].shape                  # kernel (3, 3, 2, 6): (kh, kw, C/G, G)
+    (3, 3, 2, 2)
+    >>> optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1, stats_shapes=shapes),
+    ...                           wrt=nnx.Param)
   """
   graphdef, state = nnx.split(model)
   with warnings.catch_warnings():

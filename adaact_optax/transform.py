@@ -33,6 +33,14 @@ class ScaleByAdaActState(NamedTuple):
       in the keep-rank layout of ``adaact_optax.matching``: a parameter of
       shape ``K`` has ``K[:-1] + (1,)`` (or the ``stats_shapes`` override),
       vectors ``(1,)``, scalars ``()``. Never parameter-sized.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> state = adaact_optax.scale_by_adaact().init({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+    >>> int(state.count), jax.tree.map(jnp.shape, state.mu), jax.tree.map(jnp.shape, state.nu)
+    (0, {'b': (2,), 'w': (3, 2)}, {'b': (1,), 'w': (3, 1)})
   """
 
   count: jax.Array
@@ -189,17 +197,29 @@ def scale_by_adaact(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales gradients by the second moment of each layer's input activations.
 
-  For a parameter with statistics ``A_t`` (one value per input feature, from
-  ``activation_stats``) and gradient ``g_t``::
+  See :func:`adaact_optax.adaact` for the full optimizer. For a parameter
+  with gradient :math:`g_t` and statistic :math:`A_t` (from
+  ``activation_stats``: the mean over rows of the squared input elements each
+  of its weights multiplies, in the keep-rank layout of
+  :mod:`adaact_optax.matching`), at step :math:`t`:
 
-    M_t = b1 M_{t-1} + (1 - b1) g_t        M_hat = M_t / (1 - b1^t)
-    V_t = b2 V_{t-1} + (1 - b2) A_t        V_hat = V_t / (1 - b2^t)
-    update = M_hat / (V_hat^power + eps)   (V_hat broadcast over output axes)
+  .. math::
 
-  A bias's statistic is the constant input 1, so its update is
-  ``M_hat / (1 + eps)``. Parameters without statistics (norm scales, ...)
-  pass the raw gradient (``unmatched="sgd"``, the authors' rule) or
-  ``M_hat`` (``unmatched="momentum"``).
+    \begin{aligned}
+      M_t &= \beta_1 M_{t-1} + (1 - \beta_1)\, g_t, &
+        \hat M_t &= M_t / (1 - \beta_1^t), \\
+      V_t &= \beta_2 V_{t-1} + (1 - \beta_2)\, A_t, &
+        \hat V_t &= V_t / (1 - \beta_2^t), \\
+      u_t &= \hat M_t \,/\, (\hat V_t^{\,p} + \epsilon), &&
+    \end{aligned}
+
+  where :math:`\beta_1, \beta_2, \epsilon, p` are ``b1``, ``b2``, ``eps``,
+  ``power``, and :math:`\hat V_t` is broadcast over the parameter elements
+  each statistic covers (the output axes). A bias's statistic is the
+  constant input 1, so its update is :math:`\hat M_t / (1 + \epsilon)`.
+  Parameters without statistics (norm scales, ...) pass the raw gradient
+  (``unmatched="sgd"``, the authors' rule) or :math:`\hat M_t`
+  (``unmatched="momentum"``).
 
   A step whose statistics are not all finite (an input that overflows
   float32 when squared, a NaN) is skipped as ``optax.apply_if_finite``
@@ -226,15 +246,38 @@ def scale_by_adaact(
       averaged (one collective per step). Assumes equal local batch sizes.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` whose ``update`` takes
-    ``activation_stats``: a tree keyed like the params (see README).
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`ScaleByAdaActState` and whose
+    ``update(updates, state, params=None, *, activation_stats)`` needs the
+    statistics tree, keyed like the params (``docs/statistics.md``).
 
   Raises:
-    ValueError: at construction, for a concrete hyperparameter out of range
+    ValueError: at construction, a concrete hyperparameter out of range
       (Python, numpy or jax scalars; traced values are not checked), a
-      string, or an integer/bool ``mu_dtype``; at ``init`` for a complex
-      parameter with a real ``mu_dtype``; at ``update`` (trace time) for
-      statistics that cannot scale their parameter, naming the path.
+      string, an integer/bool ``mu_dtype`` or an unknown ``unmatched``; at
+      ``init``, a complex parameter with a real ``mu_dtype``, a ``stats_shapes`` entry that is
+      not a parameter path or cannot scale its parameter (or an uncaptured
+      marker with ``unmatched="error"``); at trace time in ``update``,
+      missing ``activation_stats``, a statistics leaf at no parameter's path
+      or of a shape that cannot scale its parameter (naming the path and
+      the shapes), or an uncaptured marker with ``unmatched="error"``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    >>> grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.full(2, 0.5)}
+    >>> stats = {"w": jnp.array([[4.0], [1.0], [0.25]]), "b": jnp.ones(1)}
+    >>> tx = adaact_optax.scale_by_adaact()
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params, activation_stats=stats)
+    >>> [round(u, 4) for u in updates["w"][:, 0].tolist()]   # step 1: g / sqrt(A)
+    [0.25, 0.5, 1.0]
+
+  References:
+    Seung, Lee and Ko, `An Adaptive Method Stabilizing Activations for
+    Enhanced Generalization <https://arxiv.org/abs/2506.08353>`_, ICDM
+    Workshops 2024.
   """
   _validate(b1, b2, eps, power, unmatched)
   mu_dtype = _check_mu_dtype(mu_dtype)
@@ -476,11 +519,58 @@ def adaact(
     tx = adaact_optax.adaact(1.0, unmatched=optax.adamw(3e-3, weight_decay=0.1),
                              stats_shapes=adaact_optax.linen.stats_shapes(model, variables, x))
 
-  See ``scale_by_adaact`` for the other arguments.
+  Args:
+    learning_rate: a float or an optax schedule (a function of the step).
+    b1: decay of the gradient EMA, in [0, 1).
+    b2: decay of the activation second-moment EMA, in [0, 1).
+    eps: added to ``V_hat^power``, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    power: exponent of ``V_hat`` (0.5 in the paper), > 0.
+    mask: a tree of booleans like the params (or a function of them) saying
+      which parameters get weight decay, as in ``optax.adamw``.
+    mu_dtype: dtype of the first moment; ``None`` keeps the params' dtype.
+    unmatched: ``"sgd"``, ``"momentum"`` or ``"error"`` (see
+      :func:`scale_by_adaact`), or an optax transformation (above).
+    stats_shapes: the statistics' shapes, keyed like the params (the
+      capture's ``stats_shapes`` functions); needed for grouped
+      convolutions and with a transformation as ``unmatched``.
+    axis_name: a ``pmap``/``shard_map`` axis to average the statistics over.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
+    ``activation_stats=``. Its state's first element is the
+    :class:`ScaleByAdaActState` (unless ``unmatched`` is a transformation).
 
   Raises:
     ValueError: a hyperparameter out of range; ``unmatched`` a transformation
-      without ``stats_shapes``.
+      without ``stats_shapes``. ``update`` raises as :func:`scale_by_adaact`'s.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import adaact_optax
+    >>> def loss(params, x, y):
+    ...   return jnp.mean((x @ params["w"] - y) ** 2)
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    >>> y = jnp.array([[1.0], [2.0], [3.0]])
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> tx = adaact_optax.adaact(learning_rate=0.02)
+    >>> opt_state = tx.init(params)
+    >>> for _ in range(5):
+    ...   value, grads, stats = adaact_optax.value_grad_and_stats(loss)(params, x, y)
+    ...   updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print(f"{value:.3f}")
+    4.667
+    2.237
+    0.884
+    0.238
+    0.023
+
+  References:
+    Seung, Lee and Ko, `An Adaptive Method Stabilizing Activations for
+    Enhanced Generalization <https://arxiv.org/abs/2506.08353>`_, ICDM
+    Workshops 2024.
   """
   _check_learning_rate(learning_rate)
   _check("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "finite and >= 0")

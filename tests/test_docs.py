@@ -87,12 +87,13 @@ TO_BE_PRIVATE = {
     "adaact_optax.capture.CONST", "adaact_optax.capture.DATA", "adaact_optax.capture.Factor",
     "adaact_optax.capture.Opaque", "adaact_optax.capture.Piece", "adaact_optax.capture.View",
     "adaact_optax.capture.warn_uncaptured",
-    "adaact_optax.linen.conv_layer_moments", "adaact_optax.linen.embedding_floor",
-    "adaact_optax.linen.with_bias",
+    "adaact_optax.linen.conv_layer_moments", "adaact_optax.linen.with_bias",
     "adaact_optax.matching.align", "adaact_optax.matching.apply_scale",
     "adaact_optax.matching.broadcast_plan", "adaact_optax.matching.default_moment_shape",
     "adaact_optax.matching.moment_shapes", "adaact_optax.matching.moment_zeros",
-    "adaact_optax.matching.path_name",
+    "adaact_optax.matching.param_names", "adaact_optax.matching.path_name",
+    "adaact_optax.matching.stats_leaves", "adaact_optax.matching.uncaptured_paths",
+    "adaact_optax.matching.with_statistics",
 }
 
 
@@ -117,3 +118,12 @@ def test_api_reference_lists_exactly_the_public_names():
   assert documented == expected, (
       f"missing from docs/api.md: {sorted(expected - documented)}; "
       f"documented but not public: {sorted(documented - expected)}")
+
+
+def test_readme_is_short_and_free_of_lab_notes():
+  text = (ROOT / "README.md").read_text()
+  assert len(text.splitlines()) <= 200
+  assert "/tmp/" not in text                                   # no temporary paths
+  assert not re.search(r"`[0-9a-f]{7,40}`", text)              # no commit hashes
+  assert not re.search(r"\b\d+(\.\d+)? ?(ms|s)\b", text.split("## Citation")[0]), \
+      "timings go stale: put them in docs/benchmarks.md"
