@@ -17,7 +17,7 @@ from optax import tree_utils as otu
 
 from adaact_optax import matching
 
-_UNMATCHED = ("sgd", "momentum")
+_UNMATCHED = ("sgd", "momentum", "error")
 
 
 class ScaleByAdaActState(NamedTuple):
@@ -26,9 +26,10 @@ class ScaleByAdaActState(NamedTuple):
   Attributes:
     count: int32 scalar, number of updates taken.
     mu: first moment of the gradients, like the params, in ``mu_dtype``.
-    nu: float32 EMA of the squared layer inputs, one value per input feature:
-      a parameter of shape ``K`` has ``K[:-1]`` (or the ``stats_shapes``
-      override); vectors have a scalar. Never parameter-sized.
+    nu: float32 EMA of the squared layer inputs, one value per input feature,
+      in the keep-rank layout of ``adaact_optax.matching``: a parameter of
+      shape ``K`` has ``K[:-1] + (1,)`` (or the ``stats_shapes`` override),
+      vectors ``(1,)``, scalars ``()``. Never parameter-sized.
   """
 
   count: jax.Array
@@ -58,6 +59,16 @@ def _missing_stats_error():
       "adaact_optax.linen.apply(model, variables, x)[1][adaact_optax.linen.COLLECTION] "
       "or adaact_optax.nnx.apply(model, x)[1]. Pass activation_stats={} to update every "
       "parameter as unmatched.")
+
+
+def _uncaptured_error(names):
+  return ValueError(
+      f"AdaAct has no statistics for {names}: the capture saw these weights multiply an "
+      "activation but could not record their input (see the UncapturedWeightWarning it "
+      "emitted), and unmatched='error' refuses to train them without. Fix: record the "
+      "layer's input with the sow hatch (adaact_optax.linen.sow_input / the NNX "
+      "equivalent) in the custom layer, or pass unmatched='sgd' or unmatched='momentum' "
+      "to accept plain updates for them.")
 
 
 def pmean_tree(tree, axis_name):
@@ -113,9 +124,13 @@ def scale_by_adaact(
     power: exponent of ``V_hat`` (0.5 in the paper), > 0.
     mu_dtype: dtype of the first moment; ``None`` keeps the params' dtype.
       The second moment is always float32.
-    unmatched: ``"sgd"`` or ``"momentum"``, see above.
-    stats_shapes: optional tree of statistics shapes keyed like the params,
-      for layers whose statistics are not the kernel's leading axes (grouped
+    unmatched: ``"sgd"`` or ``"momentum"``, see above; ``"error"`` is
+      ``"sgd"`` for parameters without statistics, but raises a ValueError
+      (at trace time, naming the paths) for parameters the capture marked
+      uncaptured (``matching.UNCAPTURED_SHAPE`` leaves).
+    stats_shapes: optional tree of statistics shapes keyed like the params
+      (keep-rank or 0.1.0 forms, see ``adaact_optax.matching``), for layers
+      whose statistics are not the default ``K[:-1] + (1,)`` (grouped
       convolutions); see ``adaact_optax.linen.stats_shapes``.
     axis_name: a ``pmap``/``shard_map`` axis over which the statistics are
       averaged (one collective per step). Assumes equal local batch sizes.
@@ -128,6 +143,8 @@ def scale_by_adaact(
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
+    if unmatched == "error" and matching.uncaptured_paths(stats_shapes):
+      raise _uncaptured_error(matching.uncaptured_paths(stats_shapes))
     mu = otu.tree_zeros_like(params, dtype=mu_dtype)
     nu = matching.moment_zeros(params, stats_shapes)
     return ScaleByAdaActState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
@@ -139,6 +156,12 @@ def scale_by_adaact(
     if axis_name is not None:
       activation_stats = pmean_tree(activation_stats, axis_name)
     stats = matching.align(activation_stats, updates, state.nu)
+    if unmatched == "error":
+      # Only parameters this transform owns (optax.masked/partition drop the rest).
+      owned = set(matching.param_names(updates))
+      refused = [n for n in matching.uncaptured_paths(activation_stats) if n in owned]
+      if refused:
+        raise _uncaptured_error(refused)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
     # float32 arrays, so the plain optimizer and one under optax.inject_hyperparams
@@ -147,7 +170,7 @@ def scale_by_adaact(
     bc1, bc2 = 1 - b1_ ** t, 1 - b2_ ** t
 
     def leaf(path, g, m, v, a):
-      if a is None and unmatched == "sgd":
+      if a is None and unmatched != "momentum":
         return g, m, v
       m_new = b1_ * m.astype(jnp.float32) + (1 - b1_) * g.astype(jnp.float32)
       if a is None:

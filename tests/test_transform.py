@@ -117,8 +117,8 @@ def test_state_is_per_input_feature_and_dtypes():
             "attn": {"kernel": jnp.zeros((64, 4, 16))}, "scale": jnp.zeros((7,))}
   state = adaact_optax.scale_by_adaact(mu_dtype=jnp.bfloat16).init(params)
   assert state.count.dtype == jnp.int32
-  assert jax.tree.map(jnp.shape, state.nu) == {"conv": {"kernel": (3, 3, 16), "bias": ()},
-                                               "attn": {"kernel": (64, 4)}, "scale": ()}
+  assert jax.tree.map(jnp.shape, state.nu) == {"conv": {"kernel": (3, 3, 16, 1), "bias": (1,)},
+                                               "attn": {"kernel": (64, 4, 1)}, "scale": (1,)}
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.nu))
   assert all(l.dtype == jnp.bfloat16 for l in jax.tree.leaves(state.mu))
   nu_size = sum(l.size for l in jax.tree.leaves(state.nu))
@@ -132,7 +132,7 @@ def test_prefix_statistics_fill_multi_output_kernels():
   tx = adaact_optax.scale_by_adaact(b1=0.0, b2=0.0)
   updates, state = tx.update(grads, tx.init(params), activation_stats={"q": jnp.array([1.0, 4.0, 9.0, 16.0])})
   np.testing.assert_allclose(updates["q"][:, 1, 2], 1 / (np.array([1.0, 2.0, 3.0, 4.0]) + 1e-8), rtol=1e-6)
-  assert state.nu["q"].shape == (4, 2)
+  assert state.nu["q"].shape == (4, 2, 1)
 
 
 def test_grouped_kernels_broadcast_per_group():
