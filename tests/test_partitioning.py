@@ -345,14 +345,24 @@ def expected_specs(state, param_shapes, param_specs, nu_table, to_mesh=lambda s:
   return jax.tree_util.tree_map_with_path(spec, state)
 
 
-def assert_sharded(tree, specs, mesh):
+def assert_sharded(tree, specs, mesh, got=None):
+  """Every leaf of ``tree`` is sharded by ``specs`` (or, given ``got``, a
+  tree of its ``PartitionSpec``s / ``NamedSharding``s, those say so)."""
+  is_spec = lambda x: isinstance(x, (P, NamedSharding))
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  assert len(leaves) == len(spec_leaves)
-  for (path, a), spec in zip(leaves, spec_leaves):
-    want = NamedSharding(mesh, spec)
-    assert a.sharding.is_equivalent_to(want, a.ndim), (jax.tree_util.keystr(path), a.shape,
-                                                       a.sharding.spec, spec)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=is_spec)
+  if got is None:
+    got_leaves = [a.sharding for _, a in leaves]
+  else:  # a prefix of ``tree``: masked entries (optax.MaskedNode) hold no leaves
+    per_leaf = jax.tree.map(lambda g, sub: [g] * len(jax.tree.leaves(sub)), got, tree,
+                            is_leaf=lambda x: x is None or is_spec(x))
+    got_leaves = [g for gs in jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
+                  for g in gs]
+  assert len(leaves) == len(spec_leaves) == len(got_leaves)
+  for (path, a), spec, g in zip(leaves, spec_leaves, got_leaves):
+    g = g if isinstance(g, NamedSharding) else NamedSharding(mesh, g)
+    assert g.is_equivalent_to(NamedSharding(mesh, spec), a.ndim), (
+        jax.tree_util.keystr(path), a.shape, g.spec, spec)
 
 
 def assert_parity(actual, expected):
@@ -405,21 +415,25 @@ def test_linen_state_sharded_by_its_own_metadata(name, mesh_name):
   model, xs, ys, make_tx, nu_table = linen_case(name)
   mesh = make_mesh(mesh_name)
   key = jax.random.key(0)
-  abstract = jax.eval_shape(model.init, key, xs[0])["params"]
-  p_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)
+  if name == "mlp":   # nn.Partitioned: mesh axis names
+    shardings = lambda tree: nn.get_sharding(tree, mesh)
+    to_mesh = lambda spec: spec
+  else:               # nn.LogicallyPartitioned
+    shardings = lambda tree: nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, RULES)
+    to_mesh = lambda spec: nn.logical_to_mesh_axes(tuple(spec), RULES)
+  p_shard = shardings(jax.eval_shape(model.init, key, xs[0])["params"])
   boxed = jax.jit(lambda: model.init(key, xs[0])["params"], out_shardings=p_shard)()
   tx = make_tx(aa_linen.stats_shapes(model, {"params": nn.unbox(boxed)}, xs[0]))
 
   # The flow of Flax's lm1b example: the state's specs from its own metadata.
-  abstract_state = jax.eval_shape(tx.init, boxed)
-  s_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_state), mesh, RULES)
+  s_shard = shardings(jax.eval_shape(tx.init, boxed))
   opt_state = jax.jit(tx.init, out_shardings=s_shard)(boxed)
 
   params, opt_state = nn.unbox(boxed), nn.unbox(opt_state)
   shapes = {n: tuple(a.shape) for n, a in by_name(params).items()}
   param_specs = {n: s.spec for n, s in by_name(p_shard).items()}
-  to_mesh = lambda spec: nn.logical_to_mesh_axes(tuple(spec), RULES)
   want = expected_specs(opt_state, shapes, param_specs, nu_table, to_mesh)
+  assert_sharded(opt_state, want, mesh, got=s_shard)
   assert_sharded(opt_state, want, mesh)
   # adaact_optax.sharding agrees with the metadata.
   helper = aa_sharding.state_shardings(tx, p_shard, params)
@@ -505,6 +519,8 @@ def test_nnx_optimizer_state_sharded_by_its_own_metadata(name, mesh_name):
     param_specs = {n: s for n, s in by_name(nnx.get_partition_spec(params)).items()}
     opt_state = nnx.state(optimizer)
     want = expected_specs(opt_state, shapes, param_specs, nu_table)
+    # The metadata's specs (what users hand to out_shardings), and the arrays.
+    assert_sharded(opt_state, want, mesh, got=nnx.get_partition_spec(opt_state))
     assert_sharded(opt_state, want, mesh)
     # adaact_optax.sharding agrees with the metadata.
     helper = aa_sharding.state_partition_specs(tx, nnx.get_partition_spec(params), params)
