@@ -4,11 +4,13 @@ from adaact_optax import linen, matching, moments, nnx, sharding
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
 from adaact_optax.diagnostics import activation_summary
 from adaact_optax.train_state import TrainState
-from adaact_optax.transform import ScaleByAdaActState, adaact, scale_by_adaact
+from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
+                                    scale_by_activation_rms, scale_by_adaact)
 
 __all__ = [
     "MultiSteps",
     "MultiStepsState",
+    "ScaleByActivationRMSState",
     "ScaleByAdaActState",
     "TrainState",
     "activation_summary",
@@ -17,6 +19,7 @@ __all__ = [
     "matching",
     "moments",
     "nnx",
+    "scale_by_activation_rms",
     "scale_by_adaact",
     "sharding",
 ]

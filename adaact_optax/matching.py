@@ -156,7 +156,7 @@ def _drop_masked(names, tree: PyTree) -> list[str]:
   return sorted(n for n in names if not any(n == m or n.startswith(m + "/") for m in masked))
 
 
-def _stats_leaves(tree: PyTree) -> dict[str, Any]:
+def stats_leaves(tree: PyTree) -> dict[str, Any]:
   """``{path name: leaf}`` of a statistics tree (shape tuples count as leaves)."""
   if tree is None:
     return {}
@@ -189,7 +189,7 @@ def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
     ValueError: an entry at a path that is no parameter, or a shape that
       cannot scale its parameter (naming the path and the shapes).
   """
-  overrides = _stats_leaves(stats_shapes)
+  overrides = stats_leaves(stats_shapes)
   if overrides:
     extra = _drop_masked(overrides.keys() - set(param_names(params)), params)
     if extra:
@@ -223,7 +223,7 @@ def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
 
   Absent entries, ``None`` and the UNCAPTURED marker are False.
   """
-  entries = _stats_leaves(stats_shapes)
+  entries = stats_leaves(stats_shapes)
   extra = _drop_masked(entries.keys() - set(param_names(params)), params)
   if extra:
     raise _unknown_paths_error("stats_shapes", extra, [_shape_of(entries[e]) for e in extra],
@@ -235,7 +235,7 @@ def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
 
 def uncaptured_paths(stats: PyTree) -> list[str]:
   """Sorted paths of the UNCAPTURED markers in a statistics (or shapes) tree."""
-  return sorted(n for n, leaf in _stats_leaves(stats).items() if is_uncaptured(leaf))
+  return sorted(n for n, leaf in stats_leaves(stats).items() if is_uncaptured(leaf))
 
 
 def broadcast_plan(moment_shape, param_shape, name: str) -> str:
@@ -296,7 +296,7 @@ def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
     ValueError (at trace time) for a path that is not a parameter or a
     shape that cannot be matched, naming the path and the shapes.
   """
-  by_name = _stats_leaves(stats)
+  by_name = stats_leaves(stats)
   seen = set()
 
   def place(path, g, v):

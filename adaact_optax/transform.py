@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from optax import tree_utils as otu
@@ -35,30 +38,111 @@ class ScaleByAdaActState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
+  skipped: jax.Array
+
+
+def _concrete(name, value):
+  """``value`` as a Python float, or None when it is traced (exempt from checks).
+
+  Python numbers, numpy scalars and concrete jax arrays (also the arrays
+  ``optax.inject_hyperparams`` passes at ``init``) are converted with
+  ``float()``; a tracer refuses the conversion and is exempt.
+  """
+  if isinstance(value, (str, bytes)):
+    raise ValueError(f"{name} must be a number, got the string {value!r}")
+  try:
+    return float(value)
+  except jax.errors.ConcretizationTypeError:
+    return None  # traced (jit, inject_hyperparams under jit): cannot be checked here
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a real scalar, got {value!r} of type "
+                     f"{type(value).__name__}") from None
 
 
 def _check(name, value, ok, requirement):
-  # Hyperparameters may be tracers under optax.inject_hyperparams; check numbers only.
-  if isinstance(value, (int, float)) and not ok(value):
+  v = _concrete(name, value)
+  if v is not None and not ok(v):
     raise ValueError(f"{name} must be {requirement}, got {value!r}")
 
 
+def _below_one_in_float32(v) -> bool:
+  # The transform computes 1 - b**t in float32: b must stay below 1 there.
+  return 0 <= v and float(np.float32(v)) < 1
+
+
 def _validate(b1, b2, eps, power, unmatched):
-  _check("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
-  _check("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
-  _check("eps", eps, lambda v: v >= 0, ">= 0")
-  _check("power", power, lambda v: v > 0, "> 0")
-  if unmatched not in _UNMATCHED:
-    raise ValueError(f"unmatched must be one of {_UNMATCHED}, got {unmatched!r}")
+  requirement = "in [0, 1) (also once rounded to float32, where the optimizer computes)"
+  _check("b1", b1, _below_one_in_float32, requirement)
+  _check("b2", b2, _below_one_in_float32, requirement)
+  _check("eps", eps, lambda v: 0 <= v < math.inf, "finite and >= 0")
+  _check("power", power, lambda v: 0 < v < math.inf, "finite and > 0")
+  if isinstance(unmatched, str) and unmatched not in _UNMATCHED or not isinstance(
+      unmatched, (str, optax.GradientTransformation)):
+    raise ValueError(f"unmatched must be one of {_UNMATCHED} or, for adaact(), an optax "
+                     f"transformation; got {unmatched!r}")
+  if not isinstance(unmatched, str):
+    raise ValueError("unmatched=<an optax transformation> is accepted by adaact(), not by "
+                     "scale_by_adaact: wrap scale_by_adaact in optax.partition instead")
+
+
+def _check_mu_dtype(mu_dtype):
+  if mu_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(mu_dtype)
+  except TypeError:
+    raise ValueError(f"mu_dtype must be a floating dtype (e.g. jnp.bfloat16), got "
+                     f"{mu_dtype!r}") from None
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(f"mu_dtype must be a floating (or complex) dtype, got {dtype}: an "
+                     "integer or bool first moment would truncate the momentum. Use e.g. "
+                     "jnp.bfloat16 or jnp.float32, or None for the parameters' dtype.")
+  return dtype
+
+
+def _check_learning_rate(learning_rate):
+  if not callable(learning_rate):
+    _check("learning_rate", learning_rate, math.isfinite, "a finite number or an optax schedule")
 
 
 def _missing_stats_error():
   return ValueError(
-      "scale_by_adaact needs the layer-input statistics: call "
+      "AdaAct needs the layer-input statistics: call "
       "tx.update(grads, opt_state, params, activation_stats=stats), with stats = "
       "adaact_optax.linen.apply(model, variables, x)[1][adaact_optax.linen.COLLECTION] "
       "or adaact_optax.nnx.apply(model, x)[1]. Pass activation_stats={} to update every "
-      "parameter as unmatched.")
+      "parameter as unmatched. With flax.training.train_state.TrainState: its "
+      "apply_gradients calls tx.update(grads, opt_state, params) and never forwards "
+      "activation_stats= (it treats extra keywords as fields to replace), so the "
+      "statistics are lost even when you pass them; use adaact_optax.TrainState, whose "
+      "apply_gradients(grads=..., activation_stats=...) passes them to the optimizer.")
+
+
+def _not_a_state_error(state, expected: str):
+  return ValueError(
+      f"{expected}.update got a state of type {type(state).__name__}, not the state "
+      f"{expected}.init returns. A checkpoint restored without a target gives plain "
+      "dicts and lists: restore it with the target tx.init(params) (orbax: "
+      "ocp.args.StandardRestore(tx.init(params))). A checkpoint written by adaact-optax "
+      "0.1.0 (no skip counter, second moment of shape K[:-1]) converts with "
+      "adaact_optax.migrate_state(old_state, tx, params).")
+
+
+def _tree_unzip(treedef, results, n):
+  """``n`` trees from a tree of ``n``-tuples (also when there are no leaves)."""
+  flat = treedef.flatten_up_to(results)
+  return tuple(treedef.unflatten([r[i] for r in flat]) for i in range(n))
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _compute_dtype(x):
+  # float32 arithmetic for real parameters (bfloat16 included), complex64 for
+  # complex ones, so the imaginary part is never dropped.
+  return jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32
 
 
 def _uncaptured_error(names):
@@ -117,13 +201,19 @@ def scale_by_adaact(
   pass the raw gradient (``unmatched="sgd"``, the authors' rule) or
   ``M_hat`` (``unmatched="momentum"``).
 
+  A step whose statistics are not all finite (an input that overflows
+  float32 when squared, a NaN) is skipped as ``optax.apply_if_finite``
+  skips a non-finite gradient: zero updates, ``mu``, ``nu`` and ``count``
+  unchanged, and ``skipped`` (in the state) counts it. Complex parameters
+  keep their momentum in their own (complex) dtype; the statistics are real.
+
   Args:
     b1: decay of the gradient EMA, in [0, 1).
     b2: decay of the activation second-moment EMA, in [0, 1).
     eps: added to ``V_hat^power``, >= 0.
     power: exponent of ``V_hat`` (0.5 in the paper), > 0.
-    mu_dtype: dtype of the first moment; ``None`` keeps the params' dtype.
-      The second moment is always float32.
+    mu_dtype: dtype of the first moment (floating); ``None`` keeps the
+      params' dtype. The second moment is always float32.
     unmatched: ``"sgd"`` or ``"momentum"``, see above; ``"error"`` is
       ``"sgd"`` for parameters without statistics, but raises a ValueError
       (at trace time, naming the paths) for parameters the capture marked
@@ -138,19 +228,36 @@ def scale_by_adaact(
   Returns:
     A ``GradientTransformationExtraArgs`` whose ``update`` takes
     ``activation_stats``: a tree keyed like the params (see README).
+
+  Raises:
+    ValueError: at construction, for a concrete hyperparameter out of range
+      (Python, numpy or jax scalars; traced values are not checked), a
+      string, or an integer/bool ``mu_dtype``; at ``init`` for a complex
+      parameter with a real ``mu_dtype``; at ``update`` (trace time) for
+      statistics that cannot scale their parameter, naming the path.
   """
   _validate(b1, b2, eps, power, unmatched)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _check_mu_dtype(mu_dtype)
 
   def init_fn(params):
     if unmatched == "error" and matching.uncaptured_paths(stats_shapes):
       raise _uncaptured_error(matching.uncaptured_paths(stats_shapes))
+    if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.complexfloating):
+      complex_params = [matching.path_name(p) for p, x in
+                        jax.tree_util.tree_flatten_with_path(params)[0] if jnp.iscomplexobj(x)]
+      if complex_params:
+        raise ValueError(f"mu_dtype={mu_dtype} is real, but the parameters {complex_params} "
+                         "are complex: their momentum would lose its imaginary part. Pass "
+                         "mu_dtype=None (the parameters' dtype) or a complex dtype.")
     mu = otu.tree_zeros_like(params, dtype=mu_dtype)
     nu = matching.moment_zeros(params, stats_shapes)
-    return ScaleByAdaActState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleByAdaActState(count=zero, mu=mu, nu=nu, skipped=zero)
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
     del params, extra_args
+    if not isinstance(state, ScaleByAdaActState):
+      raise _not_a_state_error(state, "scale_by_adaact")
     if activation_stats is None:
       raise _missing_stats_error()
     if axis_name is not None:
@@ -172,7 +279,8 @@ def scale_by_adaact(
     def leaf(path, g, m, v, a):
       if a is None and unmatched != "momentum":
         return g, m, v
-      m_new = b1_ * m.astype(jnp.float32) + (1 - b1_) * g.astype(jnp.float32)
+      dtype = _compute_dtype(g)
+      m_new = b1_ * m.astype(dtype) + (1 - b1_) * g.astype(dtype)
       if a is None:
         u = m_new * (1 / bc1)
       else:
@@ -186,11 +294,153 @@ def scale_by_adaact(
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
-    treedef = jax.tree.structure(updates)
-    new_updates, mu, nu = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(results)))
-    return new_updates, ScaleByAdaActState(count=count, mu=mu, nu=nu)
+    new_updates, mu, nu = _tree_unzip(jax.tree.structure(updates), results, 3)
+    # A step with non-finite statistics is skipped whole (see the docstring);
+    # the selects fuse into the elementwise update, so a finite step is unchanged.
+    ok = _all_finite(stats)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
+    new_state = ScaleByAdaActState(
+        count=keep(count, state.count), mu=jax.tree.map(keep, mu, state.mu),
+        nu=jax.tree.map(keep, nu, state.nu), skipped=state.skipped + (~ok).astype(jnp.int32))
+    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScaleByActivationRMSState(NamedTuple):
+  """State of ``scale_by_activation_rms``.
+
+  Attributes:
+    count: int32 scalar, number of updates taken.
+    nu: float32 EMA of the squared layer inputs, exactly as
+      ``ScaleByAdaActState.nu`` (same shapes, same partitioning metadata).
+  """
+
+  count: jax.Array
+  nu: optax.Updates
+  skipped: jax.Array
+
+
+def scale_by_activation_rms(
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    power: float = 0.5,
+    *,
+    stats_shapes: Any | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaAct's activation preconditioner on its own, as an optax building block.
+
+  Keeps only the EMA of each weight's squared inputs ``V`` (one value per
+  input feature, the keep-rank layout of ``adaact_optax.matching``) and a
+  count, and divides the incoming updates ``u`` by it::
+
+    V_t = b2 V_{t-1} + (1 - b2) A_t        V_hat = V_t / (1 - b2^t)
+    out = u / (V_hat^power + eps)          (V_hat broadcast over output axes)
+
+  A bias's statistic is the constant 1, so it is divided by ``1 + eps``;
+  the updates of parameters without statistics (or with the UNCAPTURED
+  marker) pass through unchanged. A step whose statistics are not finite
+  gives zero updates and leaves ``nu`` and ``count`` unchanged (``skipped``
+  counts it); the other transformations of a chain still update their own
+  state. AdaAct is the chain::
+
+    optax.chain(optax.ema(b1, debias=True), scale_by_activation_rms(b2, eps),
+                optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr))
+    # == adaact(lr, b1, b2, eps, wd, unmatched="momentum") up to float32 rounding
+
+  Args:
+    b2: decay of the activation second-moment EMA, in [0, 1).
+    eps: added to ``V_hat^power``, >= 0.
+    power: exponent of ``V_hat``, > 0.
+    stats_shapes: optional tree of statistics shapes, as in ``scale_by_adaact``.
+    axis_name: a ``pmap``/``shard_map`` axis over which the statistics are
+      averaged, as in ``scale_by_adaact``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose ``update`` takes
+    ``activation_stats`` (a tree keyed like the params).
+  """
+  _validate(0.0, b2, eps, power, "sgd")
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleByActivationRMSState(count=zero, nu=matching.moment_zeros(params, stats_shapes),
+                                     skipped=zero)
+
+  def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
+    del params, extra_args
+    if not isinstance(state, ScaleByActivationRMSState):
+      raise _not_a_state_error(state, "scale_by_activation_rms")
+    if activation_stats is None:
+      raise _missing_stats_error()
+    if axis_name is not None:
+      activation_stats = pmean_tree(activation_stats, axis_name)
+    stats = matching.align(activation_stats, updates, state.nu)
+    count = optax.safe_increment(state.count)
+    b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b2, eps))
+    bc2 = 1 - b2_ ** count.astype(jnp.float32)
+
+    def leaf(path, u, v, a):
+      if a is None:
+        return u, v
+      v = b2_ * v + (1 - b2_) * a
+      scale = step_scale(v / bc2, power, eps_)
+      out = matching.apply_scale(u.astype(_compute_dtype(u)), scale, matching.path_name(path))
+      return out.astype(u.dtype), v
+
+    results = jax.tree_util.tree_map_with_path(leaf, updates, state.nu, stats)
+    new_updates, nu = _tree_unzip(jax.tree.structure(updates), results, 2)
+    ok = _all_finite(stats)
+    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, ScaleByActivationRMSState(
+        count=jnp.where(ok, count, state.count),
+        nu=jax.tree.map(lambda new, old: jnp.where(ok, new, old), nu, state.nu),
+        skipped=state.skipped + (~ok).astype(jnp.int32))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _unmatched_needs_stats_shapes():
+  return ValueError(
+      "adaact(unmatched=<an optax transformation>) needs stats_shapes=: which parameters "
+      "have statistics must be known at init, so the transformation's state covers only the "
+      "others. Pass the layout the capture reports, e.g. stats_shapes="
+      "adaact_optax.linen.stats_shapes(model, variables, x) (or adaact_optax.nnx."
+      "stats_shapes(model, x)); or use a string unmatched='sgd'/'momentum'.")
+
+
+def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
+  """``optax.partition`` of ``adaact_tx`` (parameters with statistics) and ``other``."""
+  labels = lambda params: jax.tree.map(
+      lambda has: "adaact" if has else "unmatched",
+      matching.with_statistics(params, stats_shapes))
+  tx = optax.partition({"adaact": adaact_tx, "unmatched": other}, labels)
+
+  def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
+    if activation_stats is None:
+      raise _missing_stats_error()
+    # The split was fixed at init from stats_shapes; statistics that disagree
+    # with it would be dropped (or missed) silently, so they are an error.
+    owned = set(matching.param_names(updates))
+    expected = {n for n, has in zip(matching.param_names(updates),
+                                    jax.tree.leaves(matching.with_statistics(updates,
+                                                                             stats_shapes)))
+                if has}
+    given = {n for n, leaf in matching.stats_leaves(activation_stats).items()
+             if n in owned and not matching.is_uncaptured(leaf)}
+    if given != expected:
+      raise ValueError(
+          "adaact(unmatched=<an optax transformation>): activation_stats and the "
+          "stats_shapes the optimizer was built with disagree: statistics at "
+          f"{sorted(given - expected)} but stats_shapes has none there, none at "
+          f"{sorted(expected - given)} where stats_shapes has them. Build the optimizer "
+          "with the stats_shapes of the model and inputs you train (the capture's "
+          "stats_shapes function).")
+    return tx.update(updates, state, params, activation_stats=activation_stats, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def adaact(
@@ -203,7 +453,7 @@ def adaact(
     power: float = 0.5,
     mask: Any | None = None,
     mu_dtype: Any | None = None,
-    unmatched: str = "sgd",
+    unmatched: str | optax.GradientTransformation = "sgd",
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -213,12 +463,61 @@ def adaact(
   as in ``optax.adamw``) and the learning rate (a float or an optax
   schedule). The paper's defaults: lr 0.1, b1 0.9, b2 0.999, eps 1e-8,
   weight decay 2e-3. Works inside ``optax.inject_hyperparams``.
+
+  ``unmatched`` may also be a complete optax optimizer for the parameters
+  without statistics (norm scales, embeddings, ...), applied as given with
+  its own learning rate, schedule and weight decay; ``learning_rate`` and
+  ``weight_decay`` then apply to the parameters with statistics only. The
+  split is fixed at ``init`` from ``stats_shapes`` (required then: the
+  parameters with a non-marker entry have statistics), and the
+  transformation's state covers the other parameters only. It is
+  ``optax.partition({'adaact': adaact(...), 'unmatched': tx}, labels)``::
+
+    tx = adaact_optax.adaact(1.0, unmatched=optax.adamw(3e-3, weight_decay=0.1),
+                             stats_shapes=adaact_optax.linen.stats_shapes(model, variables, x))
+
   See ``scale_by_adaact`` for the other arguments.
+
+  Raises:
+    ValueError: a hyperparameter out of range; ``unmatched`` a transformation
+      without ``stats_shapes``.
   """
-  _check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
-  return optax.chain(
+  _check_learning_rate(learning_rate)
+  _check("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "finite and >= 0")
+  if isinstance(unmatched, optax.GradientTransformation):
+    if stats_shapes is None:
+      raise _unmatched_needs_stats_shapes()
+    inner = adaact(learning_rate, b1, b2, eps, weight_decay, power=power, mask=mask,
+                   mu_dtype=mu_dtype, unmatched="sgd", stats_shapes=stats_shapes,
+                   axis_name=axis_name)
+    return _skip_whole_step(_with_unmatched_optimizer(inner, unmatched, stats_shapes),
+                            optax.PartitionState)
+  return _skip_whole_step(optax.chain(
       scale_by_adaact(b1, b2, eps, power, mu_dtype=mu_dtype, unmatched=unmatched,
                       stats_shapes=stats_shapes, axis_name=axis_name),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ), tuple)
+
+
+def _skip_whole_step(tx, state_type):
+  """``tx`` whose whole step (weight decay, schedule counts, other branches) is
+  skipped when its AdaAct transform skipped a step of non-finite statistics."""
+  is_scale = lambda x: isinstance(x, ScaleByAdaActState)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if not isinstance(state, state_type):
+      raise _not_a_state_error(state, "adaact")
+    new_updates, new_state = tx.update(updates, state, params, **extra_args)
+    counters = lambda tree: [s.skipped for s in jax.tree.leaves(tree, is_leaf=is_scale)
+                             if is_scale(s)]
+    if not counters(state):
+      return new_updates, new_state
+    skip = jnp.any(jnp.stack([n > o for n, o in zip(counters(new_state), counters(state))]))
+    # AdaAct's own state already handled the skip (and counted it); restore the rest.
+    new_state = jax.tree.map(lambda n, o: n if is_scale(n) else jnp.where(skip, o, n),
+                             new_state, state, is_leaf=is_scale)
+    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

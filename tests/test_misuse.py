@@ -1,0 +1,211 @@
+"""Issue 12: every misuse either works correctly or stops with an error that says what to do."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaact_optax
+
+
+def _tiny():
+  params = {"dense": {"kernel": jnp.full((3, 2), 0.5), "bias": jnp.zeros((2,))},
+            "norm": {"scale": jnp.ones((2,))}}
+  grads = {"dense": {"kernel": jnp.full((3, 2), 0.1), "bias": jnp.full((2,), 0.2)},
+           "norm": {"scale": jnp.full((2,), 0.3)}}
+  stats = {"dense": {"kernel": jnp.array([[1.0], [4.0], [0.25]]), "bias": jnp.ones((1,))}}
+  return params, grads, stats
+
+
+def _update(tx, state, grads, params, stats):
+  return jax.jit(lambda s, a: tx.update(grads, s, params, activation_stats=a))(state, stats)
+
+
+# --- 2. hyperparameters: every concrete value is checked -------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"b2": np.float32(1.0)}, "b2 must be in"),
+    ({"b1": np.float64(1.5)}, "b1 must be in"),
+    ({"eps": jnp.asarray(-1.0)}, "eps must be finite and >= 0"),
+    ({"eps": float("nan")}, "eps"),
+    ({"b2": 0.99999999}, r"b2 must be in \[0, 1\) \(also once rounded to float32"),
+    ({"power": "0.5"}, "power must be a number, got the string"),
+    ({"power": jnp.zeros(())}, "power must be finite and > 0"),
+    ({"mu_dtype": jnp.int32}, "mu_dtype must be a floating.*truncate"),
+    ({"mu_dtype": bool}, "mu_dtype must be a floating"),
+    ({"weight_decay": np.float32(-1e-3)}, "weight_decay"),
+])
+def test_concrete_hyperparameters_are_checked_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    adaact_optax.adaact(0.1, **kwargs)
+
+
+def test_learning_rate_string_and_non_scalar():
+  with pytest.raises(ValueError, match="learning_rate must be a number, got the string"):
+    adaact_optax.adaact("0.1")
+  with pytest.raises(ValueError, match="learning_rate must be a real scalar"):
+    adaact_optax.adaact(jnp.ones(3))
+  with pytest.raises(ValueError, match="learning_rate must be a finite"):
+    adaact_optax.adaact(float("inf"))
+
+
+def test_inject_hyperparams_concrete_values_are_checked_at_init():
+  params, _, _ = _tiny()
+  tx = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.1, b2=1.0)
+  with pytest.raises(ValueError, match="b2 must be in"):
+    tx.init(params)
+
+
+def test_traced_hyperparameters_are_exempt():
+  # Under jit the values are tracers: they cannot be checked, and must not be refused.
+  params, grads, stats = _tiny()
+  tx = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.1, b2=0.9)
+  state = jax.jit(tx.init)(params)
+  updates, _ = _update(tx, state, grads, params, stats)
+  assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+  @jax.jit
+  def with_traced_b2(b2):
+    t = adaact_optax.adaact(0.1, b2=b2)
+    return t.update(grads, t.init(params), params, activation_stats=stats)[0]
+
+  chex.assert_trees_all_close(with_traced_b2(0.9), updates, rtol=1e-6)
+
+
+# --- 3. non-finite statistics skip the whole step ---------------------------
+
+def test_overflowing_statistics_skip_the_step_and_the_layer_keeps_training():
+  params, grads, stats = _tiny()
+  schedule = optax.linear_schedule(0.1, 0.05, 10)
+  tx = adaact_optax.adaact(schedule, weight_decay=0.1, unmatched="momentum")
+  state = tx.init(params)
+  _, state = _update(tx, state, grads, params, stats)
+  # Activations of 1e20: their squares overflow float32, the gradients stay finite.
+  x = jnp.full((4, 3), 1e20)
+  bad = {"dense": {"kernel": jnp.mean(x * x, 0)[:, None], "bias": jnp.ones((1,))}}
+  assert not np.isfinite(bad["dense"]["kernel"]).any()
+  updates, new_state = _update(tx, state, grads, params, bad)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))  # no decay either
+  assert int(new_state[0].skipped) == 1
+  chex.assert_trees_all_equal(new_state[0]._replace(skipped=0), state[0]._replace(skipped=0))
+  chex.assert_trees_all_equal(new_state[1:], state[1:])           # the schedule's count too
+  # The next finite step continues from the untouched state and moves the layer.
+  updates, final = _update(tx, new_state, grads, params, stats)
+  assert int(final[0].count) == 2 and int(final[0].skipped) == 1
+  assert np.isfinite(final[0].nu["dense"]["kernel"]).all()
+  assert float(jnp.abs(updates["dense"]["kernel"]).min()) > 0
+  # The same step without the skip, from the same state: identical.
+  ref_updates, _ = _update(tx, state, grads, params, stats)
+  chex.assert_trees_all_equal(updates, ref_updates)
+
+
+def test_nan_statistics_skip_the_step_of_the_building_block_and_the_partition():
+  params, grads, stats = _tiny()
+  bad = jax.tree.map(lambda a: a * jnp.nan, stats)
+  block = adaact_optax.scale_by_activation_rms()
+  state = block.init(params)
+  updates, new_state = _update(block, state, grads, params, bad)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, grads))
+  assert int(new_state.skipped) == 1 and int(new_state.count) == 0
+  # With an optimizer for the unmatched parameters, its branch skips too.
+  tx = adaact_optax.adaact(0.1, unmatched=optax.adam(1e-3),
+                           stats_shapes=jax.tree.map(jnp.shape, stats))
+  state = tx.init(params)
+  updates, new_state = _update(tx, state, grads, params, bad)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, grads))
+  adam_state = lambda s: s.inner_states["unmatched"]
+  chex.assert_trees_all_equal(adam_state(new_state), adam_state(state))
+  assert int(new_state.inner_states["adaact"].inner_state[0].skipped) == 1
+
+
+# --- 4. complex parameters ---------------------------------------------------
+
+def test_complex_parameters_keep_their_imaginary_part():
+  params = {"w": jnp.zeros((3, 2), jnp.complex64)}
+  stats = {"w": jnp.array([[1.0], [4.0], [0.25]])}
+  g_re = jnp.arange(6.0).reshape(3, 2) / 10
+  g_im = jnp.linspace(-1, 1, 6).reshape(3, 2)
+  tx = adaact_optax.adaact(0.1, b1=0.5, b2=0.5, eps=1e-3, weight_decay=0.0)
+
+  def run(grads, params, steps=3):
+    state = tx.init(params)
+    out = []
+    for _ in range(steps):
+      u, state = tx.update(grads, state, params, activation_stats=stats)
+      out.append(u)
+    return out, state
+
+  complex_updates, state = run({"w": g_re + 1j * g_im}, params)
+  assert state[0].mu["w"].dtype == jnp.complex64
+  real = {"w": jnp.zeros((3, 2))}
+  re, _ = run({"w": g_re}, real)
+  im, _ = run({"w": g_im}, real)
+  # The rule is linear in the gradient for fixed statistics: real and imaginary parts
+  # follow the real rule separately.
+  for c, r, i in zip(complex_updates, re, im):
+    np.testing.assert_allclose(c["w"].real, r["w"], rtol=1e-6)
+    np.testing.assert_allclose(c["w"].imag, i["w"], rtol=1e-6)
+  purely_imaginary, _ = run({"w": 1j * g_im}, params, steps=1)
+  assert float(jnp.abs(purely_imaginary[0]["w"]).max()) > 0
+
+
+def test_real_mu_dtype_with_complex_parameters_names_the_parameter():
+  params = {"layer": {"w": jnp.zeros((3, 2), jnp.complex64)}, "b": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=r"\['layer/w'\].*mu_dtype=None"):
+    adaact_optax.adaact(0.1, mu_dtype=jnp.bfloat16).init(params)
+
+
+# --- 5. an AdaAct branch with no parameters ---------------------------------
+
+def _empty_branch_cases(params):
+  labels = jax.tree.map(lambda _: "adam", params)
+  return {
+      "partition without an adaact label": (
+          optax.partition({"adaact": adaact_optax.adaact(0.1), "adam": optax.adam(1e-3)},
+                          labels),
+          optax.adam(1e-3)),
+      "masked all False": (
+          optax.masked(adaact_optax.adaact(0.1), jax.tree.map(lambda _: False, params)),
+          optax.identity()),
+  }
+
+
+def test_adaact_branch_without_parameters_works_like_optax():
+  params, grads, stats = _tiny()
+  for name, (tx, reference) in _empty_branch_cases(params).items():
+    updates, _ = _update(tx, tx.init(params), grads, params, stats)
+    ref, _ = reference.update(grads, reference.init(params), params)
+    chex.assert_trees_all_close(updates, ref, rtol=1e-6, custom_message=name)
+  for tx in (adaact_optax.adaact(0.1), adaact_optax.scale_by_adaact(),
+             adaact_optax.scale_by_activation_rms()):
+    updates, state = tx.update({}, tx.init({}), {}, activation_stats={})
+    assert updates == {}
+
+
+# --- 6, 7. the wrong train state, the wrong optimizer state -----------------
+
+def test_flax_train_state_error_names_adaact_train_state():
+  from flax.training import train_state
+  params, grads, stats = _tiny()
+  state = train_state.TrainState.create(apply_fn=None, params=params,
+                                        tx=adaact_optax.adaact(0.1))
+  # Flax's apply_gradients calls tx.update without the statistics, also when given them.
+  with pytest.raises(ValueError, match=r"never forwards.*adaact_optax\.TrainState"):
+    state.apply_gradients(grads=grads, activation_stats=stats)
+  ours = adaact_optax.TrainState.create(apply_fn=None, params=params,
+                                        tx=adaact_optax.adaact(0.1))
+  assert int(ours.apply_gradients(grads=grads, activation_stats=stats).step) == 1
+
+
+def test_update_on_a_raw_restored_state_says_what_to_pass():
+  params, grads, stats = _tiny()
+  tx = adaact_optax.adaact(0.1)
+  state = tx.init(params)
+  raw = {"0": state[0]._asdict(), "1": {}, "2": {}}   # a checkpoint restored without a target
+  with pytest.raises(ValueError, match=r"type dict.*tx\.init\(params\).*migrate_state"):
+    tx.update(grads, raw, params, activation_stats=stats)
+  scale = adaact_optax.scale_by_adaact()
+  with pytest.raises(ValueError, match=r"scale_by_adaact\.update got a state of type dict"):
+    scale.update(grads, state[0]._asdict(), activation_stats=stats)
