@@ -28,6 +28,7 @@ This module is the one place that knows the statistics layout (version 0.2,
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -248,7 +249,11 @@ def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
 def moment_zeros(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
   """float32 zeros of ``moment_shapes(params, stats_shapes)``: a fresh second-moment tree."""
   shapes = moment_shapes(params, stats_shapes)
-  return jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
+  zeros = jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
+  if "flax" in sys.modules:  # boxed params (nn.Partitioned, nnx.Variable): nu's axis names
+    from adaact_optax import _flax_meta
+    zeros = _flax_meta.rebox_moments(params, zeros)
+  return zeros
 
 
 def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:

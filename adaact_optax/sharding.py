@@ -2,24 +2,38 @@
 
 With parameters sharded on a ``Mesh`` (FSDP over a data axis, tensor
 parallelism over a model axis), the optimizer state should be sharded like
-them so that ``jax.jit(step, out_shardings=...)`` never gathers it:
+them so that ``jax.jit(step, out_shardings=...)`` never gathers it. The rule
+(``state_axes``), for every state leaf that sits at a parameter's path:
 
-* a state leaf shaped like its parameter (AdaAct's ``mu``, Adam's moments)
-  gets the parameter's spec;
-* AdaAct's ``nu`` (one value per input feature: the parameter's leading
-  axes, shape ``K[:-1]`` or a prefix) gets the parameter's spec truncated to
-  its rank, so each device keeps the statistics of the input rows it holds;
-  a grouped convolution's ``(*k, C)`` keeps the kernel axes' spec and
-  replicates the channel axis (``C`` spans all groups);
-* everything else (step counts, ``inject_hyperparams`` scalars, masked or
-  unrelated state) is replicated.
+* an axis where the leaf's size equals the parameter's keeps the
+  parameter's spec entry; every other axis (size 1: an output axis AdaAct
+  broadcasts over; blocks of a grouped convolution) is replicated. So
+  ``mu`` (parameter-shaped) gets the parameter's spec and AdaAct's ``nu``
+  (keep-rank: e.g. ``(in, 1)`` for a Dense kernel ``(in, out)``) keeps the
+  spec of its input axes: each device holds the statistics of the input rows
+  it holds;
+* a leaf of lower rank (the 0.1.0 layout, the parameter's leading axes)
+  keeps the leading entries; any other shape is replicated.
+
+Leaves outside any parameter-keyed subtree (step counts,
+``inject_hyperparams`` scalars) are replicated. Subtrees keyed like the
+parameters with some entries masked out (``optax.masked``,
+``optax.partition``: ``optax.MaskedNode`` where another branch owns the
+parameter) are sharded like the parameters they hold.
+
+Flax users rarely need this module: AdaAct's state built from boxed
+parameters (``nn.with_partitioning``, ``nn.with_logical_partitioning``,
+``nnx.with_partitioning``) carries the same rule as metadata, so
+``nn.get_partition_spec`` / ``nnx.get_partition_spec`` of the state give the
+same specs (see ``docs/partitioning.md``).
 
 Only shapes are used (``jax.eval_shape(tx.init, params)``); no FLOPs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 import jax
 from jax import tree_util
@@ -30,54 +44,103 @@ from adaact_optax import matching
 PyTree = Any
 
 
-def _is_spec(x) -> bool:
-  return isinstance(x, PartitionSpec)
+def state_axes(entries: Sequence[Any], state_shape: Sequence[int],
+               param_shape: Sequence[int]) -> tuple:
+  """The partitioning of a state leaf from its parameter's: the one rule.
+
+  Works on mesh axis names (``PartitionSpec`` entries) and on Flax logical
+  axis names alike.
+
+  Args:
+    entries: the parameter's per-axis names (a ``PartitionSpec``, a tuple of
+      names; shorter than the parameter's rank means replicated after).
+    state_shape: the state leaf's shape.
+    param_shape: the parameter's shape ``K``.
+
+  Returns:
+    A tuple with one entry per axis of the state leaf: ``entries[ax]`` where
+    ``state_shape[ax] == K[ax]``, ``None`` elsewhere. A lower-rank leaf that
+    is a prefix of ``K`` keeps the leading entries; any other shape gets
+    ``None`` everywhere.
+
+  Example::
+
+    state_axes(("embed", "mlp"), (8, 1), (8, 16))   # ('embed', None)
+  """
+  s, k = tuple(state_shape), tuple(param_shape)
+  entries = tuple(entries) + (None,) * max(len(k) - len(tuple(entries)), 0)
+  if len(s) == len(k):
+    return tuple(e if d == kk else None for e, d, kk in zip(entries, s, k))
+  if len(s) < len(k) and k[:len(s)] == s:
+    return entries[:len(s)]
+  return (None,) * len(s)
 
 
 def _is_spec_leaf(x) -> bool:
   return x is None or isinstance(x, (PartitionSpec, NamedSharding))
 
 
-def _padded(spec: PartitionSpec, rank: int, name: str, shape) -> tuple:
-  entries = tuple(spec)
-  if len(entries) > rank:
-    raise ValueError(f"partition spec {spec} at '{name}' has {len(entries)} entries, but the "
-                     f"parameter of shape {tuple(shape)} has rank {rank}")
-  return entries + (None,) * (rank - len(entries))
+def _is_masked(x) -> bool:
+  # optax.MaskedNode (an empty NamedTuple) and other empty placeholders.
+  return isinstance(x, tuple) and len(x) == 0
 
 
-def _leaf_spec(state_shape, param_shape, spec: PartitionSpec, name: str) -> PartitionSpec:
-  """The spec of one state leaf that sits at the parameter ``name``."""
-  s, k = tuple(state_shape), tuple(param_shape)
-  entries = _padded(spec, len(k), name, k)
-  if not s:
-    return PartitionSpec()
-  if s == k:
-    return PartitionSpec(*entries)
-  try:
-    plan = matching.broadcast_plan(s, k, name)
-  except ValueError:
-    return PartitionSpec()  # a state of its own shape: nothing to align with
-  if plan == "prefix":
-    return PartitionSpec(*entries[:len(s)])
-  # grouped conv: kernel (*k, C/G, C_out), state (*k, C).
-  return PartitionSpec(*entries[:len(s) - 1], None)
+def _check_rank(spec: PartitionSpec, shape, name: str) -> None:
+  if len(tuple(spec)) > len(shape):
+    raise ValueError(f"partition spec {spec} at '{name}' has {len(tuple(spec))} entries, but "
+                     f"the parameter of shape {tuple(shape)} has rank {len(shape)}")
+
+
+def state_leaf_spec(state_leaf, spec: PartitionSpec | NamedSharding | None,
+                    param) -> PartitionSpec:
+  """``PartitionSpec`` of one state leaf that sits at a parameter (``state_axes``).
+
+  Shaped for ``optax.tree_map_params``, which hands every state leaf at a
+  parameter's path, with the same path of each extra tree, to a function::
+
+    specs = optax.tree_map_params(tx, adaact_optax.sharding.state_leaf_spec, abstract_state,
+                                  param_specs, abstract_params,
+                                  transform_non_params=lambda _: PartitionSpec())
+
+  Args:
+    state_leaf: the state leaf (array or ``jax.ShapeDtypeStruct``).
+    spec: the parameter's ``PartitionSpec`` (or ``NamedSharding``; ``None``
+      means replicated).
+    param: the parameter (array or ``jax.ShapeDtypeStruct``).
+  """
+  if isinstance(spec, NamedSharding):
+    spec = spec.spec
+  return PartitionSpec(*state_axes(spec or (), state_leaf.shape, param.shape))
+
+
+def _unbox(tree: PyTree) -> PyTree:
+  if "flax" not in sys.modules:
+    return tree
+  from adaact_optax import _flax_meta
+  return _flax_meta.unbox(tree)
 
 
 def state_partition_specs(tx, params_specs: PyTree, params: PyTree) -> PyTree:
-  """``PartitionSpec`` of every leaf of ``tx.init(params)``.
+  """``PartitionSpec`` of every leaf of ``tx.init(params)`` (see the module doc).
 
   Args:
     tx: any optax ``GradientTransformation`` (``adaact``, a chain,
-      ``inject_hyperparams(adaact)``, ...).
+      ``inject_hyperparams(adaact)``, ``optax.partition``, ...).
     params_specs: a tree like ``params`` with ``PartitionSpec`` leaves (e.g.
       ``flax.linen.get_partition_spec(variables)['params']``) or
       ``NamedSharding`` leaves; ``None`` means replicated.
-    params: the parameters, or their ``jax.ShapeDtypeStruct`` shapes.
+    params: the parameters, or their ``jax.ShapeDtypeStruct`` shapes; Flax boxes
+      (``nn.Partitioned``, NNX Variables) are unboxed first.
 
   Returns:
-    A tree with the state's structure and ``PartitionSpec`` leaves.
+    A tree with the (unboxed) state's structure and ``PartitionSpec``
+    leaves; masked-out entries (``optax.MaskedNode``) stay in place.
+
+  Raises:
+    ValueError: ``params_specs`` is not keyed like ``params``, or a spec
+      has more entries than its parameter's rank (naming the path).
   """
+  params = _unbox(params)
   params_treedef = jax.tree.structure(params)
   state = jax.eval_shape(tx.init, params)
   specs = jax.tree.map(
@@ -88,19 +151,49 @@ def state_partition_specs(tx, params_specs: PyTree, params: PyTree) -> PyTree:
   except ValueError as e:
     raise ValueError(f"params_specs must have the structure of params: {e}") from None
   flat_params = tree_util.tree_flatten_with_path(params)[0]
+  for (path, p), spec in zip(flat_params, spec_leaves):
+    _check_rank(spec, p.shape, matching.path_name(path))
+
+  def param_slots(x):
+    """For a subtree keyed like the params, each of its leaves' parameter
+    index (None where masked); None if ``x`` is not keyed like the params."""
+    treedef = jax.tree.structure(x, is_leaf=_is_masked)
+    if treedef.num_leaves == 0:
+      return None
+    try:
+      # Params keyed by x's structure: a masked entry of x may stand for a
+      # whole params subtree (optax.masked with a prefix mask).
+      parts = treedef.flatten_up_to(tree_util.tree_unflatten(params_treedef,
+                                                             range(params_treedef.num_leaves)))
+    except (ValueError, TypeError):
+      return None
+    leaves = treedef.flatten_up_to(x)
+    slots = []
+    for leaf, part in zip(leaves, parts):
+      if _is_masked(leaf):
+        slots.append(None)
+      elif isinstance(part, int):
+        slots.append(part)
+      else:
+        return None  # an unmasked leaf where params hold a subtree
+    if all(s is None for s in slots):
+      return None
+    return treedef, slots
 
   def mirrors_params(x) -> bool:
-    # A subtree keyed like the params (mu, nu, Adam's moments...); a lone
-    # array counts only when params is itself one array.
-    return jax.tree.structure(x) == params_treedef
+    # A lone array counts only when params is itself one array.
+    return param_slots(x) is not None
 
   def subtree_specs(x):
-    if not mirrors_params(x):
-      return PartitionSpec()  # a leaf outside any params-shaped subtree
-    leaves = params_treedef.flatten_up_to(x)
-    return params_treedef.unflatten([
-        _leaf_spec(leaf.shape, p.shape, spec, matching.path_name(path))
-        for leaf, (path, p), spec in zip(leaves, flat_params, spec_leaves)])
+    found = param_slots(x)
+    if found is None:
+      return PartitionSpec()  # a leaf outside any params-keyed subtree
+    treedef, slots = found
+    leaves = treedef.flatten_up_to(x)
+    return treedef.unflatten([
+        leaf if i is None else PartitionSpec(*state_axes(spec_leaves[i], leaf.shape,
+                                                         flat_params[i][1].shape))
+        for leaf, i in zip(leaves, slots)])
 
   return jax.tree.map(subtree_specs, state, is_leaf=mirrors_params)
 
@@ -116,6 +209,10 @@ def state_shardings(tx, params_shardings: PyTree, params: PyTree,
     params: the parameters, or their ``jax.ShapeDtypeStruct`` shapes.
     mesh: the ``Mesh``; optional when ``params_shardings`` holds
       ``NamedSharding`` leaves.
+
+  Returns:
+    A tree with the state's structure and ``NamedSharding`` leaves (see
+    ``state_partition_specs``).
 
   Raises:
     ValueError: a spec names an axis the mesh does not have (naming the
@@ -138,4 +235,5 @@ def state_shardings(tx, params_shardings: PyTree, params: PyTree,
                            f"axis {axis!r}, which the mesh (axes {mesh.axis_names}) lacks")
   tree_util.tree_map_with_path(check, params_shardings, is_leaf=_is_spec_leaf)
   specs = state_partition_specs(tx, params_shardings, params)
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))

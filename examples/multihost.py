@@ -1,15 +1,25 @@
 """Data- and model-parallel AdaAct training of a small transformer on a 2-D mesh.
 
 The mesh is ``(data, model)``: the batch is split over ``data``; kernels are
-split over both (FSDP over ``data``, tensor parallelism over ``model``, via
-``nn.with_partitioning``); the optimizer state is sharded like its parameters
-(``adaact_optax.sharding.state_shardings``), so nothing is ever gathered.
+split over both (FSDP over ``data``, tensor parallelism over ``model``); the
+optimizer state is sharded like its parameters, so nothing is ever gathered.
+Two ways to say it (``--sharding``):
+
+* ``logical``: kernels carry logical axis names
+  (``nn.with_logical_partitioning``), ``nn.logical_axis_rules`` maps them to
+  the mesh, and params and optimizer state are both sharded by their own
+  metadata (``nn.get_partition_spec`` of ``jax.eval_shape(tx.init, params)``);
+* ``helper`` (default): kernels carry mesh axes (``nn.with_partitioning``) and
+  the state's shardings come from ``adaact_optax.sharding.state_shardings``.
+
 AdaAct's statistics are means over the *global* batch with no extra code:
 ``jax.jit`` reduces over the sharded batch like any other mean.
 
 One process (simulated devices)::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/multihost.py --steps 20
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/multihost.py --steps 20 \
+      --sharding logical
 
 Two processes on one machine (2 CPU devices each, real collectives over
 loopback with gloo)::
@@ -56,8 +66,23 @@ from adaact_optax import linen as aa_linen
 TOKENS, FEATURES, CLASSES = 8, 8, 4
 
 
-def _part(*axes):
-  return nn.with_partitioning(nn.initializers.lecun_normal(), axes)
+# Logical axis names -> mesh axes: FSDP over 'data' on the model width, tensor
+# parallelism over 'model' on attention heads and MLP hidden units.
+LOGICAL_RULES = (("embed", "data"), ("heads", "model"), ("mlp", "model"), ("kv", None),
+                 ("features", None), ("classes", None), ("layers", None))
+
+
+def _part(logical: bool, *names):
+  """A kernel initializer partitioned along the logical ``names``.
+
+  ``logical``: kept as logical names (``nn.with_logical_partitioning``, placed
+  on the mesh by ``LOGICAL_RULES`` later); otherwise the mesh axes they map
+  to (``nn.with_partitioning``).
+  """
+  init = nn.initializers.lecun_normal()
+  if logical:
+    return nn.with_logical_partitioning(init, names)
+  return nn.with_partitioning(init, tuple(nn.logical_to_mesh_axes(names, LOGICAL_RULES)))
 
 
 class Block(nn.Module):
@@ -66,20 +91,22 @@ class Block(nn.Module):
   dim: int
   heads: int
   mlp_dim: int
+  logical: bool = False
 
   @nn.compact
   def __call__(self, x):
+    part = functools.partial(_part, self.logical)
     y = nn.LayerNorm()(x)
     qkv = functools.partial(nn.DenseGeneral, (self.heads, self.dim // self.heads),
-                            kernel_init=_part("data", "model", None))   # (dim, heads, head_dim)
+                            kernel_init=part("embed", "heads", "kv"))   # (dim, heads, head_dim)
     q, k, v = qkv(name="query")(y), qkv(name="key")(y), qkv(name="value")(y)
     w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]))
     o = jnp.einsum("bhqk,bkhd->bqhd", w, v)
-    x = x + nn.DenseGeneral(self.dim, axis=(-2, -1), kernel_init=_part("model", None, "data"),
+    x = x + nn.DenseGeneral(self.dim, axis=(-2, -1), kernel_init=part("heads", "kv", "embed"),
                             name="out")(o)
     y = nn.LayerNorm()(x)
-    y = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=_part("data", "model"))(y))
-    return x + nn.Dense(self.dim, kernel_init=_part("model", "data"))(y)
+    y = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=part("embed", "mlp"))(y))
+    return x + nn.Dense(self.dim, kernel_init=part("mlp", "embed"))(y)
 
 
 class Transformer(nn.Module):
@@ -89,17 +116,20 @@ class Transformer(nn.Module):
   heads: int = 4
   mlp_dim: int = 64
   depth: int = 2
+  logical: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.dim, kernel_init=_part(None, "model"))(x)
-    # AdaAct's statistics stack over the layers exactly like the params.
+    x = nn.Dense(self.dim, kernel_init=_part(self.logical, "features", "embed"))(x)
+    # AdaAct's statistics stack over the layers exactly like the params; with
+    # logical names the stacked axis is named too ('layers', not split).
     stack = nn.scan(lambda block, c, _: (block(c), None),
                     variable_axes={"params": 0, aa_linen.COLLECTION: 0},
                     split_rngs={"params": True}, length=self.depth,
-                    metadata_params={nn.PARTITION_NAME: None})
-    x, _ = stack(Block(self.dim, self.heads, self.mlp_dim, name="blocks"), x, None)
-    return nn.Dense(CLASSES, kernel_init=_part("data", None))(nn.LayerNorm()(x).mean(axis=1))
+                    metadata_params={nn.PARTITION_NAME: "layers" if self.logical else None})
+    x, _ = stack(Block(self.dim, self.heads, self.mlp_dim, self.logical, name="blocks"), x, None)
+    head = nn.Dense(CLASSES, kernel_init=_part(self.logical, "embed", "classes"))
+    return head(nn.LayerNorm()(x).mean(axis=1))
 
 
 def global_batch(seed: int, step: int, size: int):
@@ -137,6 +167,10 @@ def parse_args(argv=None):
   p.add_argument("--heartbeat-timeout", type=int, default=100,
                  help="seconds before a silent process is declared dead")
   p.add_argument("--model-parallel", type=int, default=2, help="size of the 'model' mesh axis")
+  p.add_argument("--sharding", choices=("helper", "logical"), default="helper",
+                 help="helper: kernels partitioned by mesh axes, optimizer state by "
+                      "adaact_optax.sharding.state_shardings; logical: logical axis names and "
+                      "nn.logical_axis_rules, params and state sharded by their own metadata")
   p.add_argument("--depth", type=int, default=2, help="transformer blocks")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--global-batch", type=int, default=32)
@@ -173,6 +207,41 @@ def make_mesh(model_parallel: int) -> jax.sharding.Mesh:
                        axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def init_with_helper(init, tx, mesh):
+  """Params sharded by their ``nn.with_partitioning`` mesh axes; the optimizer
+  state by ``adaact_optax.sharding.state_shardings``.
+
+  Returns ``(params, opt_state, param_shardings, state_shardings)``, unboxed.
+  """
+  abstract = jax.eval_shape(init)
+  p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), nn.get_partition_spec(abstract)["params"],
+                         is_leaf=lambda s: isinstance(s, P))
+  params = jax.jit(lambda: nn.unbox(init())["params"], out_shardings=p_shard)()
+  s_shard = adaact_optax.sharding.state_shardings(tx, p_shard, params)
+  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+  return params, opt_state, p_shard, s_shard
+
+
+def init_from_metadata(init, tx, mesh):
+  """Params and optimizer state both sharded by their own Flax metadata.
+
+  The style of large-model codebases (Flax's lm1b example): logical names on
+  the kernels, ``nn.logical_axis_rules`` to place them on the mesh, and the
+  shardings of anything (params, optimizer state) from
+  ``jax.eval_shape`` -> ``nn.get_partition_spec`` -> ``nn.logical_to_mesh_sharding``.
+  AdaAct's ``nu`` carries the names of the axes it keeps.
+
+  Returns ``(params, opt_state, param_shardings, state_shardings)``, unboxed.
+  """
+  with nn.logical_axis_rules(LOGICAL_RULES):
+    shardings = lambda tree: nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh)
+    p_shard = shardings(jax.eval_shape(init))["params"]
+    boxed = jax.jit(lambda: init()["params"], out_shardings=p_shard)()
+    s_shard = shardings(jax.eval_shape(tx.init, boxed))
+    opt_state = jax.jit(tx.init, out_shardings=s_shard)(boxed)
+  return nn.unbox(boxed), nn.unbox(opt_state), p_shard, s_shard
+
+
 def train(args, gather: bool = True) -> dict | None:
   """Runs ``args.steps`` steps; returns the final params as host numpy arrays.
 
@@ -183,16 +252,13 @@ def train(args, gather: bool = True) -> dict | None:
     # Equal shards keep every device's statistics a mean over the same number of rows.
     raise ValueError(f"--global-batch {args.global_batch} must be a multiple of the data "
                      f"axis size {mesh.shape['data']}")
-  model = Transformer(depth=args.depth)
+  model = Transformer(depth=args.depth, logical=args.sharding == "logical")
   tx = adaact_optax.adaact(args.lr)
-  x0 = jnp.zeros((2, TOKENS, FEATURES))
-  abstract = jax.eval_shape(model.init, jax.random.key(args.seed), x0)
-  p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), nn.get_partition_spec(abstract)["params"],
-                         is_leaf=lambda s: isinstance(s, P))
-  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(args.seed), x0))["params"],
-                   out_shardings=p_shard)()
-  s_shard = adaact_optax.sharding.state_shardings(tx, p_shard, params)
-  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+  init = functools.partial(model.init, jax.random.key(args.seed), jnp.zeros((2, TOKENS, FEATURES)))
+  if args.sharding == "logical":
+    params, opt_state, p_shard, s_shard = init_from_metadata(init, tx, mesh)
+  else:
+    params, opt_state, p_shard, s_shard = init_with_helper(init, tx, mesh)
   data = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
