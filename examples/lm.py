@@ -231,8 +231,8 @@ def run(cfg: Config) -> dict[str, Any]:
   final = float(np.mean(tail))
   diverged = not (math.isfinite(final) and math.isfinite(history[-1]["val_bpb"])) \
       or final > losses[0] or len(losses) < cfg.steps
-  summary = dict(base, steps=len(losses), initial_loss=losses[0], train_loss=final,
-                 train_bpb=final / LN2, val_bpb=history[-1]["val_bpb"],
+  summary = dict(base, step=len(losses), steps=len(losses), initial_loss=losses[0],
+                 train_loss=final, train_bpb=final / LN2, val_bpb=history[-1]["val_bpb"],
                  test_bpb=bits_per_byte(eval_step, state.params, test_x, test_y),
                  diverged=diverged, step_time=train_time / max(timed_steps, 1),
                  state_bytes=state_bytes(state.opt_state),
