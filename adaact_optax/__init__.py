@@ -1,12 +1,20 @@
 """AdaAct for Optax and Flax: per-input-neuron learning rates from activation statistics."""
 
-from adaact_optax import linen, matching, moments, nnx, sharding
+from adaact_optax import capture, linen, matching, moments, nnx, sharding
+from adaact_optax.capture import (
+    CoverageReport, UncapturedWeightWarning, coverage, stats_shapes, value_grad_and_stats)
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
 from adaact_optax.diagnostics import activation_summary
 from adaact_optax.train_state import TrainState
 from adaact_optax.transform import ScaleByAdaActState, adaact, scale_by_adaact
 
 __all__ = [
+    "CoverageReport",
+    "UncapturedWeightWarning",
+    "capture",
+    "coverage",
+    "stats_shapes",
+    "value_grad_and_stats",
     "MultiSteps",
     "MultiStepsState",
     "ScaleByAdaActState",

@@ -39,9 +39,9 @@ def activation_summary(opt_state: Any, *, b2: float | None = None, eps: float | 
                        power: float | None = None) -> dict[str, jax.Array]:
   """Mean and max of ``V_hat`` and of the step scale, per parameter, as float32 scalars.
 
-  For every parameter whose state has per-input-feature entries (kernels,
-  embedding tables; not biases or norm parameters, whose state is a
-  scalar), with ``V_hat = nu / (1 - b2**count)`` (the bias-corrected mean
+  For every parameter whose state has more than one per-input-feature
+  entry (kernels, embedding tables; not biases or norm parameters, whose
+  state has one entry), with ``V_hat = nu / (1 - b2**count)`` (the bias-corrected mean
   square of each input feature, in the input's units squared) and
   ``scale = 1 / (V_hat**power + eps)`` (what multiplies ``M_hat``), returns
   ``{'<path>/v_hat_mean', '<path>/v_hat_max', '<path>/scale_mean',
@@ -80,7 +80,7 @@ def activation_summary(opt_state: Any, *, b2: float | None = None, eps: float | 
     bias_correction = jnp.where(count > 0, bias_correction, 1.0)  # nu is 0 before step 1
     eps_ = jnp.asarray(h["eps"], jnp.float32)
     for path, nu in tree_util.tree_flatten_with_path(state.nu)[0]:
-      if jnp.ndim(nu) == 0:
+      if jnp.size(nu) <= 1:  # a bias, a norm scale, an uncaptured marker: nothing to summarise
         continue
       name = matching.path_name(path)
       if f"{name}/v_hat_mean" in out:

@@ -1,12 +1,18 @@
-"""Flax Linen adapter: captures AdaAct's statistics from an unmodified model.
+"""Flax Linen adapter: AdaAct's statistics from an unmodified Linen model.
 
-``capture()`` intercepts every ``nn.Dense``, ``nn.DenseGeneral`` and
-``nn.Conv`` call (via ``flax.linen.intercept_methods``) and writes the
-input's second moments into the mutable collection ``COLLECTION``, at the
-same paths as the layer's ``kernel`` and ``bias``. ``apply`` wraps
-``model.apply`` with it. Layers under ``nn.scan``/``nn.vmap`` need
-``COLLECTION`` in ``variable_axes`` like ``'params'``, so their statistics
-stack like their parameters.
+``apply(model, variables, *args)`` runs ``model.apply`` through the capture
+engine (``adaact_optax.capture``): every parameter that multiplies an
+activation gets its statistics (Dense, DenseGeneral, Einsum, Conv,
+ConvTranspose, ConvLocal, recurrent cells under ``nn.RNN``, ``nn.scan``
+stacks, ``Embed.attend``, custom layers...), returned in the mutable
+collection ``COLLECTION`` at the parameters' paths, in the keep-rank layout.
+No ``variable_axes`` entry for ``COLLECTION`` is needed under ``nn.scan``.
+
+``capture()`` is the older interception-based capture (Dense, DenseGeneral,
+Conv, Embed only, 0.1.0 layout) for code that calls ``model.apply`` itself;
+it warns about layers with parameters it cannot see into. ``sow_input`` is
+the hatch for a custom layer whose weight no capture can see (a quantized
+kernel, a weight computed before its matmul).
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import contextlib
 import contextvars
 from typing import Any
 
+import warnings
+
 import flax.linen as nn
 import jax
-from flax.core.scope import union_filters
-from flax.linen.linear import canonicalize_padding
 
-from adaact_optax import moments
+from adaact_optax import capture as _capture
+from adaact_optax import matching, moments
 
 COLLECTION = "adaact_stats"
 
@@ -39,15 +46,14 @@ def _as_tuple(value, rank):
   return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-def embedding_floor(embeddings: bool | float) -> float | None:
-  """The ``embeddings=`` flag as a floor: False -> None (unmatched), True -> default."""
-  if embeddings is True:
-    return moments.EMBEDDING_FLOOR
-  if embeddings is False or embeddings is None:
-    return None
-  if not embeddings >= 0:
-    raise ValueError(f"embeddings must be a bool or a floor >= 0, got {embeddings!r}")
-  return float(embeddings)
+embedding_floor = _capture._embedding_floor
+
+
+def _padding(padding, rank):
+  """A Linen conv's ``padding`` attribute as ``moments.conv_moments`` takes it."""
+  if isinstance(padding, str) or isinstance(padding, int):
+    return padding
+  return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
 
 
 def layer_moments(module: nn.Module, x: jax.Array, *, embeddings: bool | float = False
@@ -85,7 +91,7 @@ def conv_layer_moments(layer, x: jax.Array) -> moments.InputMoments:
   return moments.conv_moments(
       x, size,
       strides=_as_tuple(layer.strides, rank),
-      padding=canonicalize_padding(layer.padding, rank),
+      padding=_padding(layer.padding, rank),
       input_dilation=_as_tuple(layer.input_dilation, rank),
       kernel_dilation=_as_tuple(layer.kernel_dilation, rank))
 
@@ -115,9 +121,21 @@ def _interceptor(next_fun, args, kwargs, context):
   floor = _embedding_floor.get()
   layers = (nn.Dense, nn.DenseGeneral, nn.Conv) + ((nn.Embed,) if floor is not None else ())
   if (seen is None or context.method_name != "__call__"
-      or not isinstance(module, layers)
       or module.is_initializing() or not module.is_mutable_collection(COLLECTION)):
     return next_fun(*args, **kwargs)
+  if not isinstance(module, layers):
+    out = next_fun(*args, **kwargs)
+    own = module.variables.get("params", {})
+    if (not isinstance(module, (nn.Embed, nn.LayerNorm, nn.BatchNorm, nn.GroupNorm, nn.RMSNorm))
+        and any(not hasattr(v, "items") for v in own.values())
+        and ("warned", module.scope.path) not in seen):
+      seen[("warned", module.scope.path)] = 0
+      warnings.warn(_capture.UncapturedWeightWarning(
+          f"adaact_optax.linen.capture() does not see into the {type(module).__name__} at "
+          f"'{'/'.join(module.scope.path)}': its parameters get no statistics. Use "
+          "adaact_optax.linen.apply(model, variables, x), which captures any layer."),
+          stacklevel=2)
+    return out
   x = args[0] if args else kwargs["inputs"]
   out = next_fun(*args, **kwargs)
   embeddings = False if floor is None else floor
@@ -145,27 +163,120 @@ def capture(embeddings: bool | float = False):
     _rows_seen.reset(token)
 
 
+def _with_collection(mutable):
+  """``model.apply``'s ``mutable`` argument with ``COLLECTION`` added."""
+  if mutable is True:
+    return True
+  if mutable is False or mutable is None:
+    return [COLLECTION]
+  if isinstance(mutable, str):
+    return [mutable, COLLECTION]
+  if isinstance(mutable, (list, tuple)):
+    return [*mutable, COLLECTION]
+  raise TypeError(f"adaact_optax.linen.apply: mutable must be a bool, a collection name or a "
+                  f"list of names, got {mutable!r}")
+
+
+def _nested(flat: dict) -> dict:
+  """``{'a/b': x}`` -> ``{'a': {'b': x}}``."""
+  out: dict = {}
+  for path, leaf in flat.items():
+    node = out
+    *head, last = path.split("/")
+    for key in head:
+      node = node.setdefault(key, {})
+    node[last] = leaf
+  return out
+
+
+def _flat(tree) -> dict:
+  return {matching.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | float = False,
-          **kwargs):
-  """``model.apply`` under ``capture(embeddings)``; returns ``(output, mutated_variables)``.
+          row_mask=None, **kwargs):
+  """``model.apply`` with AdaAct's statistics; returns ``(output, mutated_variables)``.
 
   ``mutated_variables[COLLECTION]`` mirrors ``variables['params']`` for every
-  captured layer and is what ``tx.update(..., activation_stats=...)`` takes.
-  Other mutable collections (``'batch_stats'``, ...) come back as usual.
+  parameter with statistics (keep-rank float32 leaves: a Dense kernel
+  ``(in, out)`` gets ``(in, 1)``, a Conv kernel ``(kh, kw, C, O)`` gets
+  ``(kh, kw, C, 1)``, a bias ``(1,)`` of ones; the ``(0,)`` marker for a
+  weight seen but not captured, with an ``UncapturedWeightWarning``). It is
+  what ``tx.update(..., activation_stats=...)`` takes. Other mutable
+  collections (``'batch_stats'``, ...) come back as usual. Jittable; call it
+  inside the function you differentiate.
+
+  Args:
+    model: the Linen module.
+    variables: its variables (``{'params': ..., 'batch_stats': ...}``).
+    *args, **kwargs: as for ``model.apply`` (``rngs=``, ``method=``, flags).
+    mutable: as for ``model.apply``.
+    embeddings: ``nn.Embed`` tables used only for lookups get no statistics
+      by default; ``True`` (or a float floor) gives them token frequencies
+      plus a floor (``moments.token_moments``).
+    row_mask: optional weights (e.g. 0/1 padding mask) of shape equal to the
+      leading axes of the model's inputs (batch, or batch x time); rows with
+      weight 0 do not count in the statistics of layers whose input carries
+      those leading axes.
   """
   variables = {k: v for k, v in variables.items() if k != COLLECTION}
-  with capture(embeddings):
-    out, mutated = model.apply(variables, *args, mutable=union_filters(mutable, COLLECTION),
-                               **kwargs)
+  params = variables.get("params", {})
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  mut = _with_collection(mutable)
+
+  def fun(p, rest, *args, **kwargs):
+    token = _rows_seen.set({})  # for sow_input's pooling of repeated calls
+    try:
+      return model.apply({"params": p, **rest}, *args, mutable=mut, **kwargs)
+    finally:
+      _rows_seen.reset(token)
+
+  (out, mutated), leaves, report = _capture.capture_call(
+      fun, params, (rest, *args), kwargs, embeddings=embeddings, row_mask=row_mask)
   mutated = dict(mutated)
-  mutated.setdefault(COLLECTION, {})
+  sown = _flat(mutated.get(COLLECTION, {}))
+  paths = list(_flat(params))
+  stats = {path: leaf for path, leaf in zip(paths, leaves) if leaf is not None}
+  stats.update(sown)
+  _capture.warn_uncaptured(report, {p: x.shape for p, x in _flat(params).items()},
+                           skip=set(sown))
+  mutated[COLLECTION] = _nested(stats)
   return out, mutated
 
 
 def stats_shapes(model: nn.Module, variables, *args, **kwargs) -> Any:
-  """Shapes of the statistics tree (``jax.ShapeDtypeStruct`` leaves), no FLOPs.
+  """Shapes of ``apply``'s statistics tree (``jax.ShapeDtypeStruct`` leaves), no FLOPs.
 
-  Pass it as ``stats_shapes=`` to ``adaact``/``scale_by_adaact`` when a model
-  has grouped convolutions, so ``init`` sizes their state per input channel.
+  Pass it as ``stats_shapes=`` to ``adaact``/``scale_by_adaact``: it sizes the
+  optimizer's state to the statistics' layout (grouped convolutions, (out, in)
+  kernels, ``Embed.attend`` tables, per-block fused projections).
   """
-  return jax.eval_shape(lambda: apply(model, variables, *args, **kwargs)[1][COLLECTION])
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", _capture.UncapturedWeightWarning)
+    return jax.eval_shape(lambda: apply(model, variables, *args, **kwargs)[1][COLLECTION])
+
+
+def sow_input(module: nn.Module, name: str, x: jax.Array, *, x_axes=(-1,), param_axes=(0,)):
+  """Records, from inside a custom layer, the input that its parameter ``name`` multiplies.
+
+  For layers whose weight the capture cannot follow to a matmul (a quantized
+  kernel dequantised before use, a weight computed by arithmetic): call it in
+  the layer's ``__call__`` with the activation the weight multiplies. The
+  statistic (mean of ``x**2`` over every axis but ``x_axes``, laid over the
+  parameter's ``param_axes``; repeated calls pool their rows) goes into
+  ``COLLECTION`` at the parameter's path, and ``apply`` then uses it instead
+  of warning. Does nothing unless ``COLLECTION`` is mutable (outside
+  ``apply``/``capture``) or while initialising.
+
+  Args:
+    module: the layer (``self``).
+    name: the parameter's name in the layer (e.g. ``"kernel"``).
+    x: the layer's input.
+    x_axes: the axes of ``x`` the parameter contracts.
+    param_axes: the parameter's axes that multiply ``x_axes``, in the same order.
+  """
+  seen = _rows_seen.get()
+  if seen is None or module.is_initializing() or not module.is_mutable_collection(COLLECTION):
+    return
+  shape = module.get_variable("params", name).shape
+  _record(module, name, moments.input_moments(x, x_axes, param_axes, shape), seen)

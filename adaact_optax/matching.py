@@ -1,18 +1,29 @@
 """Aligns a statistics tree with a params tree: paths, shapes, broadcasting.
 
-Conventions (the README states them for users):
+This module is the one place that knows the statistics layout (version 0.2,
+"keep-rank"); the README states it for users:
 
 * A statistics leaf sits at the path of the parameter it scales; any pytree
-  whose paths name the same keys works (dict, FrozenDict, ``nnx.State``).
-  Parameters without a leaf are *unmatched*.
-* The second-moment state of a parameter of shape ``K`` has, by default,
-  shape ``K[:-1]`` ("every axis but the last is an input axis"), and ``()``
-  for vectors and scalars. A statistics leaf may have exactly that shape, or
-  a prefix of it (a multi-output ``DenseGeneral`` kernel ``(in, heads, dim)``
-  gets ``(in,)`` statistics, repeated over ``heads`` in the state).
-* Grouped convolutions: kernel ``(*k, C/G, C_out)``, statistics ``(*k, C)``.
-  Their state needs ``stats_shapes`` (see ``scale_by_adaact``), because
-  ``init(params)`` cannot see the group count.
+  whose paths name the same keys works (dict, FrozenDict, ``nnx.State``,
+  Equinox modules, flat dicts ``{'Dense_0/kernel': ...}``). Parameters
+  without a leaf (or with ``None``) are *unmatched*.
+* For a parameter of shape ``K`` a statistics leaf is float32 with the same
+  rank as ``K``. Along each axis its size ``s`` divides ``K[ax]``:
+  ``s == K[ax]`` (statistics vary along that axis: an input axis),
+  ``s == 1`` (broadcast: an output axis), or ``1 < s < K[ax]`` (blocks:
+  element ``i`` covers the ``K[ax]/s`` consecutive parameter elements
+  ``i*K[ax]/s ... (i+1)*K[ax]/s - 1``). A Dense kernel ``(in, out)`` has
+  ``(in, 1)``, a grouped conv kernel ``(kh, kw, C/G, C_out)`` has
+  ``(kh, kw, C/G, G)``, a bias ``(out,)`` has ``(1,)``, a scalar ``()``.
+* Version 0.1.0 leaves are still accepted: a leaf of lower rank than ``K``
+  means ``K``'s leading axes (padded with trailing 1s), and the grouped-conv
+  form ``(*k, C)`` becomes ``(*k, C/G, G)``.
+* A float32 leaf of shape ``UNCAPTURED_SHAPE == (0,)`` marks a parameter a
+  capture saw multiply an activation but could not record: it is unmatched
+  (``unmatched="error"`` refuses it).
+* AdaAct's second moment ``nu`` has the keep-rank shape of the statistics:
+  by default ``K[:-1] + (1,)`` for rank >= 2, ``(1,)`` for vectors, ``()``
+  for scalars; ``stats_shapes=`` overrides it.
 """
 
 from __future__ import annotations
@@ -21,9 +32,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import tree_util
 
 PyTree = Any
+
+#: Shape of the statistics leaf that marks an uncaptured weight.
+UNCAPTURED_SHAPE: tuple[int, ...] = (0,)
 
 
 def _key_name(key) -> str:
@@ -44,13 +59,90 @@ def path_name(path) -> str:
                   if not (isinstance(k, tree_util.GetAttrKey) and k.name == "value"))
 
 
-def default_moment_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """State shape for a parameter: all axes but the last are input axes."""
-  return tuple(shape[:-1])
-
-
 def _is_shape(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+  # type(x) is tuple: optax.MaskedNode (an empty NamedTuple) is no shape.
+  return type(x) is tuple and all(isinstance(d, (int, np.integer)) for d in x)
+
+
+def _shape_of(x) -> tuple[int, ...]:
+  return tuple(int(d) for d in x) if _is_shape(x) else tuple(jnp.shape(x))
+
+
+def is_uncaptured(x) -> bool:
+  """True for the UNCAPTURED marker: a leaf (array, ``ShapeDtypeStruct`` or
+  shape tuple) of shape ``(0,)``."""
+  return x is not None and _shape_of(x) == UNCAPTURED_SHAPE
+
+
+def default_moment_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """State shape for a parameter of ``shape`` without ``stats_shapes``.
+
+  All axes but the last are input axes: ``K[:-1] + (1,)`` for rank >= 2,
+  ``(1,)`` for a vector (a bias: one constant input), ``()`` for a scalar.
+  """
+  shape = tuple(shape)
+  return shape[:-1] + (1,) if shape else ()
+
+
+def _shape_error(stat_shape, param_shape, name: str) -> ValueError:
+  k = tuple(param_shape)
+  example = default_moment_shape(k)
+  return ValueError(
+      f"AdaAct statistics of shape {tuple(stat_shape)} at '{name}' cannot scale the "
+      f"parameter of shape {k}: expected the parameter's rank with, along each axis, its "
+      f"size (an input axis), 1 (an output axis) or a divisor of it (blocks), e.g. "
+      f"{example}; or the 0.1.0 forms (the leading axes {k[:-1]}, or (*kernel_size, "
+      f"in_channels) for a grouped convolution)")
+
+
+def _legacy_grouped(s, k) -> bool:
+  # 0.1.0 grouped conv: kernel (*k, C/G, C_out), statistics (*k, C), G | C_out.
+  return (len(s) == len(k) - 1 and len(k) >= 2 and s[:-1] == k[:-2] and k[-2] > 0
+          and s[-1] % k[-2] == 0 and (s[-1] // k[-2]) > 0 and k[-1] % (s[-1] // k[-2]) == 0)
+
+
+def keep_rank_shape(stat_shape, param_shape, name: str) -> tuple[int, ...]:
+  """The keep-rank shape of a statistics leaf (0.1.0 forms converted).
+
+  Args:
+    stat_shape: the leaf's shape (keep-rank, a prefix of ``param_shape``, or
+      the 0.1.0 grouped form ``(*k, C)``). Not the UNCAPTURED marker.
+    param_shape: the parameter's shape ``K``.
+    name: the parameter's path, for the error.
+
+  Returns:
+    A shape of ``K``'s rank whose sizes divide ``K``'s.
+
+  Raises:
+    ValueError: naming the path and both shapes when no form applies.
+  """
+  s, k = _shape_of(stat_shape), tuple(param_shape)
+  if len(s) == len(k):
+    if all(d > 0 and kk % d == 0 for d, kk in zip(s, k)):
+      return s
+    raise _shape_error(s, k, name)
+  if len(s) < len(k):
+    if k[:len(s)] == s:
+      return s + (1,) * (len(k) - len(s))
+    if _legacy_grouped(s, k):
+      return s[:-1] + (k[-2], s[-1] // k[-2])
+  raise _shape_error(s, k, name)
+
+
+def to_keep_rank(a: jax.Array, param_shape, name: str) -> jax.Array:
+  """``a`` (keep-rank or a 0.1.0 form) in the keep-rank layout, float32.
+
+  The 0.1.0 grouped form ``(*k, C)`` holds input channel ``c = g*C/G + i``
+  at ``[..., c]``; the keep-rank form ``(*k, C/G, G)`` holds it at
+  ``[..., i, g]``.
+  """
+  a = jnp.asarray(a, jnp.float32)
+  s, k = tuple(a.shape), tuple(param_shape)
+  target = keep_rank_shape(s, k, name)
+  if len(s) < len(k) and k[:len(s)] != s:  # the 0.1.0 grouped form
+    per_group, groups = target[-2], target[-1]
+    return jnp.swapaxes(a.reshape(s[:-1] + (groups, per_group)), -1, -2)
+  return a.reshape(target)
 
 
 def _drop_masked(names, tree: PyTree) -> list[str]:
@@ -63,30 +155,54 @@ def _drop_masked(names, tree: PyTree) -> list[str]:
   return sorted(n for n in names if not any(n == m or n.startswith(m + "/") for m in masked))
 
 
+def stats_leaves(tree: PyTree) -> dict[str, Any]:
+  """``{path name: leaf}`` of a statistics tree (shape tuples count as leaves)."""
+  if tree is None:
+    return {}
+  leaves, _ = tree_util.tree_flatten_with_path(tree, is_leaf=_is_shape)
+  return {path_name(p): leaf for p, leaf in leaves}
+
+
+def param_names(params: PyTree) -> list[str]:
+  return [path_name(p) for p, _ in tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _unknown_paths_error(what: str, extra, shapes, params: PyTree) -> ValueError:
+  names = param_names(params)
+  return ValueError(f"{what} has entries at {extra} (shapes {shapes}) that are not parameter "
+                    f"paths; parameters: {names[:8]}{'...' if len(names) > 8 else ''}")
+
+
 def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
   """The second-moment state's shape for every parameter (a tree of tuples).
 
   Args:
     params: the parameter tree (arrays or anything with ``.shape``).
     stats_shapes: optional tree, keyed by the same paths, of statistics
-      shapes (tuples, arrays or ``jax.ShapeDtypeStruct``, e.g. from
-      ``adaact_optax.linen.stats_shapes``). Its leaves override the default
-      ``shape[:-1]``; paths it lacks keep the default.
+      shapes (tuples, arrays or ``jax.ShapeDtypeStruct``; keep-rank or
+      0.1.0 forms, e.g. from ``adaact_optax.linen.stats_shapes``). Its
+      leaves override ``default_moment_shape``; the UNCAPTURED marker gives
+      ``(0,)`` (no state); paths it lacks keep the default.
+
+  Raises:
+    ValueError: an entry at a path that is no parameter, or a shape that
+      cannot scale its parameter (naming the path and the shapes).
   """
-  overrides = {}
-  if stats_shapes is not None:
-    leaves, _ = tree_util.tree_flatten_with_path(stats_shapes, is_leaf=_is_shape)
-    overrides = {path_name(p): tuple(l if _is_shape(l) else l.shape) for p, l in leaves}
-    known = {path_name(p) for p, _ in tree_util.tree_flatten_with_path(params)[0]}
-    for name in _drop_masked(overrides.keys() - known, params):
-      raise ValueError(f"stats_shapes has an entry at '{name}', which is not a parameter "
-                       f"path; parameters: {sorted(known)[:8]}...")
+  overrides = stats_leaves(stats_shapes)
+  if overrides:
+    extra = _drop_masked(overrides.keys() - set(param_names(params)), params)
+    if extra:
+      raise _unknown_paths_error("stats_shapes", extra,
+                                 [_shape_of(overrides[e]) for e in extra], params)
 
   def shape_for(path, p):
     name = path_name(path)
-    shape = overrides.get(name, default_moment_shape(jnp.shape(p)))
-    broadcast_plan(shape, jnp.shape(p), name)  # fail early on a bad override
-    return shape
+    k = tuple(jnp.shape(p))
+    if name not in overrides:
+      return default_moment_shape(k)
+    if is_uncaptured(overrides[name]):
+      return UNCAPTURED_SHAPE
+    return keep_rank_shape(_shape_of(overrides[name]), k, name)
 
   return tree_util.tree_map_with_path(shape_for, params)
 
@@ -97,78 +213,116 @@ def moment_zeros(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
   return jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
 
 
-def broadcast_plan(moment_shape, param_shape, name: str) -> str:
-  """How a per-input-feature array reaches its parameter: 'prefix' or 'grouped'.
+def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
+  """A bool tree like ``params``: True where ``stats_shapes`` has statistics.
 
-  Raises ValueError naming the path and both shapes when neither applies.
+  Absent entries, ``None`` and the UNCAPTURED marker are False.
+  """
+  entries = stats_leaves(stats_shapes)
+  extra = _drop_masked(entries.keys() - set(param_names(params)), params)
+  if extra:
+    raise _unknown_paths_error("stats_shapes", extra, [_shape_of(entries[e]) for e in extra],
+                               params)
+  return tree_util.tree_map_with_path(
+      lambda path, _: path_name(path) in entries and not is_uncaptured(entries[path_name(path)]),
+      params)
+
+
+def uncaptured_paths(stats: PyTree) -> list[str]:
+  """Sorted paths of the UNCAPTURED markers in a statistics (or shapes) tree."""
+  return sorted(n for n, leaf in stats_leaves(stats).items() if is_uncaptured(leaf))
+
+
+def broadcast_plan(moment_shape, param_shape, name: str) -> str:
+  """0.1.0 layout only: 'prefix' or 'grouped' for a lower-rank leaf.
+
+  Kept for code written against 0.1.0; new code uses ``keep_rank_shape``.
   """
   n, k = tuple(moment_shape), tuple(param_shape)
   if k[:len(n)] == n:
     return "prefix"
-  if (len(n) == len(k) - 1 and len(k) >= 2 and n[:-1] == k[:-2] and k[-2] > 0
-      and n[-1] % k[-2] == 0 and k[-1] % (n[-1] // k[-2]) == 0):
+  if _legacy_grouped(n, k):
     return "grouped"
-  raise ValueError(
-      f"AdaAct statistics of shape {n} at '{name}' cannot scale the parameter of "
-      f"shape {k}: expected the parameter's leading (input) axes, e.g. {k[:-1]}, "
-      f"or (*kernel_size, in_channels) for a grouped convolution")
+  raise _shape_error(n, k, name)
 
 
 def apply_scale(x: jax.Array, scale: jax.Array, name: str) -> jax.Array:
-  """``x * scale`` with a per-input-feature ``scale`` broadcast over ``x``'s outputs.
+  """``x * scale``, the per-input-feature ``scale`` broadcast over ``x``.
 
-  Grouped conv: kernel ``(*k, C/G, C_out)`` and scale ``(*k, C)``; output
-  channel ``j`` of group ``g = j // (C_out/G)`` reads input channel
-  ``g*C/G + i``, so ``x`` is viewed as ``(*k, C/G, G, C_out/G)``.
+  ``scale`` is keep-rank (0.1.0 forms are converted first). Axes where its
+  size is 1 or ``x``'s broadcast as usual; on a block axis (size ``s``,
+  ``1 < s < K``) ``x``'s axis is viewed as ``(s, K/s)`` and the scale as
+  ``(s, 1)``, so nothing parameter-sized is materialised but the product.
   """
-  k = x.shape
-  if broadcast_plan(scale.shape, k, name) == "prefix":
-    return x * scale.reshape(scale.shape + (1,) * (len(k) - scale.ndim))
-  per_group, groups = k[-2], scale.shape[-1] // k[-2]
-  grouped = scale.reshape(scale.shape[:-1] + (groups, per_group))
-  grouped = jnp.swapaxes(grouped, -1, -2)[..., None]        # (*k, C/G, G, 1)
-  view = x.reshape(k[:-1] + (groups, k[-1] // groups))
-  return (view * grouped).reshape(k)
+  k = tuple(x.shape)
+  if scale.ndim != len(k):
+    scale = to_keep_rank(scale, k, name)
+  s = tuple(scale.shape)
+  keep_rank_shape(s, k, name)  # validates divisibility, names the path
+  if all(d in (1, kk) for d, kk in zip(s, k)):
+    return x * scale
+  x_view, s_view = [], []
+  for d, kk in zip(s, k):
+    if d in (1, kk):
+      x_view.append(kk)
+      s_view.append(d)
+    else:
+      x_view += [d, kk // d]
+      s_view += [d, 1]
+  return (x.reshape(x_view) * scale.reshape(s_view)).reshape(k)
 
 
 def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
   """Places each statistics leaf at its parameter, shaped like the state.
 
-  Returns a tree with ``updates``' structure whose leaves are float32
-  statistics of the state's shape, or ``None`` for unmatched parameters.
-  Raises ValueError (at trace time) for a path that is not a parameter or a
-  shape that cannot be matched, naming the path and the shapes.
+  Args:
+    stats: the statistics tree (keep-rank or 0.1.0 leaves, ``None`` or
+      missing for parameters without statistics, the UNCAPTURED marker).
+    updates: the updates (or params) tree; its paths name the parameters.
+    nu: the second-moment tree (the state's shapes).
+
+  Returns:
+    A tree with ``updates``' structure whose leaves are float32 statistics
+    of the state's shape (a keep-rank leaf with size 1 where the state has
+    more is broadcast), or ``None`` for unmatched parameters (missing leaf,
+    ``None``, UNCAPTURED marker).
+
+  Raises:
+    ValueError (at trace time) for a path that is not a parameter or a
+    shape that cannot be matched, naming the path and the shapes.
   """
-  by_name = {path_name(p): leaf for p, leaf in tree_util.tree_flatten_with_path(stats)[0]}
+  by_name = stats_leaves(stats)
   seen = set()
 
   def place(path, g, v):
-    shape = v.shape
     name = path_name(path)
     a = by_name.get(name)
     if a is None:
       return None
     seen.add(name)
-    a_shape = jnp.shape(a)
-    if tuple(shape[:len(a_shape)]) != a_shape:
+    if is_uncaptured(a):
+      return None
+    k, state_shape = tuple(jnp.shape(g)), tuple(v.shape)
+    a = to_keep_rank(a, k, name)
+    if not all(d in (1, n) for d, n in zip(a.shape, state_shape)) or len(state_shape) != len(k):
       hint = ""
-      if broadcast_plan(a_shape, jnp.shape(g), name) == "grouped":
-        hint = (" This looks like a grouped convolution: build the optimizer with "
-                "stats_shapes=adaact_optax.linen.stats_shapes(model, variables, x) "
-                "(or adaact_optax.nnx.stats_shapes) so its state is per input channel.")
-      raise ValueError(f"AdaAct statistics at '{name}' have shape {a_shape}, but the "
-                       f"optimizer state for the parameter of shape {jnp.shape(g)} has "
-                       f"shape {tuple(shape)}.{hint}")
-    a = jnp.asarray(a, jnp.float32)
-    return jnp.broadcast_to(a.reshape(a_shape + (1,) * (len(shape) - len(a_shape))), shape)
+      if state_shape == UNCAPTURED_SHAPE:
+        hint = (" The optimizer was built with stats_shapes marking this parameter as "
+                "uncaptured (no statistics): rebuild it with the stats_shapes of this model.")
+      elif any(1 < d < n for d, n in zip(a.shape, k)):
+        hint = (" This looks like a grouped convolution (statistics in blocks along an output "
+                "axis): build the optimizer with stats_shapes=adaact_optax.linen.stats_shapes("
+                "model, variables, x) (or adaact_optax.nnx.stats_shapes(model, x)) so its "
+                "state has the statistics' shape.")
+      raise ValueError(f"AdaAct statistics at '{name}' have shape {tuple(jnp.shape(by_name[name]))}"
+                       f" (keep-rank {tuple(a.shape)}), but the optimizer state for the "
+                       f"parameter of shape {k} has shape {state_shape}.{hint}")
+    return a if a.shape == state_shape else jnp.broadcast_to(a, state_shape)
 
   placed = tree_util.tree_map_with_path(place, updates, nu)
   # Statistics of parameters masked out of this transform are not errors.
   extra = _drop_masked(by_name.keys() - seen, updates)
   if extra:
-    param_names = [path_name(p) for p, _ in tree_util.tree_flatten_with_path(updates)[0]]
-    raise ValueError(f"activation_stats has entries at {extra} (shapes "
-                     f"{[jnp.shape(by_name[e]) for e in extra]}) that are not parameter "
-                     f"paths; parameters: {param_names[:8]}"
-                     f"{'...' if len(param_names) > 8 else ''}")
+    raise _unknown_paths_error("activation_stats", extra,
+                               [_shape_of(by_name[e]) for e in extra], updates)
   return placed

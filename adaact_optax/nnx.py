@@ -1,183 +1,135 @@
-"""Flax NNX adapter: captures AdaAct's statistics from an unmodified NNX model.
+"""Flax NNX adapter: AdaAct's statistics from an unmodified NNX model.
 
-``apply(model, *args)`` runs ``model(*args)`` while every ``nnx.Linear``,
-``nnx.LinearGeneral`` and ``nnx.Conv`` call (and ``nnx.Embed``, with
-``embeddings=``) records its input's second moments, and returns them as an
-``nnx.State`` at the paths of ``nnx.state(model, nnx.Param)``. NNX has no
-method interception, so for the duration of the call these classes'
-``__call__`` is wrapped (and restored afterwards, even on error); a subclass
-is captured when its ``__call__`` reaches the base class's.
-
-Layers called inside NNX transforms nested in the forward pass
-(``nnx.scan``, ``nnx.vmap``, ``nnx.remat``) see copies of their
-parameters and are reported as an error; apply those transforms outside
-``apply`` (``nnx.jit``, ``nnx.grad`` and ``nnx.value_and_grad`` around it
-are fine).
+``apply(model, *args)`` runs ``model(*args)`` through the capture engine
+(``adaact_optax.capture``) and returns the statistics of every parameter that
+multiplies an activation as an ``nnx.State`` at the paths of
+``nnx.state(model, wrt)``: Linear, LinearGeneral, Einsum, Conv,
+ConvTranspose, LoRA, layers inside ``nnx.scan``/``nnx.vmap``/``nnx.remat``
+in the forward pass, custom modules. The model's other state (BatchNorm
+statistics, RNG counters) is updated as a plain call would update it.
+``sow_input`` is the hatch for custom layers whose weight no capture can see.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import functools
-import threading
+import warnings
 from typing import Any
 
 import jax
 from flax import nnx
 
-from adaact_optax import linen as _linen
-from adaact_optax import moments
+from adaact_optax import capture as _capture
+from adaact_optax import matching, moments
 
 
-def _linear(layer, x):
-  return _linen.with_bias(moments.dense_moments(x), layer.use_bias)
+class _SowRecorder:
+  """Statistics recorded by ``sow_input`` during one ``apply``, pooled per Variable."""
+
+  def __init__(self):
+    self.stats: dict[int, tuple[Any, moments.InputMoments]] = {}
+
+  def record(self, variable, stat: moments.InputMoments):
+    if id(variable) in self.stats:
+      stat = moments.combine(self.stats[id(variable)][1], stat)
+    self.stats[id(variable)] = (variable, stat)
+
+  def by_path(self, model, wrt) -> dict:
+    paths = {id(v): matching.path_name(p) for p, v in nnx.to_flat_state(nnx.state(model, wrt))}
+    return {paths[i]: s.mean for i, (_, s) in self.stats.items() if i in paths}
 
 
-def _linear_general(layer, x):
-  # Kernel (*batch_axis sizes, *in_features, *out_features): the statistics
-  # are (*batch, *contracted), as moments.dense_moments orders them.
-  kernel = moments.dense_moments(x, layer.axis, tuple(layer.batch_axis.keys()))
-  return _linen.with_bias(kernel, layer.use_bias)
+_recorder: contextvars.ContextVar[_SowRecorder | None] = contextvars.ContextVar(
+    "adaact_nnx_sow", default=None)
 
 
-def _conv(layer, x):
-  return _linen.with_bias(_linen.conv_layer_moments(layer, x), layer.use_bias)
+def sow_input(module: nnx.Module, name: str, x: jax.Array, *, x_axes=(-1,), param_axes=(0,)):
+  """Records, from inside a custom layer, the input that its parameter ``name`` multiplies.
 
-
-# The layers AdaAct scales and how each one's input becomes statistics.
-_LAYERS = {nnx.Linear: _linear, nnx.LinearGeneral: _linear_general, nnx.Conv: _conv}
-
-
-def layer_moments(layer: nnx.Module, x: jax.Array, *, embeddings: bool | float = False
-                  ) -> dict[str, moments.InputMoments]:
-  """Statistics of one supported NNX layer's input, keyed by parameter name.
-
-  Returns ``{}`` for layers AdaAct does not scale (``nnx.Embed`` unless
-  ``embeddings``; see ``apply``).
+  The NNX twin of ``adaact_optax.linen.sow_input``: call it in the layer's
+  ``__call__`` with the activation the weight multiplies; ``apply`` then uses
+  this statistic (mean of ``x**2`` over every axis but ``x_axes``, laid over
+  the parameter's ``param_axes``) instead of warning that the weight could
+  not be captured. Does nothing outside ``apply``.
   """
-  floor = _linen.embedding_floor(embeddings)
-  if isinstance(layer, nnx.Embed):
-    return {} if floor is None else {
-        "embedding": moments.token_moments(x, layer.num_embeddings, floor)}
-  for cls, fn in _LAYERS.items():
-    if isinstance(layer, cls):
-      return fn(layer, x)
-  return {}
+  recorder = _recorder.get()
+  if recorder is None:
+    return
+  variable = getattr(module, name)
+  recorder.record(variable, moments.input_moments(x, x_axes, param_axes, variable.shape))
 
 
-class _Recorder:
-  """Statistics of every captured call, pooled per layer instance."""
-
-  def __init__(self, embeddings: bool | float):
-    _linen.embedding_floor(embeddings)  # validate once, before the forward pass
-    self.embeddings = embeddings
-    self.calls: dict[int, tuple[nnx.Module, dict[str, moments.InputMoments]]] = {}
-
-  def record(self, layer, x):
-    stats = layer_moments(layer, x, embeddings=self.embeddings)
-    if not stats:
-      return
-    if id(layer) in self.calls:
-      # Repeated use: the mean over all rows of all calls.
-      previous = self.calls[id(layer)][1]
-      stats = {k: moments.combine(previous[k], v) for k, v in stats.items()}
-    self.calls[id(layer)] = (layer, stats)
-
-  def state(self, model) -> nnx.State:
-    """The recorded statistics at the paths ``nnx.state(model, nnx.Param)`` uses."""
-    # nnx.state holds the model's Variable objects themselves, so a layer's
-    # Param identifies its path (the first one, for a shared layer).
-    paths = {id(v): p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    flat = {}
-    for layer, stats in self.calls.values():
-      for name, stat in stats.items():
-        path = paths.get(id(getattr(layer, name)))
-        if path is None:
-          raise ValueError(
-              f"adaact_optax.nnx.apply: a {type(layer).__name__} whose '{name}' of shape "
-              f"{getattr(layer, name).shape} is not among nnx.state(model, nnx.Param) ran "
-              "during the forward pass. It is either not part of `model`, or was called "
-              "inside an NNX transform (nnx.scan/vmap/remat) nested in the forward pass, "
-              "which works on copies of the parameters; neither is supported.")
-        flat[path] = stat.mean
-    return nnx.from_flat_state(flat)
+def _key(k):
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return k
 
 
-_recorder: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar(
-    "adaact_nnx_recorder", default=None)
-_patch_lock = threading.Lock()
-_patch_depth = 0
-_originals: dict[type, Any] = {}
-
-
-def _wrap(original):
-  @functools.wraps(original)
-  def __call__(self, inputs, *args, **kwargs):
-    recorder = _recorder.get()
-    if recorder is not None:
-      recorder.record(self, inputs)
-    return original(self, inputs, *args, **kwargs)
-  return __call__
-
-
-@contextlib.contextmanager
-def _patched():
-  """Wraps the supported classes' ``__call__`` while any capture is active."""
-  global _patch_depth
-  with _patch_lock:
-    if _patch_depth == 0:
-      for cls in (*_LAYERS, nnx.Embed):
-        _originals[cls] = cls.__dict__["__call__"]
-        cls.__call__ = _wrap(_originals[cls])
-    _patch_depth += 1
-  try:
-    yield
-  finally:
-    with _patch_lock:
-      _patch_depth -= 1
-      if _patch_depth == 0:
-        for cls, original in _originals.items():
-          cls.__call__ = original
-        _originals.clear()
-
-
-def apply(model: nnx.Module, *args, embeddings: bool | float = False, **kwargs):
+def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=None,
+          wrt=nnx.Param, **kwargs):
   """Runs ``model(*args, **kwargs)``; returns ``(output, activation_stats)``.
 
-  ``activation_stats`` is an ``nnx.State`` with one float32 leaf per
-  captured parameter, at its path in ``nnx.state(model, nnx.Param)``:
-  ``(*contracted,)`` for a ``Linear``/``LinearGeneral`` kernel (batch axes
-  first), ``(*kernel_size, in_channels)`` for a ``Conv`` kernel, ``()`` for
-  biases. Pass it to ``optimizer.update(model, grads, activation_stats=...)``.
-  A layer called several times pools all its rows.
+  ``activation_stats`` is an ``nnx.State`` with one keep-rank float32 leaf per
+  parameter with statistics, at its path in ``nnx.state(model, wrt)``: an
+  ``nnx.Linear`` kernel ``(in, out)`` gets ``(in, 1)``, a ``Conv`` kernel
+  ``(kh, kw, C, O)`` gets ``(kh, kw, C, 1)`` (``(kh, kw, C/G, G)`` when
+  grouped), a bias ``(1,)`` of ones. Pass it to
+  ``optimizer.update(model, grads, activation_stats=...)``. Repeated uses of
+  a layer pool all their rows.
 
   Args:
-    model: an NNX module (or anything whose Params ``nnx.state`` finds).
+    model: an NNX module.
     *args, **kwargs: the model's arguments.
-    embeddings: ``nnx.Embed`` tables are unmatched by default; ``True``
-      gives them token-frequency statistics with the floor
-      ``moments.EMBEDDING_FLOOR``, a float sets the floor (see
-      ``moments.token_moments``).
+    embeddings: ``nnx.Embed`` tables used only for lookups get no statistics
+      by default; ``True`` (or a float floor) gives them token frequencies
+      plus a floor (see ``moments.token_moments``).
+    row_mask: optional weights of the inputs' leading (batch, or batch x
+      time) axes; rows with weight 0 do not count (padding).
+    wrt: the parameters to capture, as ``nnx.Optimizer``'s ``wrt``
+      (``nnx.LoRAParam`` for LoRA fine-tuning: the frozen base kernels then
+      get no statistics and no error).
   """
-  recorder = _Recorder(embeddings)
-  token = _recorder.set(recorder)
-  try:
-    with _patched():
-      out = model(*args, **kwargs)
-  finally:
-    _recorder.reset(token)
-  return out, recorder.state(model)
+  graphdef, params, rest = nnx.split(model, wrt, ...)
+
+  def fun(p, rest, *args, **kwargs):
+    m = nnx.merge(graphdef, p, rest)
+    recorder = _SowRecorder()
+    token = _recorder.set(recorder)
+    try:
+      out = m(*args, **kwargs)
+    finally:
+      _recorder.reset(token)
+    _, _, new_rest = nnx.split(m, wrt, ...)
+    return out, new_rest, recorder.by_path(m, wrt)
+
+  (out, new_rest, sown), leaves, report = _capture.capture_call(
+      fun, params, (rest, *args), kwargs, embeddings=embeddings, row_mask=row_mask)
+  nnx.update(model, new_rest)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  stats, shapes = {}, {}
+  for (path, x), leaf in zip(flat, leaves):
+    name = matching.path_name(path)
+    shapes[name] = x.shape
+    keys = tuple(_key(k) for k in path if not (
+        isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
+    if name in sown:
+      stats[keys] = sown[name]
+    elif leaf is not None:
+      stats[keys] = leaf
+  _capture.warn_uncaptured(report, shapes, skip=set(sown))
+  return out, nnx.from_flat_state(stats)
 
 
 def stats_shapes(model: nnx.Module, *args, **kwargs) -> nnx.State:
   """Shapes of ``apply``'s statistics (``jax.ShapeDtypeStruct`` leaves), no FLOPs.
 
-  Pass it as ``stats_shapes=`` to ``adaact``/``scale_by_adaact`` when the
-  model has grouped convolutions. The model is not modified (its batch
-  statistics, RNG counters... are untouched).
+  Pass it as ``stats_shapes=`` to ``adaact``/``scale_by_adaact``: it sizes the
+  optimizer's state to the statistics' layout (grouped convolutions, (out, in)
+  kernels, ``Embed.attend`` tables, per-block fused projections). The model is
+  not modified (its batch statistics, RNG counters... are untouched).
   """
   graphdef, state = nnx.split(model)
-  # Trace a copy so the forward pass's own updates (BatchNorm statistics)
-  # cannot leak tracers into `model`.
-  return jax.eval_shape(lambda s: apply(nnx.merge(graphdef, s), *args, **kwargs)[1], state)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", _capture.UncapturedWeightWarning)
+    return jax.eval_shape(lambda s: apply(nnx.merge(graphdef, s), *args, **kwargs)[1], state)

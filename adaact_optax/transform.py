@@ -17,7 +17,7 @@ from optax import tree_utils as otu
 
 from adaact_optax import matching
 
-_UNMATCHED = ("sgd", "momentum")
+_UNMATCHED = ("sgd", "momentum", "error")
 
 
 class ScaleByAdaActState(NamedTuple):
@@ -26,9 +26,10 @@ class ScaleByAdaActState(NamedTuple):
   Attributes:
     count: int32 scalar, number of updates taken.
     mu: first moment of the gradients, like the params, in ``mu_dtype``.
-    nu: float32 EMA of the squared layer inputs, one value per input feature:
-      a parameter of shape ``K`` has ``K[:-1]`` (or the ``stats_shapes``
-      override); vectors have a scalar. Never parameter-sized.
+    nu: float32 EMA of the squared layer inputs, one value per input feature,
+      in the keep-rank layout of ``adaact_optax.matching``: a parameter of
+      shape ``K`` has ``K[:-1] + (1,)`` (or the ``stats_shapes`` override),
+      vectors ``(1,)``, scalars ``()``. Never parameter-sized.
   """
 
   count: jax.Array
@@ -48,7 +49,11 @@ def _validate(b1, b2, eps, power, unmatched):
   _check("eps", eps, lambda v: v >= 0, ">= 0")
   _check("power", power, lambda v: v > 0, "> 0")
   if unmatched not in _UNMATCHED:
-    raise ValueError(f"unmatched must be one of {_UNMATCHED}, got {unmatched!r}")
+    hint = (" (an optax transformation is accepted by adaact(), not scale_by_adaact: "
+            "wrap scale_by_adaact in optax.partition instead)"
+            if isinstance(unmatched, optax.GradientTransformation) else "")
+    raise ValueError(f"unmatched must be one of {_UNMATCHED} or, for adaact(), an optax "
+                     f"transformation; got {unmatched!r}{hint}")
 
 
 def _missing_stats_error():
@@ -58,6 +63,16 @@ def _missing_stats_error():
       "adaact_optax.linen.apply(model, variables, x)[1][adaact_optax.linen.COLLECTION] "
       "or adaact_optax.nnx.apply(model, x)[1]. Pass activation_stats={} to update every "
       "parameter as unmatched.")
+
+
+def _uncaptured_error(names):
+  return ValueError(
+      f"AdaAct has no statistics for {names}: the capture saw these weights multiply an "
+      "activation but could not record their input (see the UncapturedWeightWarning it "
+      "emitted), and unmatched='error' refuses to train them without. Fix: record the "
+      "layer's input with the sow hatch (adaact_optax.linen.sow_input / the NNX "
+      "equivalent) in the custom layer, or pass unmatched='sgd' or unmatched='momentum' "
+      "to accept plain updates for them.")
 
 
 def pmean_tree(tree, axis_name):
@@ -113,9 +128,13 @@ def scale_by_adaact(
     power: exponent of ``V_hat`` (0.5 in the paper), > 0.
     mu_dtype: dtype of the first moment; ``None`` keeps the params' dtype.
       The second moment is always float32.
-    unmatched: ``"sgd"`` or ``"momentum"``, see above.
-    stats_shapes: optional tree of statistics shapes keyed like the params,
-      for layers whose statistics are not the kernel's leading axes (grouped
+    unmatched: ``"sgd"`` or ``"momentum"``, see above; ``"error"`` is
+      ``"sgd"`` for parameters without statistics, but raises a ValueError
+      (at trace time, naming the paths) for parameters the capture marked
+      uncaptured (``matching.UNCAPTURED_SHAPE`` leaves).
+    stats_shapes: optional tree of statistics shapes keyed like the params
+      (keep-rank or 0.1.0 forms, see ``adaact_optax.matching``), for layers
+      whose statistics are not the default ``K[:-1] + (1,)`` (grouped
       convolutions); see ``adaact_optax.linen.stats_shapes``.
     axis_name: a ``pmap``/``shard_map`` axis over which the statistics are
       averaged (one collective per step). Assumes equal local batch sizes.
@@ -128,6 +147,8 @@ def scale_by_adaact(
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
+    if unmatched == "error" and matching.uncaptured_paths(stats_shapes):
+      raise _uncaptured_error(matching.uncaptured_paths(stats_shapes))
     mu = otu.tree_zeros_like(params, dtype=mu_dtype)
     nu = matching.moment_zeros(params, stats_shapes)
     return ScaleByAdaActState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
@@ -139,6 +160,12 @@ def scale_by_adaact(
     if axis_name is not None:
       activation_stats = pmean_tree(activation_stats, axis_name)
     stats = matching.align(activation_stats, updates, state.nu)
+    if unmatched == "error":
+      # Only parameters this transform owns (optax.masked/partition drop the rest).
+      owned = set(matching.param_names(updates))
+      refused = [n for n in matching.uncaptured_paths(activation_stats) if n in owned]
+      if refused:
+        raise _uncaptured_error(refused)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
     # float32 arrays, so the plain optimizer and one under optax.inject_hyperparams
@@ -147,7 +174,7 @@ def scale_by_adaact(
     bc1, bc2 = 1 - b1_ ** t, 1 - b2_ ** t
 
     def leaf(path, g, m, v, a):
-      if a is None and unmatched == "sgd":
+      if a is None and unmatched != "momentum":
         return g, m, v
       m_new = b1_ * m.astype(jnp.float32) + (1 - b1_) * g.astype(jnp.float32)
       if a is None:
@@ -170,6 +197,47 @@ def scale_by_adaact(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _unmatched_needs_stats_shapes():
+  return ValueError(
+      "adaact(unmatched=<an optax transformation>) needs stats_shapes=: which parameters "
+      "have statistics must be known at init, so the transformation's state covers only the "
+      "others. Pass the layout the capture reports, e.g. stats_shapes="
+      "adaact_optax.linen.stats_shapes(model, variables, x) (or adaact_optax.nnx."
+      "stats_shapes(model, x)); or use a string unmatched='sgd'/'momentum'.")
+
+
+def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
+  """``optax.partition`` of ``adaact_tx`` (parameters with statistics) and ``other``."""
+  labels = lambda params: jax.tree.map(
+      lambda has: "adaact" if has else "unmatched",
+      matching.with_statistics(params, stats_shapes))
+  tx = optax.partition({"adaact": adaact_tx, "unmatched": other}, labels)
+
+  def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
+    if activation_stats is None:
+      raise _missing_stats_error()
+    # The split was fixed at init from stats_shapes; statistics that disagree
+    # with it would be dropped (or missed) silently, so they are an error.
+    owned = set(matching.param_names(updates))
+    expected = {n for n, has in zip(matching.param_names(updates),
+                                    jax.tree.leaves(matching.with_statistics(updates,
+                                                                             stats_shapes)))
+                if has}
+    given = {n for n, leaf in matching.stats_leaves(activation_stats).items()
+             if n in owned and not matching.is_uncaptured(leaf)}
+    if given != expected:
+      raise ValueError(
+          "adaact(unmatched=<an optax transformation>): activation_stats and the "
+          "stats_shapes the optimizer was built with disagree: statistics at "
+          f"{sorted(given - expected)} but stats_shapes has none there, none at "
+          f"{sorted(expected - given)} where stats_shapes has them. Build the optimizer "
+          "with the stats_shapes of the model and inputs you train (the capture's "
+          "stats_shapes function).")
+    return tx.update(updates, state, params, activation_stats=activation_stats, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def adaact(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -180,7 +248,7 @@ def adaact(
     power: float = 0.5,
     mask: Any | None = None,
     mu_dtype: Any | None = None,
-    unmatched: str = "sgd",
+    unmatched: str | optax.GradientTransformation = "sgd",
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -190,9 +258,33 @@ def adaact(
   as in ``optax.adamw``) and the learning rate (a float or an optax
   schedule). The paper's defaults: lr 0.1, b1 0.9, b2 0.999, eps 1e-8,
   weight decay 2e-3. Works inside ``optax.inject_hyperparams``.
+
+  ``unmatched`` may also be a complete optax optimizer for the parameters
+  without statistics (norm scales, embeddings, ...), applied as given with
+  its own learning rate, schedule and weight decay; ``learning_rate`` and
+  ``weight_decay`` then apply to the parameters with statistics only. The
+  split is fixed at ``init`` from ``stats_shapes`` (required then: the
+  parameters with a non-marker entry have statistics), and the
+  transformation's state covers the other parameters only. It is
+  ``optax.partition({'adaact': adaact(...), 'unmatched': tx}, labels)``::
+
+    tx = adaact_optax.adaact(1.0, unmatched=optax.adamw(3e-3, weight_decay=0.1),
+                             stats_shapes=adaact_optax.linen.stats_shapes(model, variables, x))
+
   See ``scale_by_adaact`` for the other arguments.
+
+  Raises:
+    ValueError: a hyperparameter out of range; ``unmatched`` a transformation
+      without ``stats_shapes``.
   """
   _check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+  if isinstance(unmatched, optax.GradientTransformation):
+    if stats_shapes is None:
+      raise _unmatched_needs_stats_shapes()
+    inner = adaact(learning_rate, b1, b2, eps, weight_decay, power=power, mask=mask,
+                   mu_dtype=mu_dtype, unmatched="sgd", stats_shapes=stats_shapes,
+                   axis_name=axis_name)
+    return _with_unmatched_optimizer(inner, unmatched, stats_shapes)
   return optax.chain(
       scale_by_adaact(b1, b2, eps, power, mu_dtype=mu_dtype, unmatched=unmatched,
                       stats_shapes=stats_shapes, axis_name=axis_name),

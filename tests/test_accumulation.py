@@ -106,6 +106,7 @@ def test_optax_multisteps_alone_sees_only_the_last_micro_batch():
   _, ours, _ = _accumulate(MLP(), 1, 1)
   x_last = _digits(16)[0][12:16]
   last_only = (1 - np.float32(0.999)) * jnp.mean(jnp.square(x_last.reshape(4, -1)), axis=0)
+  last_only = last_only[:, None]  # the state's keep-rank (in, 1) layout
   np.testing.assert_allclose(plain.inner_opt_state[0].nu["Dense_0"]["kernel"], last_only,
                              rtol=1e-5)
   assert not np.allclose(plain.inner_opt_state[0].nu["Dense_0"]["kernel"],
@@ -144,6 +145,7 @@ def test_statistics_are_averaged_even_when_gradients_are_summed():
   _, _, state, _, _, s1 = step(params, {}, state, x[:4], y[:4])
   _, _, state, _, _, s2 = step(params, {}, state, x[4:8], y[4:8])
   expected = (s1["Dense_0"]["kernel"] + s2["Dense_0"]["kernel"]) / 2
+  expected = expected.reshape(state.acc_stats["Dense_0"]["kernel"].shape)  # keep-rank (in, 1)
   np.testing.assert_allclose(state.acc_stats["Dense_0"]["kernel"], expected, rtol=1e-6)
 
 
@@ -168,6 +170,7 @@ def test_batchnorm_model_accumulates_the_micro_batch_statistics_and_trains():
       if epoch == 0 and i < k:
         seen.append(stats["Dense_0"]["kernel"])
   first = (1 - np.float32(0.999)) * (seen[0] + seen[1]) / 2
+  first = first.reshape(-1, 1)  # the state's keep-rank (in, 1) layout
   assert int(state.inner_opt_state[0].count) == 6 * 4
   assert np.mean(losses[-8:]) < 0.3 * np.mean(losses[:8])
   # The first emitted step's nu is (1 - b2) times the mean of the two micro-batches.
@@ -229,7 +232,7 @@ def test_nnx_optimizer_with_a_grouped_convolution():
 
   def train(k):
     model = Grouped(nnx.Rngs(0))
-    shapes = aa_nnx.stats_shapes(model, x[:2])  # (3, 3, 4) per input channel, not (3, 3, 2)
+    shapes = aa_nnx.stats_shapes(model, x[:2])  # per input channel and group, not (3, 3, 2, 1)
     tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1, stats_shapes=shapes), k,
                                  stats_shapes=shapes)
     optimizer = nnx.Optimizer(model, tx.gradient_transformation(), wrt=nnx.Param)
@@ -241,6 +244,6 @@ def test_nnx_optimizer_with_a_grouped_convolution():
 
   params, state = train(4)
   full_params, full_state = train(1)
-  assert state.acc_stats["conv"]["kernel"].shape == (3, 3, 4)
+  assert state.acc_stats["conv"]["kernel"].shape == (3, 3, 2, 2)  # (*k, C/G, G)
   _close(params, full_params)
   _close(state.inner_opt_state[0].nu, full_state.inner_opt_state[0].nu, rtol=1e-5, atol=0)

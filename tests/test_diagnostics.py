@@ -14,8 +14,9 @@ from adaact_optax.diagnostics import activation_summary
 
 def _hand_state():
   # b2 = 0.5, count = 2: 1 - b2**2 = 0.75, so V_hat = nu / 0.75.
-  nu = {"Dense_0": {"kernel": jnp.array([0.075, 0.3]), "bias": jnp.zeros(())},
-        "Conv_0": {"kernel": jnp.array([[[0.0, 0.75]], [[3.0, 0.75]]])}}
+  # Keep-rank layout: a Dense kernel (2, out) has (2, 1), its bias (1,).
+  nu = {"Dense_0": {"kernel": jnp.array([[0.075], [0.3]]), "bias": jnp.zeros((1,))},
+        "Conv_0": {"kernel": jnp.array([[[[0.0], [0.75]]], [[[3.0], [0.75]]]])}}
   mu = jax.tree.map(jnp.zeros_like, nu)
   return adaact_optax.ScaleByAdaActState(count=jnp.array(2, jnp.int32), mu=mu, nu=nu)
 
@@ -39,7 +40,7 @@ def _check(summary, expected, rtol=1e-6):
 
 def test_hand_computed_values_and_jit():
   state = _hand_state()
-  _check(activation_summary(state, b2=0.5, eps=0.01), HAND)  # bias (scalar state): left out
+  _check(activation_summary(state, b2=0.5, eps=0.01), HAND)  # bias (one entry): left out
   jitted = jax.jit(lambda s: activation_summary(s, b2=0.5, eps=0.01))(state)
   _check(jitted, HAND)
   # power 1: scale = 1 / (V_hat + eps).

@@ -106,7 +106,7 @@ def test_grouped_and_depthwise_convs_train_with_stats_shapes():
   assert variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 2, 8)
   tx = adaact_optax.adaact(0.1, stats_shapes=shapes)
   state = tx.init(variables["params"])
-  assert state[0].nu["Conv_1"]["kernel"].shape == (3, 3, 8)
+  assert state[0].nu["Conv_1"]["kernel"].shape == (3, 3, 1, 8)  # keep-rank (*k, C/G, G)
 
   @jax.jit
   def step(params, state):
@@ -117,7 +117,8 @@ def test_grouped_and_depthwise_convs_train_with_stats_shapes():
 
   params, state, stats = step(variables["params"], state)
   assert np.isfinite(jax.tree.leaves(params)[0]).all()
-  np.testing.assert_allclose(state[0].nu["Conv_0"]["kernel"], 1e-3 * stats["Conv_0"]["kernel"], rtol=1e-4)
+  expected = adaact_optax.matching.to_keep_rank(stats["Conv_0"]["kernel"], (3, 3, 2, 8), "Conv_0")
+  np.testing.assert_allclose(state[0].nu["Conv_0"]["kernel"], 1e-3 * expected, rtol=1e-4)
 
 
 def test_grouped_convention_matches_flax_connectivity():

@@ -117,8 +117,8 @@ def test_state_is_per_input_feature_and_dtypes():
             "attn": {"kernel": jnp.zeros((64, 4, 16))}, "scale": jnp.zeros((7,))}
   state = adaact_optax.scale_by_adaact(mu_dtype=jnp.bfloat16).init(params)
   assert state.count.dtype == jnp.int32
-  assert jax.tree.map(jnp.shape, state.nu) == {"conv": {"kernel": (3, 3, 16), "bias": ()},
-                                               "attn": {"kernel": (64, 4)}, "scale": ()}
+  assert jax.tree.map(jnp.shape, state.nu) == {"conv": {"kernel": (3, 3, 16, 1), "bias": (1,)},
+                                               "attn": {"kernel": (64, 4, 1)}, "scale": (1,)}
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.nu))
   assert all(l.dtype == jnp.bfloat16 for l in jax.tree.leaves(state.mu))
   nu_size = sum(l.size for l in jax.tree.leaves(state.nu))
@@ -132,7 +132,7 @@ def test_prefix_statistics_fill_multi_output_kernels():
   tx = adaact_optax.scale_by_adaact(b1=0.0, b2=0.0)
   updates, state = tx.update(grads, tx.init(params), activation_stats={"q": jnp.array([1.0, 4.0, 9.0, 16.0])})
   np.testing.assert_allclose(updates["q"][:, 1, 2], 1 / (np.array([1.0, 2.0, 3.0, 4.0]) + 1e-8), rtol=1e-6)
-  assert state.nu["q"].shape == (4, 2)
+  assert state.nu["q"].shape == (4, 2, 1)
 
 
 def test_grouped_kernels_broadcast_per_group():
@@ -221,3 +221,193 @@ def test_weight_decay_mask_and_schedule():
     updates, state = tx.update(zeros, state, params, activation_stats=stats)
     np.testing.assert_allclose(updates["w"], -lr * 0.5 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_array_equal(updates["b"], 0.0)
+
+
+# --- the 0.2 keep-rank statistics layout (adaact_optax.matching) -------------
+
+def _repeat_reference(x, stat):
+  """The contract's reference: repeat the statistic along each axis up to x's size."""
+  for ax, (k, s) in enumerate(zip(x.shape, stat.shape)):
+    stat = np.repeat(stat, k // s, axis=ax)
+  return np.asarray(x) * stat
+
+
+@pytest.mark.parametrize("param_shape,stat_shape", [
+    ((4, 6), (4, 1)),          # Dense kernel
+    ((6, 4), (1, 4)),          # an (out, in) weight
+    ((4, 6), (4, 3)),          # a fused kernel split 3 ways along the outputs
+    ((2, 2, 4, 6), (2, 2, 4, 2)),  # grouped conv (kh, kw, C/G, G)
+    ((4, 6), (2, 6)),          # blocks on the input axis too
+    ((6,), (1,)), ((), ()),
+])
+def test_apply_scale_equals_repeating_the_statistics(param_shape, stat_shape):
+  x = jax.random.normal(jax.random.key(0), param_shape)
+  stat = jax.random.uniform(jax.random.key(1), stat_shape, minval=0.5, maxval=2.0)
+  got = adaact_optax.matching.apply_scale(x, stat, "layer/kernel")
+  np.testing.assert_array_equal(got, _repeat_reference(x, np.asarray(stat)))
+
+
+def test_legacy_leaves_convert_to_keep_rank():
+  to_keep_rank = adaact_optax.matching.to_keep_rank
+  a = jnp.arange(1.0, 5.0)
+  assert to_keep_rank(a, (4, 3), "d").shape == (4, 1)                 # K[:-1]
+  assert to_keep_rank(a, (4, 2, 3), "q").shape == (4, 1, 1)            # a prefix
+  assert to_keep_rank(jnp.ones(()), (3,), "b").shape == (1,)           # 0.1.0 bias ()
+  # 0.1.0 grouped conv: kernel (k, C/G, C_out) = (2, 2, 6), stats (k, C) = (2, 4):
+  # input channel c = g * C/G + i moves to [..., i, g].
+  v = jnp.arange(8.0).reshape(2, 4)
+  got = to_keep_rank(v, (2, 2, 6), "conv")
+  assert got.shape == (2, 2, 2)
+  for o in range(2):
+    for g in range(2):
+      for i in range(2):
+        assert got[o, i, g] == v[o, g * 2 + i]
+  with pytest.raises(ValueError, match=r"\(5,\).*'d'.*\(4, 3\)"):
+    to_keep_rank(jnp.ones(5), (4, 3), "d")
+  with pytest.raises(ValueError, match=r"\(4, 4\).*'d'.*\(4, 6\)"):  # 4 does not divide 6
+    to_keep_rank(jnp.ones((4, 4)), (4, 6), "d")
+
+
+def test_stats_shapes_overrides_in_every_form():
+  params = {"dense": jnp.zeros((4, 6)), "qkv": jnp.zeros((4, 9)), "conv": jnp.zeros((3, 2, 8)),
+            "prefix": jnp.zeros((4, 2, 3)), "norm": jnp.zeros((6,)),
+            "custom": jnp.zeros((5, 5))}
+  shapes = {"dense": (4, 1),                              # keep-rank
+            "qkv": jax.ShapeDtypeStruct((4, 3), jnp.float32),  # blocks
+            "conv": jnp.zeros((3, 4)),                    # 0.1.0 grouped (*k, C), G = 2
+            "prefix": (4,),                               # 0.1.0 prefix
+            "custom": (0,)}                               # UNCAPTURED
+  nu = adaact_optax.scale_by_adaact(stats_shapes=shapes).init(params).nu
+  assert jax.tree.map(jnp.shape, nu) == {
+      "dense": (4, 1), "qkv": (4, 3), "conv": (3, 2, 2), "prefix": (4, 1, 1),
+      "norm": (1,), "custom": (0,)}
+  with pytest.raises(ValueError, match=r"stats_shapes.*'nope'.*\(2,\)"):
+    adaact_optax.scale_by_adaact(stats_shapes={"nope": (2,)}).init(params)
+
+
+def test_block_statistics_train_a_fused_kernel_per_block():
+  # A (4, 6) kernel split in 3 output blocks of 2 columns, each with its own statistic.
+  params = {"qkv": jnp.zeros((4, 6))}
+  stats = {"qkv": jnp.array([[1.0, 4.0, 9.0]] * 4)}
+  tx = adaact_optax.scale_by_adaact(b1=0.0, b2=0.0, stats_shapes={"qkv": (4, 3)})
+  updates, state = tx.update({"qkv": jnp.ones((4, 6))}, tx.init(params), activation_stats=stats)
+  np.testing.assert_allclose(updates["qkv"][0], 1 / np.array([1, 1, 2, 2, 3, 3]), rtol=1e-6)
+  assert state.nu["qkv"].shape == (4, 3)
+  # Without stats_shapes the state is (4, 1): block statistics cannot fit, and the error says why.
+  plain = adaact_optax.scale_by_adaact()
+  with pytest.raises(ValueError, match=r"'qkv'.*\(4, 3\).*\(4, 1\).*stats_shapes="):
+    plain.update({"qkv": jnp.ones((4, 6))}, plain.init(params), activation_stats=stats)
+
+
+def _uncaptured_setup():
+  params = {"dense": {"kernel": jnp.ones((3, 2))}, "quant": {"kernel": jnp.ones((3, 2))},
+            "norm": {"scale": jnp.ones((2,))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  stats = {"dense": {"kernel": jnp.ones((3, 1))},
+           "quant": {"kernel": jnp.zeros(adaact_optax.matching.UNCAPTURED_SHAPE)}}
+  return params, grads, stats
+
+
+def test_uncaptured_marker_is_unmatched():
+  params, grads, stats = _uncaptured_setup()
+  assert adaact_optax.matching.is_uncaptured(stats["quant"]["kernel"])
+  assert not adaact_optax.matching.is_uncaptured(stats["dense"]["kernel"])
+  assert adaact_optax.matching.uncaptured_paths(stats) == ["quant/kernel"]
+  tx = adaact_optax.scale_by_adaact()
+  updates, state = jax.jit(lambda s: tx.update(grads, tx.init(params), activation_stats=s))(stats)
+  np.testing.assert_array_equal(updates["quant"]["kernel"], grads["quant"]["kernel"])  # sgd
+  np.testing.assert_array_equal(state.nu["quant"]["kernel"], 0.0)
+  assert float(state.nu["dense"]["kernel"].min()) > 0
+
+
+def test_unmatched_error_names_the_uncaptured_paths_and_the_fixes():
+  params, grads, stats = _uncaptured_setup()
+  tx = adaact_optax.adaact(0.1, unmatched="error")
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"quant/kernel.*sow.*unmatched='sgd'") as info:
+    jax.jit(lambda s: tx.update(grads, state, params, activation_stats=s))(stats)
+  assert "dense" not in str(info.value) and "norm" not in str(info.value)
+  # Without markers, parameters without statistics (the norm) take the raw gradient.
+  del stats["quant"]
+  updates, _ = tx.update(grads, state, params, activation_stats=stats)
+  np.testing.assert_allclose(updates["norm"]["scale"], -0.1 * (0.5 + 2e-3), rtol=1e-6)
+  # A marker in stats_shapes is refused at init already.
+  with pytest.raises(ValueError, match=r"quant/kernel.*unmatched='momentum'"):
+    adaact_optax.adaact(0.1, unmatched="error",
+                        stats_shapes={"quant": {"kernel": (0,)}}).init(params)
+
+
+# --- unmatched=<an optax transformation> (issue 13) --------------------------
+
+def gain_mlp_loss_and_stats(params, x, y):
+  """A per-feature gain (no statistics) in front of the MLP."""
+  loss, stats = mlp_loss_and_stats(params["mlp"], x * params["gain"], y)
+  return loss, {"mlp": stats}
+
+
+def _gain_params():
+  return {"gain": jnp.linspace(0.5, 1.5, 6), "mlp": mlp_params(jax.random.key(5))}
+
+
+def _gain_stats_shapes(params):
+  x, y = _batches(1)[0]
+  return jax.eval_shape(lambda p: gain_mlp_loss_and_stats(p, x, y)[1], params)
+
+
+def _run(tx, params, steps=3):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, x, y):
+    (_, stats), grads = jax.value_and_grad(gain_mlp_loss_and_stats, has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  for x, y in _batches(steps):
+    params, state = step(params, state, x, y)
+  return params, state
+
+
+def test_unmatched_optimizer_equals_the_hand_built_partition():
+  params = _gain_params()
+  shapes = _gain_stats_shapes(params)
+  tx = adaact_optax.adaact(0.3, weight_decay=0.01, stats_shapes=shapes,
+                           unmatched=optax.adamw(3e-3, weight_decay=0.1))
+  labels = {"gain": "other", "mlp": jax.tree.map(lambda _: "adaact", params["mlp"])}
+  by_hand = optax.partition({"adaact": adaact_optax.adaact(0.3, weight_decay=0.01),
+                             "other": optax.adamw(3e-3, weight_decay=0.1)}, labels)
+  got, state = _run(tx, params)
+  want, _ = _run(by_hand, params)
+  chex.assert_trees_all_equal(got, want)
+  # The gain moved as AdamW moves it (its own lr and decay), not by AdaAct's lr 0.3.
+  assert 0 < float(jnp.abs(got["gain"] - params["gain"]).max()) < 3 * 3e-3 + 1e-6
+  # AdamW's state has moments for the gain only, none for the matrices.
+  adam_state = state.inner_states["unmatched"].inner_state
+  mus = [s.mu for s in jax.tree.leaves(adam_state, is_leaf=lambda s: hasattr(s, "mu"))
+         if hasattr(s, "mu")]
+  assert len(mus) == 1 and [jnp.shape(m) for m in jax.tree.leaves(mus[0])] == [(6,)]
+  adaact_nu = state.inner_states["adaact"].inner_state[0].nu
+  assert not jax.tree.leaves(adaact_nu["gain"]) and len(jax.tree.leaves(adaact_nu["mlp"])) == 4
+
+
+def test_unmatched_optimizer_needs_stats_shapes_and_consistent_statistics():
+  with pytest.raises(ValueError, match="stats_shapes=.*stats_shapes\\(model"):
+    adaact_optax.adaact(0.1, unmatched=optax.adam(1e-3))
+  with pytest.raises(ValueError, match="scale_by_adaact.*optax.partition"):
+    adaact_optax.scale_by_adaact(unmatched=optax.adam(1e-3))
+  params = _gain_params()
+  shapes = _gain_stats_shapes(params)
+  del shapes["mlp"]["layer1"]["w"]  # stale: layer1/w has statistics at update time
+  tx = adaact_optax.adaact(0.1, unmatched=optax.adam(1e-3), stats_shapes=shapes)
+  with pytest.raises(ValueError, match=r"statistics at \['mlp/layer1/w'\] but stats_shapes"):
+    _run(tx, params, steps=1)
+
+
+def test_unmatched_strings_keep_their_meaning_with_stats_shapes():
+  # stats_shapes only sizes the state with the strings: the updates are unchanged.
+  params = _gain_params()
+  for mode in ("sgd", "momentum"):
+    got, _ = _run(adaact_optax.adaact(0.1, unmatched=mode,
+                                      stats_shapes=_gain_stats_shapes(params)), params)
+    want, _ = _run(adaact_optax.adaact(0.1, unmatched=mode), params)
+    chex.assert_trees_all_equal(got, want)

@@ -1,0 +1,1247 @@
+"""AdaAct's statistics read from the computation itself: any JAX model.
+
+AdaAct needs, for every weight that multiplies an activation, the mean of the
+squared input elements it multiplies. That is a property of the computation,
+not of a layer library: in a jaxpr, each ``dot_general`` or
+``conv_general_dilated`` whose operand is (a view of) a parameter says exactly
+which input elements meet which weight elements. This module traces the
+user's function once (``jax.make_jaxpr``), then re-evaluates the jaxpr
+equation by equation on the real inputs (so gradients flow as usual) and, at
+each contraction with a parameter, adds the input's squared sums to that
+parameter's statistics.
+
+Parameters are followed through layout ops symbolically: each value derived
+from a parameter by transpose / reshape / slice / split / concatenate /
+broadcast / rev / pad / dtype casts keeps a map from its axes to the
+parameter's axes (per axis, a list of ``(parameter axis, size, stride)``
+factors), never an index array. Anything else applied to a parameter before
+it reaches a contraction (``W * mask``, a dequantisation, a merged LoRA
+``W0 + A @ B``) makes it *opaque*: that weight is reported, with the op's
+name, as a weight whose statistics could not be captured
+(``UncapturedWeightWarning``), never silently left to plain SGD.
+
+Statistics are kept as ``(sum, count)`` so that every use of a weight (RNN
+time steps, a layer applied twice, both branches of a ``cond``, ``while``
+iterations) pools exactly, weighted by rows; weights sliced per iteration by
+``scan`` (stacked layers) get per-slice statistics. Results follow the
+keep-rank layout of ``adaact_optax.matching``: same rank as the parameter,
+size 1 along axes the statistic does not vary along, whole blocks where it
+varies per block (grouped convolutions, fused projections used with
+different inputs).
+
+JAX internals used here live in ``adaact_optax._jax_compat``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax import tree_util
+
+from adaact_optax import _jax_compat as jc
+from adaact_optax import matching
+from adaact_optax import moments
+
+
+# The statistics leaf of a weight that was seen but could not be captured.
+UNCAPTURED_SHAPE = getattr(matching, "UNCAPTURED_SHAPE", (0,))
+
+
+class UncapturedWeightWarning(UserWarning):
+  """A weight multiplies an activation, but AdaAct could not record its statistics.
+
+  Raised (as a warning) at trace time, once per weight and trace, naming the
+  parameter's path and the reason. The weight then gets the optimizer's
+  ``unmatched`` update; ``adaact(..., unmatched="error")`` turns it into an
+  error.
+  """
+
+
+# ----------------------------------------------------------------------------
+# What the engine knows about each jaxpr value.
+
+
+class _Data:
+  """Depends on the function's non-parameter inputs: an activation."""
+
+  def __repr__(self):
+    return "DATA"
+
+
+class _Const:
+  """Depends on neither parameters nor inputs (literals, constants)."""
+
+  def __repr__(self):
+    return "CONST"
+
+
+DATA, CONST = _Data(), _Const()
+
+
+@dataclasses.dataclass(frozen=True)
+class Factor:
+  """One row-major component of a value's axis: ``size`` steps of ``stride``
+  along parameter axis ``axis`` (``axis == -1``: no parameter axis, a broadcast)."""
+
+  axis: int
+  size: int
+  stride: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """The part of a value that is a view of one parameter.
+
+  ``box`` gives, per value axis, the half-open range this piece covers (the
+  whole axis unless the value is a concatenation); ``axes`` the factors of
+  each axis over that range; ``offset`` the parameter index at the box's
+  origin; ``pinned`` the factors of leading parameter axes that enclosing
+  ``scan``s iterate over (innermost last).
+  """
+
+  param: int
+  box: tuple
+  axes: tuple
+  offset: tuple
+  pinned: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  pieces: tuple
+  shape: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Opaque:
+  """Derived from parameters only, but not by layout ops: ``reason`` names the op."""
+
+  sources: frozenset
+  reason: str
+
+
+class _Unsupported(Exception):
+  pass
+
+
+def _is_param(kind) -> bool:
+  return isinstance(kind, (View, Opaque))
+
+
+def _sources(kinds) -> frozenset:
+  out = set()
+  for k in kinds:
+    if isinstance(k, View):
+      out.update(p.param for p in k.pieces)
+    elif isinstance(k, Opaque):
+      out.update(k.sources)
+  return frozenset(out)
+
+
+def _opaque(kinds, reason: str):
+  """The kind of a non-layout op's result."""
+  if any(k is DATA for k in kinds):
+    return DATA
+  sources = _sources(kinds)
+  if not sources:
+    return CONST
+  if not any(isinstance(k, View) for k in kinds):
+    reason = next(k.reason for k in kinds if isinstance(k, Opaque))
+  return Opaque(sources, reason)
+
+
+def _identity_view(param: int, shape) -> View:
+  axes = tuple((Factor(a, n, 1),) if n != 1 else () for a, n in enumerate(shape))
+  return View((Piece(param, tuple((0, n) for n in shape), axes, (0,) * len(shape)),),
+              tuple(shape))
+
+
+def _norm(factors) -> tuple:
+  return tuple(f for f in factors if f.size != 1)
+
+
+def _bcast(n: int) -> tuple:
+  return (Factor(-1, n, 0),) if n != 1 else ()
+
+
+def _add_offset(offset, deltas) -> tuple:
+  out = list(offset)
+  for axis, d in deltas.items():
+    if axis >= 0:
+      out[axis] += d
+  return tuple(out)
+
+
+def _slice_factors(factors, lo: int, n: int, step: int):
+  """Row-major factors of indices ``lo, lo+step, ...`` (n of them); ``(factors, deltas)``."""
+  factors = _norm(factors)
+  if n == 1:
+    deltas = {}
+    for f, i in zip(factors, _unravel(lo, [f.size for f in factors])):
+      deltas[f.axis] = deltas.get(f.axis, 0) + i * f.stride
+    return (), deltas
+  if not factors:
+    raise _Unsupported("slice")
+  if len(factors) == 1:
+    f = factors[0]
+    return (Factor(f.axis, n, f.stride * step),), {f.axis: lo * f.stride}
+  inner = math.prod(f.size for f in factors[1:])
+  f0 = factors[0]
+  if step == 1 and lo % inner == 0 and n % inner == 0:
+    return _norm((Factor(f0.axis, n // inner, f0.stride),) + factors[1:]), {
+        f0.axis: (lo // inner) * f0.stride}
+  if lo // inner == (lo + (n - 1) * step) // inner:  # within one outer index
+    sub, deltas = _slice_factors(factors[1:], lo % inner, n, step)
+    deltas = dict(deltas)
+    deltas[f0.axis] = deltas.get(f0.axis, 0) + (lo // inner) * f0.stride
+    return sub, deltas
+  raise _Unsupported("a slice across merged axes")
+
+
+def _unravel(index: int, sizes) -> list:
+  out = []
+  for s in reversed(sizes):
+    out.append(index % s)
+    index //= s
+  return out[::-1]
+
+
+def _regroup(axes, in_shape, out_shape) -> tuple:
+  """Factors of a reshape's output axes from the input's (full boxes only)."""
+  seq = []
+  for fs, n in zip(axes, in_shape):
+    fs = _norm(fs)
+    seq.extend(fs if fs or n == 1 else _bcast(n))
+  out, i = [], 0
+  for n in out_shape:
+    need, cur = n, []
+    while need > 1:
+      if i >= len(seq):
+        raise _Unsupported("reshape")
+      f = seq[i]
+      if need % f.size == 0:
+        cur.append(f)
+        need //= f.size
+        i += 1
+      elif f.size % need == 0:
+        cur.append(Factor(f.axis, need, f.stride * (f.size // need)))
+        seq[i] = Factor(f.axis, f.size // need, f.stride)
+        need = 1
+      else:
+        raise _Unsupported("a reshape that splits a parameter axis unevenly")
+    out.append(tuple(cur))
+  if i != len(seq):
+    raise _Unsupported("reshape")
+  return tuple(out)
+
+
+def _full(piece: Piece, shape, axis: int) -> bool:
+  return piece.box[axis] == (0, shape[axis])
+
+
+# ----------------------------------------------------------------------------
+# Layout ops on views. Each returns the output View, or raises _Unsupported.
+
+
+def _map_pieces(view: View, fn, out_shape) -> View:
+  pieces = tuple(p for p in (fn(p) for p in view.pieces) if p is not None)
+  return View(pieces, tuple(out_shape))
+
+
+def _view_transpose(view, out_shape, permutation):
+  perm = tuple(permutation)
+  return _map_pieces(view, lambda p: dataclasses.replace(
+      p, box=tuple(p.box[i] for i in perm), axes=tuple(p.axes[i] for i in perm)), out_shape)
+
+
+def _view_reshape(view, out_shape, new_sizes, dimensions=None, **_):
+  if dimensions is not None:
+    raise _Unsupported("reshape with dimensions")
+
+  in_axes = [a for a, n in enumerate(view.shape) if n != 1]
+  out_axes = [a for a, n in enumerate(new_sizes) if n != 1]
+  unit_only = [view.shape[a] for a in in_axes] == [new_sizes[a] for a in out_axes]
+
+  def fn(p):
+    if unit_only:  # only size-1 axes come or go: boxes carry over (concatenations too)
+      box, axes = [(0, 1)] * len(new_sizes), [()] * len(new_sizes)
+      for i, o in zip(in_axes, out_axes):
+        box[o], axes[o] = p.box[i], p.axes[i]
+      return dataclasses.replace(p, box=tuple(box), axes=tuple(axes))
+    if not all(_full(p, view.shape, a) for a in range(len(view.shape))):
+      raise _Unsupported("a reshape of a concatenated weight")
+    axes = _regroup(p.axes, view.shape, tuple(new_sizes))
+    return dataclasses.replace(p, box=tuple((0, n) for n in new_sizes), axes=axes)
+  return _map_pieces(view, fn, out_shape)
+
+
+def _view_squeeze(view, out_shape, dimensions):
+  dims = {d % len(view.shape) for d in dimensions}
+
+  def fn(p):
+    keep = [a for a in range(len(view.shape)) if a not in dims]
+    return dataclasses.replace(p, box=tuple(p.box[a] for a in keep),
+                               axes=tuple(p.axes[a] for a in keep))
+  return _map_pieces(view, fn, out_shape)
+
+
+def _view_expand_dims(view, out_shape, dimensions):
+  return _view_reshape(view, out_shape, out_shape)
+
+
+def _view_broadcast(view, out_shape, shape, broadcast_dimensions, **_):
+  def fn(p):
+    box, axes = [(0, n) for n in shape], [_bcast(n) for n in shape]
+    for i, j in enumerate(broadcast_dimensions):
+      if view.shape[i] == shape[j]:
+        box[j], axes[j] = p.box[i], p.axes[i]
+    return dataclasses.replace(p, box=tuple(box), axes=tuple(axes))
+  return _map_pieces(view, fn, out_shape)
+
+
+def _slice_piece(p: Piece, shape, axis: int, start: int, limit: int, step: int):
+  n_out = max(0, -(-(limit - start) // step))
+  lo, hi = p.box[axis]
+  if (lo, hi) == (0, shape[axis]):
+    factors, deltas = _slice_factors(p.axes[axis], start, n_out, step)
+    new_box = (0, n_out)
+  else:
+    if step != 1:
+      raise _Unsupported("a strided slice of a concatenated weight")
+    a, b = max(lo, start), min(hi, limit)
+    if a >= b:
+      return None
+    factors, deltas = _slice_factors(p.axes[axis], a - lo, b - a, 1)
+    new_box = (a - start, b - start)
+  box = list(p.box)
+  axes = list(p.axes)
+  box[axis], axes[axis] = new_box, factors
+  return dataclasses.replace(p, box=tuple(box), axes=tuple(axes),
+                             offset=_add_offset(p.offset, deltas))
+
+
+def _view_slice(view, out_shape, start_indices, limit_indices, strides=None):
+  strides = strides or (1,) * len(view.shape)
+
+  def fn(p):
+    shape = list(view.shape)
+    for axis, (s, l, st) in enumerate(zip(start_indices, limit_indices, strides)):
+      if (s, l, st) == (0, view.shape[axis], 1):
+        continue
+      p = _slice_piece(p, shape, axis, s, l, st)
+      if p is None:
+        return None
+      shape[axis] = out_shape[axis]
+    return p
+  return _map_pieces(view, fn, out_shape)
+
+
+def _view_rev(view, out_shape, dimensions):
+  def fn(p):
+    box, axes, offset = list(p.box), list(p.axes), dict()
+    for d in dimensions:
+      n = view.shape[d]
+      lo, hi = box[d]
+      box[d] = (n - hi, n - lo)
+      new = []
+      for f in axes[d]:
+        if f.axis >= 0:
+          offset[f.axis] = offset.get(f.axis, 0) + (f.size - 1) * f.stride
+        new.append(Factor(f.axis, f.size, -f.stride))
+      axes[d] = tuple(new)
+    return dataclasses.replace(p, box=tuple(box), axes=tuple(axes),
+                               offset=_add_offset(p.offset, offset))
+  return _map_pieces(view, fn, out_shape)
+
+
+def _view_pad(view, out_shape, padding_config):
+  def fn(p):
+    box = list(p.box)
+    for d, (lo, hi, interior) in enumerate(padding_config):
+      if interior != 0 or lo < 0 or hi < 0:
+        raise _Unsupported("pad")
+      box[d] = (box[d][0] + lo, box[d][1] + lo)
+    return dataclasses.replace(p, box=tuple(box))
+  return _map_pieces(view, fn, out_shape)
+
+
+def _shift(p: Piece, axis: int, by: int) -> Piece:
+  box = list(p.box)
+  box[axis] = (box[axis][0] + by, box[axis][1] + by)
+  return dataclasses.replace(p, box=tuple(box))
+
+
+_VIEW_RULES = {
+    "transpose": _view_transpose,
+    "reshape": _view_reshape,
+    "squeeze": _view_squeeze,
+    "expand_dims": _view_expand_dims,
+    "broadcast_in_dim": _view_broadcast,
+    "slice": _view_slice,
+    "rev": _view_rev,
+}
+
+
+# ----------------------------------------------------------------------------
+# Contributions: one use of one parameter piece, as sums and row counts laid
+# out over the value's axes (size 1 where the statistic does not vary).
+
+
+class _Contribution(NamedTuple):
+  piece: Piece
+  sums: jax.Array
+  counts: jax.Array
+  lookup: bool = False
+
+
+def _squares(x) -> jax.Array:
+  x = lax.stop_gradient(x)
+  if jnp.iscomplexobj(x):
+    return jnp.real(x * jnp.conj(x)).astype(jnp.float32)
+  return jnp.square(x.astype(jnp.float32))
+
+
+def _row_weights(a_shape, free: Sequence[int], mask):
+  """The row mask broadcast over ``a``'s leading axes, if it applies to them."""
+  if mask is None:
+    return None
+  m = mask.ndim
+  if tuple(a_shape[:m]) != tuple(mask.shape) or not set(range(m)) <= set(free):
+    return None
+  return lax.stop_gradient(mask).astype(jnp.float32)
+
+
+def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask):
+  """``(sums, counts)`` of ``a**2`` laid over the weight operand's axes."""
+  sq = _squares(a)
+  free = [ax for ax in range(a.ndim) if ax not in a_contract and ax not in a_batch]
+  weights = _row_weights(a.shape, free, mask)
+  if weights is not None:
+    sq = sq * weights.reshape(weights.shape + (1,) * (a.ndim - weights.ndim))
+    count = jnp.sum(weights) * math.prod(a.shape[ax] for ax in free[weights.ndim:])
+  else:
+    count = jnp.float32(math.prod(a.shape[ax] for ax in free))
+  sums = jnp.sum(sq, axis=tuple(free)) if free else sq
+  kept = [ax for ax in range(a.ndim) if ax not in free]
+  order, shape = [], []
+  for w_ax in range(w_ndim):
+    if w_ax in w_contract:
+      a_ax = a_contract[w_contract.index(w_ax)]
+    elif w_ax in w_batch:
+      a_ax = a_batch[w_batch.index(w_ax)]
+    else:
+      shape.append(1)
+      continue
+    order.append(kept.index(a_ax))
+    shape.append(a.shape[a_ax])
+  sums = jnp.transpose(sums, order).reshape(shape)
+  return sums, jnp.broadcast_to(count, sums.shape).astype(jnp.float32)
+
+
+def _conv_sums(lhs, rhs_shape, cp, mask):
+  """``(sums, counts)`` of the patch elements' squares over the kernel's axes."""
+  lhs_spec, rhs_spec = cp["lhs_spec"], cp["rhs_spec"]
+  sq = _squares(lhs)
+  batch_weights = None
+  if mask is not None and mask.ndim == 1 and mask.shape[0] == lhs.shape[lhs_spec[0]]:
+    batch_weights = lax.stop_gradient(mask).astype(jnp.float32)
+    bshape = [1] * lhs.ndim
+    bshape[lhs_spec[0]] = mask.shape[0]
+    sq = sq * batch_weights.reshape(bshape)
+  # (N, *spatial, C): for Flax's NHWC this transpose is the identity.
+  sq = jnp.transpose(sq, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+  kernel = tuple(rhs_shape[d] for d in rhs_spec[2:])
+  sums, rows = moments.conv_window_sums(sq, kernel, cp["strides"], cp["padding"],
+                                        cp["lhs_dilation"], cp["rhs_dilation"])
+  if batch_weights is not None:
+    rows = jnp.sum(batch_weights) * (rows // lhs.shape[lhs_spec[0]])
+  groups = cp["groups"]
+  c = sums.shape[-1]
+  sums = sums.reshape(kernel + (groups, c // groups))          # (*k, G, C/G)
+  # Into the kernel's own axis order: out axis -> G blocks, in axis -> C/G.
+  src = {rhs_spec[0]: len(kernel), rhs_spec[1]: len(kernel) + 1}
+  src.update({d: i for i, d in enumerate(rhs_spec[2:])})
+  sums = jnp.transpose(sums, [src[d] for d in range(len(rhs_shape))])
+  return sums, jnp.broadcast_to(jnp.asarray(rows, jnp.float32), sums.shape)
+
+
+def _restrict(piece: Piece, shape, sums, counts):
+  """The part of value-shaped ``sums``/``counts`` that ``piece`` covers."""
+  for axis, (lo, hi) in enumerate(piece.box):
+    if (lo, hi) == (0, shape[axis]) or sums.shape[axis] == 1:
+      continue
+    if sums.shape[axis] != shape[axis]:
+      raise _Unsupported("grouped statistics of a concatenated weight")
+    sums = lax.slice_in_dim(sums, lo, hi, axis=axis)
+    counts = lax.slice_in_dim(counts, lo, hi, axis=axis)
+  return sums, counts
+
+
+# ----------------------------------------------------------------------------
+# The interpreter.
+
+
+class _Trace:
+  """What one capture call shares across nested jaxprs."""
+
+  def __init__(self, shapes, embeddings, row_mask):
+    self.shapes = shapes
+    self.embeddings = embeddings
+    self.row_mask = row_mask
+    self.uncaptured: dict[int, str] = {}
+
+  def miss(self, sources, reason: str):
+    for s in sorted(sources):
+      self.uncaptured.setdefault(s, reason)
+
+
+class _Interpreter:
+  """Evaluates jaxprs while collecting contributions; ``depth`` = enclosing scans."""
+
+  def __init__(self, trace: _Trace, depth: int = 0):
+    self.trace = trace
+    self.depth = depth
+    self.contributions: list[_Contribution] = []
+
+  # -- entry point ------------------------------------------------------------
+  def run(self, jaxpr, consts, args, kinds):
+    env, kenv, mm = {}, {}, set()
+
+    def read(atom):
+      if jc.is_literal(atom):
+        return jc.literal_value(atom), CONST
+      return env[atom], kenv[atom]
+
+    def write(var, val, kind, is_mm=False):
+      if jc.is_dropvar(var):
+        return
+      env[var], kenv[var] = val, kind
+      if is_mm:
+        mm.add(var)
+
+    for v, c in zip(jaxpr.constvars, consts):
+      write(v, c, CONST)
+    for v, a, k in zip(jaxpr.invars, args, kinds):
+      write(v, a, k)
+    for eqn in jaxpr.eqns:
+      pairs = [read(v) for v in eqn.invars]
+      invals = [p[0] for p in pairs]
+      inkinds = [p[1] for p in pairs]
+      in_mm = [(not jc.is_literal(v)) and v in mm for v in eqn.invars]
+      outvals, outkinds, out_mm = self.eqn(eqn, invals, inkinds, in_mm)
+      for var, val, kind, m in zip(eqn.outvars, outvals, outkinds, out_mm):
+        write(var, val, kind, m)
+    outs = [read(v) for v in jaxpr.outvars]
+    out_mm = [(not jc.is_literal(v)) and v in mm for v in jaxpr.outvars]
+    return [o[0] for o in outs], [o[1] for o in outs], out_mm
+
+  # -- one equation -----------------------------------------------------------
+  def eqn(self, eqn, invals, inkinds, in_mm):
+    name = eqn.primitive.name
+    n_out = len(eqn.outvars)
+    if not any(_is_param(k) for k in inkinds):
+      outs = jc.bind(eqn, invals)
+      kind = DATA if any(k is DATA for k in inkinds) else CONST
+      passes_mm = bool(in_mm) and in_mm[0] and (name in jc.IDENTITY or name in (
+          "reshape", "transpose", "broadcast_in_dim", "squeeze"))
+      return outs, [kind] * n_out, [passes_mm] * n_out
+    handler = getattr(self, "_" + name.replace("-", "_"), None)
+    if name in jc.CALLS:
+      return self._call(eqn, invals, inkinds)
+    if name in jc.REMAT:
+      return self._remat(eqn, invals, inkinds)
+    if name in jc.CUSTOM_JVP or name in jc.CUSTOM_VJP:
+      return self._custom(eqn, invals, inkinds)
+    if name == jc.SCAN:
+      return self._scan(eqn, invals, inkinds)
+    if name == jc.WHILE:
+      return self._while(eqn, invals, inkinds)
+    if name == jc.COND:
+      return self._cond(eqn, invals, inkinds)
+    outs = jc.bind(eqn, invals)
+    if name == jc.DOT:
+      return outs, [self._dot(eqn, invals, inkinds)], [True]
+    if name == jc.CONV:
+      return outs, [self._conv(eqn, invals, inkinds)], [True]
+    if name == jc.GATHER:
+      return outs, [self._gather(eqn, invals, inkinds)], [False]
+    if name in jc.ADD:
+      return outs, [self._add(invals, inkinds, in_mm)], [False]
+    if name in jc.IDENTITY:
+      return outs, list(inkinds[:n_out]), list(in_mm[:n_out])
+    if name in _VIEW_RULES or name in ("concatenate", "split", "pad"):
+      try:
+        kinds = self._layout(eqn, name, inkinds)
+      except _Unsupported as e:
+        kinds = [_opaque(inkinds, f"`{name}` ({e})")] * n_out
+      return outs, kinds, [False] * n_out
+    if name == "dynamic_slice" and all(jc.is_literal(v) for v in eqn.invars[1:]):
+      starts = [jc.literal_value(v) for v in eqn.invars[1:]]
+      try:
+        kind = self._layout_one(inkinds[0], "slice", eqn.outvars[0].aval.shape, dict(
+            start_indices=starts,
+            limit_indices=[s + n for s, n in zip(starts, eqn.params["slice_sizes"])]))
+      except _Unsupported as e:
+        kind = _opaque(inkinds, f"`dynamic_slice` ({e})")
+      return outs, [kind], [False]
+    if jc.has_subjaxpr(eqn):
+      self.trace.miss(_sources(inkinds), f"it is passed into `{name}`, which the capture "
+                      "does not see into")
+      return outs, [DATA] * n_out, [False] * n_out
+    return outs, [_opaque(inkinds, f"`{name}`")] * n_out, [False] * n_out
+
+  # -- layout -----------------------------------------------------------------
+  def _layout_one(self, kind, name, out_shape, params):
+    if not isinstance(kind, View):
+      return kind
+    return _VIEW_RULES[name](kind, tuple(out_shape), **params)
+
+  def _layout(self, eqn, name, inkinds):
+    out_shapes = [v.aval.shape for v in eqn.outvars]
+    if name in _VIEW_RULES:
+      kind = inkinds[0]
+      if isinstance(kind, Opaque) or kind is DATA or kind is CONST:
+        return [kind]
+      return [self._layout_one(kind, name, out_shapes[0], dict(eqn.params))]
+    if name == "pad":
+      kind = inkinds[0]
+      if not isinstance(kind, View):
+        return [_opaque(inkinds, "`pad`")]
+      return [_view_pad(kind, tuple(out_shapes[0]), eqn.params["padding_config"])]
+    if name == "split":
+      kind = inkinds[0]
+      if not isinstance(kind, View):
+        return [kind] * len(out_shapes)
+      axis, start, out = eqn.params["axis"], 0, []
+      for size, shape in zip(eqn.params["sizes"], out_shapes):
+        starts = [0] * len(shape)
+        limits = list(kind.shape)
+        starts[axis], limits[axis] = start, start + size
+        out.append(_view_slice(kind, tuple(shape), starts, limits))
+        start += size
+      return out
+    # concatenate: views (and constants) side by side along one axis.
+    if any(k is DATA for k in inkinds) or any(isinstance(k, Opaque) for k in inkinds):
+      return [_opaque(inkinds, "`concatenate`")]
+    axis, start, pieces = eqn.params["dimension"], 0, []
+    for var, kind in zip(eqn.invars, inkinds):
+      if isinstance(kind, View):
+        pieces.extend(_shift(p, axis, start) for p in kind.pieces)
+      start += var.aval.shape[axis]
+    return [View(tuple(pieces), tuple(out_shapes[0]))]
+
+  # -- contractions -----------------------------------------------------------
+  def _record(self, view: View, sums, counts, lookup=False):
+    for piece in view.pieces:
+      try:
+        s, c = _restrict(piece, view.shape, sums, counts)
+      except _Unsupported as e:
+        self.trace.miss({piece.param}, str(e))
+        continue
+      self.contributions.append(_Contribution(piece, s, c, lookup))
+
+  def _weight_and_input(self, inkinds, eqn_name):
+    """Which operand is the weight: ``(weight index, kind of result)`` or None."""
+    lk, rk = inkinds
+    if isinstance(lk, View) and isinstance(rk, View):
+      return None, Opaque(_sources(inkinds), f"`{eqn_name}` with another parameter")
+    if isinstance(lk, Opaque) and isinstance(rk, Opaque):
+      return None, _opaque(inkinds, eqn_name)
+    for w, (wk, ak) in ((1, (rk, lk)), (0, (lk, rk))):
+      if isinstance(wk, View):
+        if isinstance(ak, Opaque):
+          self.trace.miss(ak.sources, f"it passes through {ak.reason}, which is not a layout "
+                          "op, before it multiplies another weight")
+        return w, DATA
+    for k in (lk, rk):
+      if isinstance(k, Opaque):
+        self.trace.miss(k.sources, f"it passes through {k.reason}, which is not a layout "
+                        f"op, before its `{eqn_name}`")
+    return None, DATA
+
+  def _dot(self, eqn, invals, inkinds):
+    w, kind = self._weight_and_input(inkinds, "dot_general")
+    if w is None:
+      return kind
+    lc, rc, lb, rb = jc.dot_dimensions(eqn)
+    a = invals[1 - w]
+    a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
+    sums, counts = _dot_sums(a, a_c, a_b, w_c, w_b, invals[w].ndim, self.trace.row_mask)
+    self._record(inkinds[w], sums, counts)
+    return DATA
+
+  def _conv(self, eqn, invals, inkinds):
+    lk, rk = inkinds
+    if _is_param(lk):
+      if rk is DATA:
+        self.trace.miss(_sources([lk]), "it is the input (not the kernel) of a convolution")
+        return DATA
+      return _opaque(inkinds, "`conv_general_dilated`")
+    if isinstance(rk, Opaque):
+      self.trace.miss(rk.sources, f"it passes through {rk.reason}, which is not a layout "
+                      "op, before its `conv_general_dilated`")
+      return DATA
+    cp = jc.conv_params(eqn)
+    if cp["batch_groups"] != 1:
+      self.trace.miss(_sources([rk]), "a convolution with batch_group_count > 1")
+      return DATA
+    sums, counts = _conv_sums(invals[0], invals[1].shape, cp, self.trace.row_mask)
+    self._record(rk, sums, counts)
+    return DATA
+
+  def _gather(self, eqn, invals, inkinds):
+    table, ids = inkinds
+    if not isinstance(table, View):
+      return _opaque(inkinds, "`gather`")
+    gp = jc.gather_params(eqn)
+    shape = table.shape
+    # An embedding lookup: whole rows along one axis, picked by integer ids.
+    lookup = (len(gp["start_index_map"]) == 1 and gp["collapsed"] == gp["start_index_map"]
+              and not gp["batching"]
+              and all(s == (1 if a in gp["collapsed"] else n)
+                      for a, (s, n) in enumerate(zip(gp["slice_sizes"], shape))))
+    if not lookup:
+      return _opaque(inkinds, "`gather`")
+    if self.trace.embeddings is not None:
+      axis = gp["start_index_map"][0]
+      index = lax.stop_gradient(invals[1]).reshape(-1)
+      counts_row = jax.ops.segment_sum(jnp.ones(index.shape, jnp.float32), index,
+                                       num_segments=shape[axis])
+      sums = counts_row.reshape([n if a == axis else 1 for a, n in enumerate(shape)])
+      count = jnp.full(sums.shape, float(max(index.size, 1)), jnp.float32)
+      self._record(table, sums, count, lookup=True)
+    return DATA
+
+  def _add(self, invals, inkinds, in_mm):
+    # A parameter added to a captured contraction's output is its bias: a
+    # weight on the constant input 1.
+    for b, o in ((0, 1), (1, 0)):
+      if isinstance(inkinds[b], View) and in_mm[o]:
+        view = inkinds[b]
+        ones = jnp.ones((1,) * len(view.shape), jnp.float32)
+        self._record(view, ones, ones)
+        return DATA
+    return _opaque(inkinds, "`add`")
+
+  # -- higher-order primitives ------------------------------------------------
+  def _call(self, eqn, invals, inkinds):
+    inner = jc.call_jaxpr(eqn)
+    ins, outs_s = jc.call_shardings(eqn)
+    invals = [v if s is None else lax.with_sharding_constraint(v, s)
+              for v, s in zip(invals, ins or [None] * len(invals))]
+    outs, kinds, mm = self.run(inner.jaxpr, inner.consts, invals, inkinds)
+    outs = [v if s is None else lax.with_sharding_constraint(v, s)
+            for v, s in zip(outs, outs_s or [None] * len(outs))]
+    return outs, kinds, mm
+
+  def _custom(self, eqn, invals, inkinds):
+    # The function keeps its own differentiation rule; the statistics come
+    # from evaluating its body on stop-gradient inputs (XLA shares the work).
+    outs = jc.bind(eqn, invals)
+    inner = jc.call_jaxpr(eqn)
+    _, kinds, mm = self.run(inner.jaxpr, inner.consts,
+                            [jc.stop_gradient(v) for v in invals], inkinds)
+    return outs, kinds, mm
+
+  def _nested(self, jaxpr, consts, kinds, depth=None):
+    """A function evaluating ``jaxpr`` that also returns its contributions' arrays.
+
+    Its ``info`` dict is filled when the function is traced: the child
+    interpreter's contributions (pieces), output kinds and mm flags.
+    """
+    info = {}
+
+    def fn(*args):
+      child = _Interpreter(self.trace, self.depth if depth is None else depth)
+      outs, okinds, omm = child.run(jaxpr, consts, args, kinds)
+      info.update(contributions=child.contributions, kinds=okinds, mm=omm)
+      return outs, [(c.sums, c.counts) for c in child.contributions]
+    return fn, info
+
+  def _remat(self, eqn, invals, inkinds):
+    p = jc.remat_params(eqn)
+    inner = jc.closed(p["jaxpr"])
+    fn, info = self._nested(inner.jaxpr, inner.consts, inkinds)
+    outs, arrays = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
+    self._adopt(info["contributions"], arrays)
+    return list(outs), info["kinds"], info["mm"]
+
+  def _adopt(self, contributions, arrays, stacked=False):
+    for c, (s, n) in zip(contributions, arrays):
+      self.contributions.append(c._replace(sums=s, counts=n))
+
+  def _scan(self, eqn, invals, inkinds):
+    p = jc.scan_params(eqn)
+    body, nc, ncar = p["jaxpr"], p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+    ck, ik, xk = inkinds[:nc], inkinds[nc:nc + ncar], inkinds[nc + ncar:]
+    carry_in = body.jaxpr.invars[nc:nc + ncar]
+    carry_out = body.jaxpr.outvars[:ncar]
+    carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
+                   Opaque(_sources([k]), "a `scan` carry")
+                   for k, v_in, v_out in zip(ik, carry_in, carry_out)]
+    carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
+    x_kinds = [self._pin(k) for k in xk]
+    fn, info = self._nested(body.jaxpr, body.consts, ck + carry_kinds + x_kinds,
+                            depth=self.depth + 1)
+
+    def step(carry, x):
+      outs, arrays = fn(*consts, *carry, *x)
+      return outs[:ncar], (outs[ncar:], arrays)
+
+    carry, (ys, arrays) = lax.scan(step, list(init), list(xs), length=p["length"],
+                                   reverse=p["reverse"], unroll=p["unroll"])
+    for c, (s, n) in zip(info["contributions"], arrays):
+      if len(c.piece.pinned) == self.depth + 1:  # sliced per iteration: stack
+        piece = c.piece
+        lead = piece.pinned[-1]
+        piece = dataclasses.replace(piece, pinned=piece.pinned[:-1],
+                                    box=((0, p["length"]),) + piece.box,
+                                    axes=(lead,) + piece.axes)
+        self.contributions.append(c._replace(piece=piece, sums=s, counts=n))
+      else:  # the same weight every iteration: pool
+        self.contributions.append(c._replace(sums=s.sum(0), counts=n.sum(0)))
+    okinds = info["kinds"]
+    out_kinds = [carry_kinds[i] if _is_param(carry_kinds[i]) and okinds[i] is not DATA
+                 else (DATA if okinds[i] is CONST else okinds[i]) for i in range(ncar)]
+    out_kinds += [_opaque([k], "`scan` output") if _is_param(k) else k
+                  for k in okinds[ncar:]]
+    return list(carry) + list(ys), out_kinds, [False] * len(out_kinds)
+
+  def _pin(self, kind):
+    if not isinstance(kind, View):
+      return kind
+    pieces = []
+    for p in kind.pieces:
+      if p.box[0] != (0, kind.shape[0]):
+        return Opaque(_sources([kind]), "a `scan` over a concatenated weight")
+      pieces.append(dataclasses.replace(p, box=p.box[1:], axes=p.axes[1:],
+                                        pinned=p.pinned + (_norm(p.axes[0]),)))
+    return View(tuple(pieces), kind.shape[1:])
+
+  def _while(self, eqn, invals, inkinds):
+    p = jc.while_params(eqn)
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    bk, ik = inkinds[cn:cn + bn], inkinds[cn + bn:]
+    body = p["body_jaxpr"]
+    carry_in, carry_out = body.jaxpr.invars[bn:], body.jaxpr.outvars
+    carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
+                   Opaque(_sources([k]), "a `while` carry")
+                   for k, v_in, v_out in zip(ik, carry_in, carry_out)]
+    carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
+    fn, info = self._nested(body.jaxpr, body.consts, bk + carry_kinds)
+    # Trace once for the accumulators' shapes, then loop with them in the carry.
+    _, shapes = jax.eval_shape(lambda *c: fn(*bconsts, *c), *init)
+    contributions = info["contributions"]
+    cond_fun = jc.jex_core.jaxpr_as_fun(p["cond_jaxpr"])
+
+    def loop_body(state):
+      carry, acc = state
+      outs, arrays = fn(*bconsts, *carry)
+      return list(outs), [(a + s, b + n) for (a, b), (s, n) in zip(acc, arrays)]
+
+    zeros = [(jnp.zeros(s.shape, s.dtype), jnp.zeros(n.shape, n.dtype)) for s, n in shapes]
+    carry, acc = lax.while_loop(lambda st: cond_fun(*cconsts, *st[0])[0], loop_body,
+                                (list(init), zeros))
+    self._adopt(contributions, acc)
+    okinds = info["kinds"]
+    out_kinds = [carry_kinds[i] if _is_param(carry_kinds[i]) else okinds[i]
+                 for i in range(len(okinds))]
+    return list(carry), out_kinds, [False] * len(out_kinds)
+
+  def _cond(self, eqn, invals, inkinds):
+    index, ops = invals[0], invals[1:]
+    branches = jc.cond_branches(eqn)
+    fns = [self._nested(b.jaxpr, b.consts, inkinds[1:]) for b in branches]
+    shapes = [jax.eval_shape(fn, *ops)[1] for fn, _ in fns]
+    union = []  # (branch, position) for every contribution of every branch
+    for b, s in enumerate(shapes):
+      union += [(b, i) for i in range(len(s))]
+
+    def branch(b):
+      def run(*args):
+        outs, arrays = fns[b][0](*args)
+        full = []
+        for bb, i in union:
+          if bb == b:
+            full.append(arrays[i])
+          else:
+            s, n = shapes[bb][i]
+            full.append((jnp.zeros(s.shape, s.dtype), jnp.zeros(n.shape, n.dtype)))
+        return outs, full
+      return run
+
+    outs, arrays = lax.switch(index, [branch(b) for b in range(len(branches))], *ops)
+    contributions = [fns[b][1]["contributions"][i] for b, i in union]
+    self._adopt(contributions, arrays)
+    kinds = []
+    for i in range(len(outs)):
+      ks = [fn[1]["kinds"][i] for fn in fns]
+      same = all(k == ks[0] for k in ks)
+      kinds.append(ks[0] if same else _opaque(ks, "`cond` output"))
+    return list(outs), kinds, [False] * len(outs)
+
+
+# ----------------------------------------------------------------------------
+# From contributions to statistics in the parameter's keep-rank layout.
+
+
+def _place(c: _Contribution, rank: int):
+  """``(sums, counts, regions)`` over the parameter's axes; region = (lo, n, block)."""
+  piece = c.piece
+  arrays = [c.sums, c.counts]
+  entries, new_shape = [], []
+  for axis, fs in enumerate(piece.axes):
+    fs = _norm(fs)
+    extent = piece.box[axis][1] - piece.box[axis][0]
+    size = c.sums.shape[axis]
+    if size == extent:
+      sizes = [f.size for f in fs]
+    elif size == 1:
+      sizes = [1] * len(fs)
+    else:  # blocks of `block` consecutive elements along this axis
+      block, new_fs, sizes = extent // size, [], []
+      for f in reversed(fs):
+        if block == 1:
+          new_fs.insert(0, f)
+          sizes.insert(0, f.size)
+        elif block % f.size == 0:
+          new_fs.insert(0, f)
+          sizes.insert(0, 1)
+          block //= f.size
+        elif f.size % block == 0:
+          new_fs[0:0] = [Factor(f.axis, f.size // block, f.stride * block),
+                         Factor(f.axis, block, f.stride)]
+          sizes[0:0] = [f.size // block, 1]
+          block = 1
+        else:
+          raise _Unsupported("blocks that do not align with the parameter's axes")
+      fs = new_fs
+    entries += list(zip(fs, sizes))
+    new_shape += sizes
+  arrays = [a.reshape(new_shape) for a in arrays]
+  # Axes with no parameter origin (a weight broadcast along them): every
+  # position is another set of rows for the same weights.
+  for k in reversed(range(len(entries))):
+    f, size = entries[k]
+    if f.axis == -1:
+      arrays = ([a.sum(k) for a in arrays] if size > 1 else
+                [jnp.squeeze(a, k) * f.size for a in arrays])
+      del entries[k]
+  order, regions = [], []
+  groups = []
+  for p in range(rank):
+    idx = sorted((k for k, (f, _) in enumerate(entries) if f.axis == p),
+                 key=lambda k: -abs(entries[k][0].stride))
+    groups.append(idx)
+    order += idx
+  arrays = [jnp.transpose(a, order) for a in arrays]
+  pos = {k: i for i, k in enumerate(order)}
+  shape_out = []
+  pinned_offset = list(piece.offset)
+  for p in range(rank):
+    idx = groups[p]
+    fs = [entries[k][0] for k in idx]
+    cs = [entries[k][1] for k in idx]
+    if not idx:
+      regions.append((pinned_offset[p], 1, 1))
+      shape_out.append(None)
+      continue
+    if abs(fs[-1].stride) != 1 or any(abs(fs[i].stride) != fs[i + 1].size * abs(fs[i + 1].stride)
+                                      for i in range(len(fs) - 1)):
+      raise _Unsupported("a strided view of the parameter")
+    if len({f.stride > 0 for f in fs}) != 1:
+      raise _Unsupported("a partly reversed view of the parameter")
+    n = math.prod(f.size for f in fs)
+    lo = pinned_offset[p] + sum(min(0, (f.size - 1) * f.stride) for f in fs)
+    if fs[0].stride < 0:
+      flip = [pos[k] for k, c in zip(idx, cs) if c > 1]
+      arrays = [jnp.flip(a, flip) if flip else a for a in arrays]
+    last = max([i for i, c in enumerate(cs) if c > 1], default=-1)
+    block = math.prod(f.size for f in fs[last + 1:])
+    for i in range(last + 1):
+      if cs[i] == 1:
+        arrays = [jnp.repeat(a, fs[i].size, axis=pos[idx[i]]) for a in arrays]
+    regions.append((lo, n, block))
+    shape_out.append((idx, n // block))
+  # Merge each parameter axis's group into one axis (they are adjacent now).
+  final_shape = []
+  for p in range(rank):
+    final_shape.append(1 if shape_out[p] is None else shape_out[p][1])
+  arrays = [a.reshape(final_shape) for a in arrays]
+  return arrays[0], arrays[1], regions
+
+
+def _assemble(placed, shape):
+  """Pools placed contributions into one keep-rank statistic of ``shape``."""
+  rank = len(shape)
+  q = [shape[p] for p in range(rank)]
+  for _, _, regions in placed:
+    for p, (lo, n, block) in enumerate(regions):
+      q[p] = math.gcd(q[p], lo, block, n)
+  out_shape = tuple(shape[p] // q[p] for p in range(rank))
+  total_s = jnp.zeros(out_shape, jnp.float32)
+  total_n = jnp.zeros(out_shape, jnp.float32)
+  for s, n, regions in placed:
+    pads = []
+    for p, (lo, size, block) in enumerate(regions):
+      if block // q[p] > 1:
+        s = jnp.repeat(s, block // q[p], axis=p)
+        n = jnp.repeat(n, block // q[p], axis=p)
+      pads.append((lo // q[p], (shape[p] - lo - size) // q[p]))
+    total_s = total_s + jnp.pad(s, pads)
+    total_n = total_n + jnp.pad(n, pads)
+  return total_s / jnp.where(total_n > 0, total_n, 1.0)
+
+
+class CoverageReport(NamedTuple):
+  """Which parameters get AdaAct statistics, from one trace of the model.
+
+  Attributes:
+    matched: ``{path: statistics shape}`` for every parameter with statistics.
+    unmatched: ``{path: reason}`` for every weight that multiplies an
+      activation but whose statistics could not be captured.
+    other: paths of parameters that multiply no activation (norm scales,
+      lookup-only embedding tables without ``embeddings=True``, ...): they
+      get the ``unmatched`` update, silently, as the authors' rule says.
+  """
+
+  matched: dict
+  unmatched: dict
+  other: tuple
+
+  def __str__(self):
+    lines = [f"AdaAct coverage: {len(self.matched)} with statistics, "
+             f"{len(self.unmatched)} uncaptured, {len(self.other)} without"]
+    lines += [f"  ok    {p}  {s}" for p, s in self.matched.items()]
+    lines += [f"  MISS  {p}  {r}" for p, r in self.unmatched.items()]
+    lines += [f"  --    {p}" for p in self.other]
+    return "\n".join(lines)
+
+
+def _finalize(trace: _Trace, contributions, paths, shapes):
+  """Per-parameter statistics (keep-rank array, the uncaptured marker or None) and a report."""
+  by_param: dict[int, list] = {}
+  lookups: dict[int, list] = {}
+  for c in contributions:
+    (lookups if c.lookup else by_param).setdefault(c.piece.param, []).append(c)
+  stats, matched, unmatched, other = [], {}, {}, []
+  for i, (path, shape) in enumerate(zip(paths, shapes)):
+    uses = by_param.get(i) or lookups.get(i)
+    stat = None
+    if i not in trace.uncaptured and uses:
+      try:
+        placed = [_place(c, len(shape)) for c in uses]
+        stat = _assemble(placed, tuple(shape))
+        if not by_param.get(i):
+          stat = stat + jnp.float32(trace.embeddings)
+      except _Unsupported as e:
+        trace.uncaptured[i] = str(e)
+    if i in trace.uncaptured:
+      stat = jnp.zeros(UNCAPTURED_SHAPE, jnp.float32)
+      unmatched[path] = trace.uncaptured[i]
+    elif stat is not None:
+      matched[path] = tuple(stat.shape)
+    else:
+      other.append(path)
+    stats.append(stat)
+  return stats, CoverageReport(matched, unmatched, tuple(other))
+
+
+def warn_uncaptured(report: CoverageReport, shapes: dict | None = None, skip=()):
+  """Emits one ``UncapturedWeightWarning`` per uncaptured weight in ``report``."""
+  for path, reason in report.unmatched.items():
+    if path in skip:
+      continue
+    shape = "" if shapes is None or path not in shapes else f" (shape {shapes[path]})"
+    warnings.warn(UncapturedWeightWarning(
+        f"AdaAct: the weight '{path}'{shape} multiplies an activation, but its "
+        f"statistics could not be captured: {reason}. It gets the optimizer's `unmatched` "
+        "update (plain SGD by default). Fix: record its input with a sow hatch "
+        "(adaact_optax.linen.sow_input / adaact_optax.nnx.sow_input) in a custom layer, "
+        "or silence this on purpose with warnings.filterwarnings('ignore', "
+        "category=adaact_optax.UncapturedWeightWarning); adaact(..., unmatched='error') "
+        "makes it an error."), stacklevel=3)
+
+
+def _embedding_floor(embeddings) -> float | None:
+  """The ``embeddings=`` flag as a floor: False -> None (unmatched), True -> default."""
+  if embeddings is True:
+    return moments.EMBEDDING_FLOOR
+  if embeddings is False or embeddings is None:
+    return None
+  if isinstance(embeddings, str) or not float(embeddings) >= 0:
+    raise ValueError(f"embeddings must be a bool or a floor >= 0, got {embeddings!r}")
+  return float(embeddings)
+
+
+def _is_dynamic(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+_version_warned = []
+
+
+def _check_version():
+  if not jc.is_tested_version() and not _version_warned:
+    _version_warned.append(True)
+    warnings.warn(f"adaact_optax.capture was tested on jax {jc.TESTED_JAX[0]}..{jc.TESTED_JAX[1]}, "
+                  f"not {jax.__version__}: run tests/test_jax_compat.py to check the internals "
+                  "it reads", stacklevel=3)
+
+
+def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = None, *,
+                 embeddings: bool | float = False, row_mask=None):
+  """Runs ``fun(params, *args, **kwargs)`` and captures AdaAct's statistics.
+
+  The lower-level entry of ``value_grad_and_stats``: differentiable with
+  respect to ``params`` (use it inside your own loss function), emits no
+  warnings itself.
+
+  Returns:
+    ``(output, stats_leaves, report)``: ``fun``'s output; one entry per leaf
+    of ``params`` (in ``jax.tree.leaves`` order): a keep-rank float32
+    statistic, the ``(0,)``-shaped uncaptured marker, or ``None``; and a
+    ``CoverageReport``.
+  """
+  _check_version()
+  kwargs = kwargs or {}
+  floor = _embedding_floor(embeddings)
+  flat, treedef = tree_util.tree_flatten_with_path(params)
+  paths = [matching.path_name(p) for p, _ in flat]
+  p_leaves = [jnp.asarray(x) for _, x in flat]
+  a_leaves, a_def = tree_util.tree_flatten((args, kwargs))
+  dyn = [i for i, x in enumerate(a_leaves) if _is_dynamic(x)]
+
+  def flat_fun(p, d):
+    leaves = list(a_leaves)
+    for i, x in zip(dyn, d):
+      leaves[i] = x
+    a, kw = tree_util.tree_unflatten(a_def, leaves)
+    return fun(tree_util.tree_unflatten(treedef, p), *a, **kw)
+
+  dyn_vals = [a_leaves[i] for i in dyn]
+  closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(p_leaves, dyn_vals)
+  shapes = [x.shape for x in p_leaves]
+  trace = _Trace(shapes, floor, row_mask)
+  interp = _Interpreter(trace)
+  kinds = [_identity_view(i, s) for i, s in enumerate(shapes)] + [DATA] * len(dyn_vals)
+  outs, _, _ = interp.run(closed.jaxpr, closed.consts, p_leaves + dyn_vals, kinds)
+  out = tree_util.tree_unflatten(tree_util.tree_structure(out_shape), outs)
+  stats, report = _finalize(trace, interp.contributions, paths, shapes)
+  return out, stats, report
+
+
+def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
+                         embeddings: bool | float = False) -> Callable:
+  """Like ``jax.value_and_grad``, also returning AdaAct's statistics.
+
+  ``fun(params, *args, **kwargs)`` is any JAX function whose first argument
+  is the parameter pytree (Flax ``variables['params']``, the ``nnx.Param``
+  state of ``nnx.split``, an ``eqx.filter``-ed model, Haiku params, a dict)
+  and that returns a scalar loss (or ``(loss, aux)`` with ``has_aux``). The
+  returned function runs one forward pass and is jittable.
+
+  Statistics are read from the computation (see ``adaact_optax.capture``):
+  every parameter that meets an activation in a ``dot_general`` or
+  ``conv_general_dilated`` gets the mean of the squared input elements each
+  of its elements multiplies, in the keep-rank layout (same rank as the
+  parameter; size 1 along the axes the statistic does not vary along); a
+  bias added to such a product gets ones; embedding tables used only by a
+  lookup get token frequencies when ``embeddings`` is set. A weight that
+  meets an activation but cannot be captured gets the ``(0,)``-shaped
+  uncaptured marker and an ``UncapturedWeightWarning``.
+
+  Args:
+    fun: the loss function.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    embeddings: ``False``: lookup-only tables get no statistics; ``True``
+      or a float floor: token frequencies plus the floor (see
+      ``adaact_optax.moments.token_moments``).
+
+  Returns:
+    ``g(params, *args, row_mask=None, **kwargs) -> (value, grads, stats)``:
+    ``value`` is the loss (``(loss, aux)`` with ``has_aux``), ``grads`` the
+    gradient with respect to ``params``, ``stats`` a tree with ``params``'
+    structure (``None`` where a parameter has no statistics), ready for
+    ``tx.update(grads, opt_state, params, activation_stats=stats)``.
+    ``row_mask`` (optional, float or bool, shape of the leading batch/time
+    axes of the inputs) excludes padded rows from the statistics of every
+    weight whose input carries those leading axes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(params, x):
+    ...   return jnp.mean(jnp.tanh(x @ params["w"] + params["b"]) ** 2)
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    >>> _, grads, stats = adaact_optax.value_grad_and_stats(loss)(params, jnp.ones((4, 3)))
+    >>> stats["w"].shape, stats["b"].shape
+    ((3, 1), (1,))
+  """
+  def g(params, *args, row_mask=None, **kwargs):
+    treedef = jax.tree.structure(params)
+    box = {}
+
+    def inner(p):
+      out, stats, report = capture_call(fun, p, args, kwargs, embeddings=embeddings,
+                                        row_mask=row_mask)
+      box["report"] = report
+      loss, aux = out if has_aux else (out, None)
+      return loss, (aux, stats)
+
+    (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
+    shapes = {matching.path_name(k): jnp.shape(v)
+              for k, v in tree_util.tree_flatten_with_path(params)[0]}
+    warn_uncaptured(box["report"], shapes)
+    value = (loss, aux) if has_aux else loss
+    return value, grads, treedef.unflatten(stats)
+  return g
+
+
+def _abstract_capture(fun, params, args, kwargs, embeddings):
+  box = {}
+  leaves, treedef = tree_util.tree_flatten((args, kwargs))
+  dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+
+  def run(p, d):
+    full = list(leaves)
+    for i, x in zip(dyn, d):
+      full[i] = x
+    a, kw = tree_util.tree_unflatten(treedef, full)
+    _, stats, report = capture_call(fun, p, a, kw, embeddings=embeddings)
+    box["report"] = report
+    return stats
+  stats = jax.eval_shape(run, params, [leaves[i] for i in dyn])
+  return stats, box["report"]
+
+
+def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False, **kwargs):
+  """Shapes of ``value_grad_and_stats(fun)``'s statistics, without FLOPs.
+
+  Returns a tree with ``params``' structure and ``jax.ShapeDtypeStruct``
+  leaves (``None`` where a parameter has no statistics; shape ``(0,)`` for
+  an uncaptured weight), for ``adaact(..., stats_shapes=...)``: it sizes the
+  optimizer state to the statistics' layout (which axes are input axes).
+  """
+  stats, _ = _abstract_capture(fun, params, args, kwargs, embeddings)
+  return jax.tree.structure(params).unflatten(stats)
+
+
+def coverage(fun: Callable, params, *args, embeddings: bool | float = False,
+             **kwargs) -> CoverageReport:
+  """Which parameters of ``fun(params, *args, **kwargs)`` get statistics, and why not.
+
+  Traces ``fun`` abstractly (no FLOPs, no warnings). ``print(report)``
+  gives a table; ``report.unmatched`` maps each uncaptured weight's path to
+  the reason.
+  """
+  return _abstract_capture(fun, params, args, kwargs, embeddings)[1]

@@ -1,0 +1,159 @@
+"""Every JAX internal the capture engine relies on, checked against the installed JAX.
+
+If a JAX release renames a primitive or changes a parameter, a test here fails
+with the name of what moved, instead of the engine silently missing statistics.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from adaact_optax import _jax_compat as jc
+
+
+def _eqns(fun, *args):
+  return jax.make_jaxpr(fun)(*args).jaxpr.eqns
+
+
+def _names(fun, *args):
+  return [e.primitive.name for e in _eqns(fun, *args)]
+
+
+W = jnp.ones((3, 4))
+X = jnp.ones((2, 3))
+
+
+def test_installed_jax_is_in_the_tested_range():
+  assert jc.is_tested_version(), (
+      f"jax {jax.__version__} is outside the range the capture engine was tested on "
+      f"({jc.TESTED_JAX}); run this file, then widen TESTED_JAX and pyproject's pin")
+
+
+@pytest.mark.parametrize("fun, expected", [
+    (lambda w, x: jax.jit(lambda a, b: a @ b)(x, w), jc.CALLS),
+    (lambda w, x: jax.checkpoint(lambda a: a @ w)(x), jc.REMAT),
+    (lambda w, x: jax.nn.relu(x @ w), jc.CUSTOM_JVP),
+])
+def test_higher_order_primitive_names(fun, expected):
+  names = set(_names(fun, W, X))
+  assert names & expected, f"none of {sorted(expected)} in {sorted(names)}"
+
+
+def test_custom_vjp_name_and_body():
+  @jax.custom_vjp
+  def f(x, w):
+    return x @ w
+  f.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+  (eqn,) = [e for e in _eqns(f, X, W) if e.primitive.name in jc.CUSTOM_VJP]
+  body = jc.call_jaxpr(eqn)
+  assert isinstance(body, jc.ClosedJaxpr)
+  assert [e.primitive.name for e in body.jaxpr.eqns] == [jc.DOT]
+
+
+def test_control_flow_params():
+  def f(w, x):
+    y, _ = lax.scan(lambda c, wi: (c @ wi, None), x, jnp.stack([w[:, :3]] * 2))
+    y = lax.cond(x.sum() > 0, lambda a: a @ w[:, :3], lambda a: a, y)
+    return lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1]), (0, y))[1]
+  eqns = {e.primitive.name: e for e in _eqns(f, W, X)}
+  scan = jc.scan_params(eqns[jc.SCAN])
+  assert scan["num_consts"] == 0 and scan["num_carry"] == 1 and scan["length"] == 2
+  assert isinstance(scan["jaxpr"], jc.ClosedJaxpr)
+  assert len(jc.cond_branches(eqns[jc.COND])) == 2
+  loop = jc.while_params(eqns[jc.WHILE])
+  assert isinstance(loop["body_jaxpr"], jc.ClosedJaxpr)
+  assert isinstance(loop["body_nconsts"], int) and isinstance(loop["cond_nconsts"], int)
+
+
+def test_remat_params_rebuild_through_public_checkpoint():
+  (eqn,) = [e for e in _eqns(lambda w, x: jax.checkpoint(lambda a: a @ w)(x), W, X)
+            if e.primitive.name in jc.REMAT]
+  p = jc.remat_params(eqn)
+  assert isinstance(jc.closed(p["jaxpr"]), jc.ClosedJaxpr)
+  assert isinstance(p["prevent_cse"], bool)
+  jax.checkpoint(lambda a: a, prevent_cse=p["prevent_cse"], policy=p["policy"])(X)
+
+
+def test_dot_conv_gather_params():
+  (dot,) = [e for e in _eqns(lambda w, x: x @ w, W, X)]
+  assert jc.dot_dimensions(dot) == ((1,), (0,), (), ())
+  conv = [e for e in _eqns(lambda x, k: lax.conv_general_dilated(
+      x, k, (2, 1), ((1, 1), (0, 0)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2),
+      jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 6))) if e.primitive.name == jc.CONV][0]
+  cp = jc.conv_params(conv)
+  assert cp == dict(strides=(2, 1), padding=((1, 1), (0, 0)), lhs_dilation=(1, 2),
+                    rhs_dilation=(2, 1), lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                    groups=2, batch_groups=1)
+  table = jnp.ones((5, 4))
+  jaxpr = jax.make_jaxpr(lambda t, i: jnp.take(t, i, axis=0))(table, jnp.array([1, 2]))
+  gathers = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == jc.GATHER]
+  if not gathers:  # jnp.take wraps its gather in a nested jit
+    (call,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in jc.CALLS]
+    gathers = [e for e in jc.call_jaxpr(call).jaxpr.eqns if e.primitive.name == jc.GATHER]
+  gp = jc.gather_params(gathers[0])
+  assert gp["collapsed"] == (0,) and gp["start_index_map"] == (0,)
+  assert gp["slice_sizes"] == (1, 4) and gp["batching"] == ()
+
+
+def test_layout_primitive_names_and_params():
+  def f(w):
+    a = jnp.transpose(w).reshape(2, 2, 3)[:, :1]
+    b, c = jnp.split(w, 2, axis=1)
+    d = jnp.concatenate([b, c], axis=0)
+    e = lax.pad(lax.rev(w, (0,)), 0.0, ((1, 0, 0), (0, 0, 0)))
+    return a.sum() + d.sum() + jnp.broadcast_to(w, (2, 3, 4)).sum() + e.sum() + jnp.squeeze(
+        w[None]).sum() + w.astype(jnp.bfloat16).sum()
+  eqns = {e.primitive.name: e.params for e in _eqns(f, W)}
+  for name in ("transpose", "reshape", "slice", "split", "concatenate", "rev", "pad",
+               "broadcast_in_dim", "squeeze", "convert_element_type"):
+    assert name in eqns, f"layout primitive {name!r} not found: {sorted(eqns)}"
+    assert name in jc.LAYOUT | jc.IDENTITY
+  assert set(eqns["transpose"]) >= {"permutation"}
+  assert set(eqns["reshape"]) >= {"new_sizes", "dimensions"}
+  assert set(eqns["slice"]) >= {"start_indices", "limit_indices", "strides"}
+  assert set(eqns["split"]) >= {"sizes", "axis"}
+  assert set(eqns["concatenate"]) >= {"dimension"}
+  assert set(eqns["rev"]) >= {"dimensions"}
+  assert set(eqns["pad"]) >= {"padding_config"}
+  assert set(eqns["broadcast_in_dim"]) >= {"shape", "broadcast_dimensions"}
+  assert set(eqns["squeeze"]) >= {"dimensions"}
+
+
+def test_bind_reproduces_every_equation():
+  def f(w, x):
+    y = jax.jit(lambda a: jax.nn.relu(a @ w))(x)
+    return jax.checkpoint(lambda a: jnp.tanh(a @ w.T))(y).sum()
+  closed = jax.make_jaxpr(f)(W, X)
+  env = dict(zip(closed.jaxpr.invars, (W, X)))
+  for eqn in closed.jaxpr.eqns:
+    ins = [jc.literal_value(v) if jc.is_literal(v) else env[v] for v in eqn.invars]
+    for var, val in zip(eqn.outvars, jc.bind(eqn, ins)):
+      env[var] = val
+  np.testing.assert_allclose(env[closed.jaxpr.outvars[0]], f(W, X), rtol=1e-6)
+
+
+def test_nested_jit_shardings_are_read():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+  s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  eqns = _eqns(lambda x: jax.jit(lambda a: a * 2, in_shardings=s, out_shardings=s)(x), X)
+  ins, outs = jc.call_shardings([e for e in eqns if e.primitive.name in jc.CALLS][0])
+  assert ins == (s,) and outs == (s,)
+  eqns = _eqns(lambda x: jax.jit(lambda a: a * 2)(x), X)
+  ins, outs = jc.call_shardings([e for e in eqns if e.primitive.name in jc.CALLS][0])
+  assert ins == (None,) and outs == (None,)
+
+
+def test_unknown_higher_order_primitive_is_detected():
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((1,), ("d",))
+  f = jax.shard_map(lambda w: w * 2, mesh=mesh, in_specs=P(), out_specs=P())
+  (eqn,) = _eqns(f, W)
+  assert jc.has_subjaxpr(eqn)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert not jc.has_subjaxpr(_eqns(lambda w: w * 2, W)[0])
