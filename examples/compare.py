@@ -158,14 +158,36 @@ def variance_summary(opt_state, b2: float) -> dict[str, dict[str, float]]:
 
 
 def parse_variant(label: str) -> dict:
-  """``Config`` overrides for a label: an optimizer name, ``+emb`` for AdaAct with
-  the embedding's statistics (lm)."""
-  name, plus, extra = label.partition("+")
-  if name not in optimizers.OPTIMIZERS or (plus and extra != "emb") or (
-      extra and name not in optimizers.ADAACT_VARIANTS):
+  """``Config`` overrides for a label ``NAME[+emb][+untied]``: an optimizer name;
+  ``+emb``: AdaAct with the embedding lookups' statistics (lm); ``+untied``: the
+  LM with a separate output layer instead of the tied ``Embed.attend``."""
+  name, *extras = label.split("+")
+  flags = {"emb": ("embeddings", True), "untied": ("tied", False)}
+  if (name not in optimizers.OPTIMIZERS or len(set(extras)) < len(extras)
+      or any(e not in flags for e in extras)
+      or ("emb" in extras and name not in optimizers.ADAACT_VARIANTS)):
     raise ValueError(f"unknown variant {label!r}: an optimizer of {optimizers.OPTIMIZERS}, "
-                     "an AdaAct one optionally with '+emb'")
-  return {"optimizer": name, **({"embeddings": True} if extra else {})}
+                     "then optionally '+emb' (AdaAct ones) and '+untied'")
+  return {"optimizer": name, **dict(flags[e] for e in extras)}
+
+
+def reusable_runs(path) -> dict[tuple, tuple[dict, list[dict]]]:
+  """Finished LM runs of an earlier ``metrics.jsonl``: ``(label, lr, seed) ->
+  (summary, history)``. Lets an interrupted comparison resume; the caller
+  vouches that the model and corpus flags are the same (a recorded
+  ``steps`` or ``corpus_sha256`` that differs is not reused)."""
+  lines = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+  label = lambda r: r["optimizer"] + ("+emb" if r.get("embeddings") else "") + (
+      "+untied" if r.get("tied") is False else "")
+  histories: dict[tuple, list[dict]] = {}
+  runs = {}
+  for r in lines:
+    key = (label(r), float(r["lr"]), int(r["seed"]))
+    if r.get("final"):
+      runs[key] = (r, histories.pop(key, []))
+    else:
+      histories.setdefault(key, []).append(r)
+  return runs
 
 
 def make_variants(args) -> list[Variant]:
@@ -182,8 +204,9 @@ def make_variants(args) -> list[Variant]:
   variants = []
   for label in args.optimizers.split(","):
     overrides = parse_variant(label)
-    if args.task != "lm" and "embeddings" in overrides:
-      raise ValueError(f"{label}: '+emb' is for --task lm (the image models have no embedding)")
+    if args.task != "lm" and len(overrides) > 1:
+      raise ValueError(f"{label}: '+emb'/'+untied' are for --task lm (the image models have "
+                       "no embedding)")
     variants.append(Variant(label, overrides, grid(label, overrides["optimizer"])))
   return variants
 
@@ -241,11 +264,17 @@ def compare_lm(args) -> dict[str, Any]:
                    **lm.model_kwargs(args))
   corpus, _ = lm.corpus_and_splits(base.corpus_dir, base.corpus_mb)
   print(f"corpus: {corpus.describe()}", flush=True)
+  reuse = reusable_runs(args.reuse) if args.reuse else {}
   results = {}
   for v in make_variants(args):
     histories: dict[tuple[float, int], list[dict]] = {}
 
     def select_run(lr, seed):
+      old = reuse.get((v.label, float(lr), seed))
+      if old and old[0]["steps"] == base.steps and old[0]["corpus_sha256"] == corpus.sha256:
+        s, histories[lr, seed] = old
+        print(f"[{v.label}] lr={lr:g} seed={seed}: reused from {args.reuse}", flush=True)
+        return dict(s, variant=v.label, score=s["val_bpb"], tiebreak=s["val_bpb"])
       r = lm.run(dataclasses.replace(base, seed=seed, lr=lr, **v.overrides))
       s = r["summary"]
       histories[lr, seed] = r["history"]
@@ -414,6 +443,9 @@ def parse_args(argv=None):
                  help="image task: per-layer V_hat of the AdaAct runs over training (seed 0)")
   group = p.add_argument_group("lm task (examples.lm)")
   lm.add_model_args(group, batch_size=False)
+  group.add_argument("--reuse", metavar="METRICS_JSONL",
+                     help="take finished runs (same variant, lr, seed, steps, corpus) from an "
+                          "earlier comparison's metrics.jsonl instead of training them again")
   group.add_argument("--timing-steps", type=int, default=50,
                      help="steps per variant in the side-by-side step-time measurement")
   group.add_argument("--timing-rounds", type=int, default=3)

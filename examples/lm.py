@@ -182,7 +182,9 @@ def run(cfg: Config) -> dict[str, Any]:
   state = state.replace(opt_state=train.set_learning_rate(state.opt_state, lr))
   rng = np.random.default_rng(cfg.seed)
   base = dict(task="lm", optimizer=cfg.optimizer, seed=cfg.seed, lr=lr,
-              embeddings=cfg.embeddings if cfg.uses_adaact else None,
+              embeddings=cfg.embeddings if cfg.uses_adaact else None, tied=cfg.tied,
+              model=dict(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
+                         context=cfg.context, batch_size=cfg.batch_size),
               python_version=corpus.python_version, corpus_sha256=corpus.sha256,
               corpus_bytes=len(corpus.data))
   eval_at = sorted({max(1, round(cfg.steps * (i + 1) / max(cfg.evals, 1)))

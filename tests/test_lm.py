@@ -320,8 +320,8 @@ def test_lm_summary_marks_a_run_whose_loss_rose_as_diverged():
   assert not (math.isfinite(s["train_loss"]) and s["train_loss"] <= s["initial_loss"])
 
 
-def test_compare_lm_reports_per_lr_and_ratios(tmp_path, capsys):
-  results = compare.main([
+def test_compare_lm_reports_per_lr_and_ratios(tmp_path, capsys, monkeypatch):
+  results = compare.main(argv := [
       "--task", "lm", "--optimizers", "adamw,adaact-adam+emb", "--lr-grid", "adamw=0.001,0.01",
       "--lr-grid", "adaact-adam+emb=0.3,1", "--steps", "6", "--batch-size", "4",
       "--context", "8", "--dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim", "16",
@@ -342,7 +342,19 @@ def test_compare_lm_reports_per_lr_and_ratios(tmp_path, capsys):
   assert json.loads((tmp_path / "results.json").read_text())["adamw"]["lr"] == results["adamw"][
       "selection"].lr
   assert (tmp_path / "curves.png").stat().st_size > 0
+  # --reuse: a rerun over the same runs trains nothing and reports the same selection.
+  monkeypatch.setattr(lm, "run", lambda cfg: pytest.fail(f"trained {cfg.optimizer} again"))
+  again = compare.main(argv + ["--reuse", str(tmp_path / "metrics.jsonl"),
+                               "--out-dir", str(tmp_path / "again")])
+  for label, r in again.items():
+    assert r["selection"].lr == results[label]["selection"].lr
+    assert [s["val_bpb"] for s in r["summaries"]] == [
+        s["val_bpb"] for s in results[label]["summaries"]]
   with pytest.raises(SystemExit):
     compare.parse_args(["--select-seeds", "1"])
-  with pytest.raises(ValueError, match="'\\+emb' is for --task lm"):
+  with pytest.raises(ValueError, match="'\\+emb'/'\\+untied' are for --task lm"):
     compare.make_variants(compare.parse_args(["--optimizers", "adaact+emb"]))
+  assert compare.parse_variant("adaact-adam+emb+untied") == {
+      "optimizer": "adaact-adam", "embeddings": True, "tied": False}
+  with pytest.raises(ValueError, match="unknown variant 'adamw\\+emb'"):
+    compare.parse_variant("adamw+emb")
