@@ -264,7 +264,7 @@ def compare_lm(args) -> dict[str, Any]:
                    **lm.model_kwargs(args))
   corpus, _ = lm.corpus_and_splits(base.corpus_dir, base.corpus_mb)
   print(f"corpus: {corpus.describe()}", flush=True)
-  reuse = reusable_runs(args.reuse) if args.reuse else {}
+  reuse = {k: v for path in args.reuse for k, v in reusable_runs(path).items()}
   results = {}
   for v in make_variants(args):
     histories: dict[tuple[float, int], list[dict]] = {}
@@ -273,7 +273,7 @@ def compare_lm(args) -> dict[str, Any]:
       old = reuse.get((v.label, float(lr), seed))
       if old and old[0]["steps"] == base.steps and old[0]["corpus_sha256"] == corpus.sha256:
         s, histories[lr, seed] = old
-        print(f"[{v.label}] lr={lr:g} seed={seed}: reused from {args.reuse}", flush=True)
+        print(f"[{v.label}] lr={lr:g} seed={seed}: reused", flush=True)
         return dict(s, variant=v.label, score=s["val_bpb"], tiebreak=s["val_bpb"])
       r = lm.run(dataclasses.replace(base, seed=seed, lr=lr, **v.overrides))
       s = r["summary"]
@@ -296,7 +296,8 @@ def compare_lm(args) -> dict[str, Any]:
     for label in times:
       times[label].append(lm.time_steps(results[label]["config"], args.timing_steps))
   for label, t in times.items():
-    results[label]["step_time"] = float(np.median(t))
+    if t:
+      results[label]["step_time"] = float(np.median(t))
   return results
 
 
@@ -443,9 +444,10 @@ def parse_args(argv=None):
                  help="image task: per-layer V_hat of the AdaAct runs over training (seed 0)")
   group = p.add_argument_group("lm task (examples.lm)")
   lm.add_model_args(group, batch_size=False)
-  group.add_argument("--reuse", metavar="METRICS_JSONL",
+  group.add_argument("--reuse", metavar="METRICS_JSONL", action="append", default=[],
                      help="take finished runs (same variant, lr, seed, steps, corpus) from an "
-                          "earlier comparison's metrics.jsonl instead of training them again")
+                          "earlier comparison's metrics.jsonl instead of training them again "
+                          "(repeatable)")
   group.add_argument("--timing-steps", type=int, default=50,
                      help="steps per variant in the side-by-side step-time measurement")
   group.add_argument("--timing-rounds", type=int, default=3)

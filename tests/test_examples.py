@@ -120,12 +120,15 @@ SMALL_VIT = dict(dim=16, depth=2, heads=2, mlp_dim=32)
 
 
 def _expected_stats_shape(path, kernel_shape):
+  """Keep-rank statistics: the kernel's input axes, 1 on its output axes."""
   names = [matching._key_name(k) for k in path]
   if any(n.startswith("MultiHeadDotProductAttention") for n in names):
     # DenseGeneral: query/key/value (in, heads, head_dim) read (in,); out
     # (heads, head_dim, out) reads (heads, head_dim).
-    return kernel_shape[:2] if names[-2] == "out" else kernel_shape[:1]
-  return kernel_shape[:-1]
+    n_in = 2 if names[-2] == "out" else 1
+  else:   # Dense (in, out), conv (*window, C, out)
+    n_in = len(kernel_shape) - 1
+  return tuple(kernel_shape[:n_in]) + (1,) * (len(kernel_shape) - n_in)
 
 
 @pytest.mark.parametrize("name", models.MODELS)
