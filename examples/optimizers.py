@@ -20,7 +20,6 @@ AdaAct comes in the variants the language-model study compares:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -60,26 +59,23 @@ def matched_labels(params, stats_shapes) -> Any:
 
   ``stats_shapes``: the tree ``adaact_optax.linen.stats_shapes`` reports,
   matched to ``params`` by path name; a missing leaf, ``None`` or the
-  zero-size uncaptured marker ``(0,)`` means no statistics.
+  zero-size uncaptured marker ``(0,)`` means no statistics
+  (``adaact_optax.matching.with_statistics``).
   """
-  shapes = {matching.path_name(p): tuple(getattr(s, "shape", s))
-            for p, s in jax.tree_util.tree_flatten_with_path(
-                stats_shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
-
-  def label(path, _):
-    shape = shapes.get(matching.path_name(path))
-    return "adaact" if shape is not None and math.prod(shape) > 0 else "unmatched"
-
-  return jax.tree_util.tree_map_with_path(label, params)
+  return jax.tree.map(lambda has: "adaact" if has else "unmatched",
+                      matching.with_statistics(params, stats_shapes))
 
 
 def adaact_with_unmatched_optimizer(adaact_tx, unmatched_tx, stats_shapes):
   """AdaAct on the parameters with statistics, ``unmatched_tx`` on the rest.
 
-  The hand-built ``optax.partition`` that ``adaact(..., unmatched=<optax
-  transformation>)`` packages: ``unmatched_tx`` is applied as given (its own
-  learning rate, schedule and weight decay) and its state covers the
-  unmatched parameters only.
+  The ``optax.partition`` that ``adaact(..., unmatched=<optax
+  transformation>)`` packages (bit-identical, tests/test_lm.py):
+  ``unmatched_tx`` is applied as given (its own learning rate, schedule and
+  weight decay) and its state covers the unmatched parameters only. Built
+  here by hand so the examples' injected peak learning rate can scale
+  ``adaact_tx``'s branch alone (``build``'s ``peak``): one compiled step
+  then serves a whole learning-rate grid.
   """
   return optax.partition({"adaact": adaact_tx, "unmatched": unmatched_tx},
                          lambda params: matched_labels(params, stats_shapes))

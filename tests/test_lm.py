@@ -122,10 +122,12 @@ def test_model_forward_and_statistics_tree(tied):
       assert stats[name][:n_in] == shape[:n_in], (name, stats[name])
     # Norm scales and the position embedding have no statistics.
     assert not any(k.startswith("pos_embed") or "LayerNorm" in k for k in stats), stats
-    if embeddings:   # token frequencies: one value per byte
-      assert math.prod(stats["embed/embedding"]) >= 256
-    elif "embed/embedding" in stats:   # a capture of the tied output (Embed.attend) reads d
-      assert math.prod(stats["embed/embedding"]) == 16
+    if tied:   # the tied output (Embed.attend) reads the d features; it wins over lookups
+      assert stats["embed/embedding"] == (1, 16)
+    elif embeddings:   # lookups only: token frequencies, one value per byte
+      assert stats["embed/embedding"] == (256, 1)
+    else:   # lookups only, embeddings=False: no statistics
+      assert "embed/embedding" not in stats
     # The tree fits the optimizer sized by linen.stats_shapes.
     shapes = jax.eval_shape(lambda v: aa_linen.stats_shapes(model, v, x, embeddings=embeddings),
                             variables)
@@ -200,6 +202,12 @@ def test_adaact_adam_is_adaact_plus_adamw_on_the_rest():
   u_adam, _ = ref_adam.update(grads, ref_adam.init(params), params)
   for got, a, b, label in zip(*(jax.tree.leaves(t) for t in (updates, u_adaact, u_adam, labels))):
     np.testing.assert_array_equal(got, a if label == "adaact" else b)
+  # The same as the library's own packaging of it.
+  library = adaact_optax.adaact(0.7, unmatched=optax.adamw(3e-3, weight_decay=0.1),
+                                stats_shapes=shapes)
+  u_library, _ = library.update(grads, library.init(params), params, activation_stats=stats)
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(u_library)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_muon_treats_matrices_only():
