@@ -78,12 +78,24 @@ def _cifar_dir(data_dir) -> pathlib.Path:
 
 
 def read_cifar_binary(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  """One CIFAR-10 binary file -> (uint8 images (N, 32, 32, 3), int32 labels (N,))."""
+  """One CIFAR-10 binary file -> (uint8 images (N, 32, 32, 3), int32 labels (N,)).
+
+  Raises:
+    ValueError: the size is not a whole number of records, or a label byte
+      is not in 0..9 (the message names the file and the first bad record).
+  """
   raw = np.fromfile(path, dtype=np.uint8)
   if raw.size == 0 or raw.size % _CIFAR_RECORD:
     raise ValueError(f"{path} has {raw.size} bytes, not a whole number of "
                      f"{_CIFAR_RECORD}-byte CIFAR-10 records")
   records = raw.reshape(-1, _CIFAR_RECORD)
+  bad = np.flatnonzero(records[:, 0] >= 10)
+  if bad.size:  # a label outside 0..9 would index past the logits: NaN loss, no error
+    raise ValueError(
+        f"{path}: record {bad[0]} (byte offset {bad[0] * _CIFAR_RECORD}) has label byte "
+        f"{records[bad[0], 0]}, but CIFAR-10 labels are 0..9 ({bad.size} such records); "
+        "the file is corrupt or not the CIFAR-10 binary version (CIFAR-100's binary "
+        "files have 2 label bytes per record)")
   images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return images, records[:, 0].astype(np.int32)
 

@@ -187,3 +187,57 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int], **kwargs:
   if name not in builders:
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
   return builders[name](num_classes=num_classes, **kwargs)
+
+
+class CausalBlock(nn.Module):
+  """Pre-norm decoder block: x + causal MHA(LN(x)); x + MLP(LN(x)). ``x``: (B, T, dim)."""
+
+  dim: int
+  heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm()(x)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))      # (B, 1, T, T)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.dim)(
+        y, y, mask=mask)
+    y = nn.LayerNorm()(x)
+    y = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.mlp_dim)(y)))
+    return x + y
+
+
+class ByteGPT(nn.Module):
+  """GPT-style byte-level language model.
+
+  Token embedding ``embed`` (vocab, dim) plus a learned position embedding
+  ``pos_embed`` (context, dim), ``depth`` pre-norm causal blocks, a final
+  LayerNorm, and logits over the next byte: ``embed.attend`` (tied, the
+  default) or a ``head`` Dense (vocab outputs).
+
+  ``__call__(tokens)``: int ``(B, T)`` with ``T <= context`` -> logits
+  ``(B, T, vocab)``.
+  """
+
+  vocab: int = 256
+  context: int = 64
+  dim: int = 128
+  depth: int = 2
+  heads: int = 4
+  mlp_dim: int = 512
+  tied: bool = True
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = True):
+    del train
+    if tokens.shape[-1] > self.context:
+      raise ValueError(f"ByteGPT got {tokens.shape[-1]} tokens, more than its context "
+                       f"{self.context}")
+    embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02),
+                     name="embed")
+    pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.context, self.dim))
+    x = embed(tokens) + pos[: tokens.shape[-1]]
+    for _ in range(self.depth):
+      x = CausalBlock(self.dim, self.heads, self.mlp_dim)(x)
+    x = nn.LayerNorm()(x)
+    return embed.attend(x) if self.tied else nn.Dense(self.vocab, name="head")(x)

@@ -1,4 +1,4 @@
-"""Train a model with AdaAct, SGD, Adam or AdamW: ``python -m examples.train --help``.
+"""Train an image classifier with AdaAct or another optimizer: ``python -m examples.train --help``.
 
 Example (from the repository root)::
 
@@ -37,18 +37,10 @@ import adaact_optax
 from adaact_optax import linen as aa_linen
 from examples import data as data_lib
 from examples import models
+from examples import optimizers
 
-OPTIMIZERS = ("adaact", "sgd", "adam", "adamw")
-
-# Each optimizer's published defaults: AdaAct (arXiv 2506.08353), SGD with
-# momentum 0.9 and coupled weight decay 5e-4 (the paper's baseline), and
-# PyTorch's Adam / AdamW defaults.
-DEFAULTS = {
-    "adaact": dict(lr=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=2e-3),
-    "sgd": dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
-    "adam": dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
-    "adamw": dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
-}
+OPTIMIZERS = optimizers.OPTIMIZERS
+DEFAULTS = optimizers.DEFAULTS   # each optimizer's published defaults
 
 
 @dataclasses.dataclass
@@ -79,43 +71,39 @@ class Config:
   model_kwargs: dict = dataclasses.field(default_factory=dict)
 
   def hyper(self, name):
-    value = getattr(self, name)
+    value = getattr(self, name, None)   # fields Config lacks (b3, ...) take the default
     return DEFAULTS[self.optimizer].get(name) if value is None else value
 
 
-def make_optimizer(cfg: Config, total_steps: int, steps_per_epoch: int):
+def make_unit_schedule(schedule: str, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+  """The learning-rate schedule with peak 1: ``"cosine"`` (after a linear
+  warmup of ``warmup_steps``) or ``"constant"``."""
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else 1.0, 1.0, warmup_steps,
+                                              max(total_steps, warmup_steps + 1))
+  if schedule == "constant":
+    return optax.constant_schedule(1.0)
+  raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
+
+
+def make_optimizer(cfg: Config, total_steps: int, steps_per_epoch: int, stats_shapes=None):
   """``(tx, unit_schedule)`` for ``cfg``: the optimizer with a peak-1 schedule,
   then ``optax.scale`` by the peak learning rate, an injected hyperparameter
-  (``opt_state[1].hyperparams['step_size']``, set by ``init_state``).
+  (``step_size``, set by ``set_learning_rate``).
 
   Keeping the learning rate in the state lets a learning-rate grid and the
   seeds reuse one compiled step. ``opt_state[0]`` is the optimizer's own
   state; for AdaAct, ``opt_state[0][0]`` is the ``ScaleByAdaActState``.
+  ``stats_shapes`` (``adaact_optax.linen.stats_shapes``) goes to AdaAct.
   """
   if cfg.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from {OPTIMIZERS}")
-  if cfg.schedule == "cosine":
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    unit = optax.warmup_cosine_decay_schedule(0.0 if warmup else 1.0, 1.0, warmup,
-                                              max(total_steps, warmup + 1))
-  elif cfg.schedule == "constant":
-    unit = optax.constant_schedule(1.0)
-  else:
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose 'cosine' or 'constant'")
-  wd = cfg.hyper("weight_decay")
-  if cfg.optimizer == "adaact":
-    tx = adaact_optax.adaact(unit, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"), wd,
-                             power=cfg.power)
-  elif cfg.optimizer == "sgd":   # PyTorch-style coupled L2: decay joins the gradient
-    tx = optax.chain(optax.add_decayed_weights(wd),
-                     optax.sgd(unit, momentum=cfg.hyper("momentum")))
-  elif cfg.optimizer == "adam":
-    tx = optax.chain(optax.add_decayed_weights(wd),
-                     optax.adam(unit, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps")))
-  else:
-    tx = optax.adamw(unit, cfg.hyper("b1"), cfg.hyper("b2"), cfg.hyper("eps"), weight_decay=wd)
+  unit = make_unit_schedule(cfg.schedule, total_steps,
+                            int(round(cfg.warmup_epochs * steps_per_epoch)))
+  peak = optax.inject_hyperparams(optax.scale)(step_size=1.0)
+  tx = optimizers.build(cfg.optimizer, unit, cfg.hyper, power=cfg.power,
+                        stats_shapes=stats_shapes, peak=peak)
   # with_extra_args_support: every optimizer accepts (the others ignore) `activation_stats`.
-  tx = optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
   return optax.with_extra_args_support(tx), unit
 
 
@@ -172,6 +160,12 @@ def evaluate(eval_step, state, x, y, batch_size: int) -> tuple[float, float]:
   return loss / len(y), correct / len(y)
 
 
+def abstract_stats_shapes(model, variables, *args, **kwargs):
+  """``adaact_optax.linen.stats_shapes`` for abstract ``variables`` (``jax.eval_shape``
+  of ``model.init``): the statistics tree's shapes without running anything."""
+  return jax.eval_shape(lambda v: aa_linen.stats_shapes(model, v, *args, **kwargs), variables)
+
+
 @functools.lru_cache(maxsize=16)
 def _build(spec: str):
   """Model, optimizer and jitted init/train/eval for a JSON ``spec``.
@@ -182,8 +176,15 @@ def _build(spec: str):
   d = json.loads(spec)
   cfg = Config(**d["config"])
   model = models.get_model(cfg.model, d["num_classes"], d["input_shape"], **cfg.model_kwargs)
-  tx, unit = make_optimizer(cfg, d["total_steps"], d["steps_per_epoch"])
-  train_step, eval_step = make_steps(model, cfg.optimizer == "adaact", d["augment"])
+  use_adaact = cfg.optimizer in optimizers.ADAACT_VARIANTS
+  stats_shapes = None
+  if use_adaact:
+    x = jnp.zeros([1] + d["input_shape"], jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    stats_shapes = abstract_stats_shapes(model, variables, x, train=True,
+                                         mutable=["batch_stats"])
+  tx, unit = make_optimizer(cfg, d["total_steps"], d["steps_per_epoch"], stats_shapes)
+  train_step, eval_step = make_steps(model, use_adaact, d["augment"])
   init = jax.jit(lambda key, x: model.init(key, x, train=False))
   return model, tx, unit, init, train_step, eval_step
 
@@ -224,8 +225,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     pathlib.Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
     metrics_file = open(cfg.metrics, "a")
   base = dict(dataset=ds.name, model=cfg.model, optimizer=cfg.optimizer, seed=cfg.seed,
-              lr=lr, power=cfg.power if cfg.optimizer == "adaact" else None)
-  history = []
+              lr=lr, power=cfg.power if cfg.optimizer in optimizers.ADAACT_VARIANTS else None)
+  history, initial_loss = [], None
   try:
     for epoch in range(1, cfg.epochs + 1):
       start = time.perf_counter()
@@ -239,6 +240,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         key, step_key = jax.random.split(key)
         state, loss = train_step(state, xb, yb, step_key)
         losses.append(loss)
+        if initial_loss is None:
+          initial_loss = loss
         if cfg.progress and i % 20 == 0:
           bar.set_postfix(loss=f"{float(loss):.4f}")
       bar.close()
@@ -260,10 +263,17 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     if metrics_file:
       metrics_file.close()
   times = [r["epoch_time"] for r in history]
-  summary = dict(base, epochs=len(history), train_loss=history[-1]["train_loss"],
+  summary = dict(base, epochs=len(history), initial_loss=float(initial_loss),
+                 train_loss=history[-1]["train_loss"],
                  test_loss=history[-1]["test_loss"], test_acc=history[-1]["test_acc"],
                  # epoch 1 includes compilation; later epochs are the steady state.
                  epoch_time=float(np.mean(times[1:] if len(times) > 1 else times)))
+  # Diverged: a non-finite loss, a run cut short by one, or a final train
+  # loss above the first step's.
+  summary["diverged"] = bool(not (math.isfinite(summary["train_loss"])
+                                  and math.isfinite(summary["test_loss"]))
+                             or len(history) < cfg.epochs
+                             or summary["train_loss"] > summary["initial_loss"])
   if cfg.plot:
     plot_curves({cfg.optimizer: [history]}, cfg.plot, f"{ds.name} / {cfg.model}")
   return dict(config=dataclasses.asdict(cfg), history=history, summary=summary, state=state)
