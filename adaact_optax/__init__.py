@@ -6,7 +6,8 @@ from adaact_optax.capture import (
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
 from adaact_optax.diagnostics import activation_summary
 from adaact_optax.train_state import TrainState
-from adaact_optax.transform import ScaleByAdaActState, adaact, scale_by_adaact
+from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
+                                    scale_by_activation_rms, scale_by_adaact)
 
 __all__ = [
     "CoverageReport",
@@ -17,6 +18,7 @@ __all__ = [
     "value_grad_and_stats",
     "MultiSteps",
     "MultiStepsState",
+    "ScaleByActivationRMSState",
     "ScaleByAdaActState",
     "TrainState",
     "activation_summary",
@@ -25,6 +27,7 @@ __all__ = [
     "matching",
     "moments",
     "nnx",
+    "scale_by_activation_rms",
     "scale_by_adaact",
     "sharding",
 ]

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 from jax import tree_util
 
 from adaact_optax import matching
-from adaact_optax.transform import ScaleByAdaActState, step_scale
+from adaact_optax.transform import ScaleByActivationRMSState, ScaleByAdaActState, step_scale
+
+# States holding AdaAct's second moment `nu` and its `count`.
+_STATES = (ScaleByAdaActState, ScaleByActivationRMSState)
 
 # adaact()'s defaults, used for hyperparameters neither passed nor injected.
 _DEFAULTS = {"b2": 0.999, "eps": 1e-8, "power": 0.5}
@@ -26,10 +29,10 @@ def _is_injected(x) -> bool:
 
 
 def _adaact_states(tree, hyperparams: dict):
-  """Yields every ``ScaleByAdaActState`` in ``tree`` with its injected hyperparameters."""
-  is_node = lambda x: isinstance(x, ScaleByAdaActState) or _is_injected(x)
+  """Yields every AdaAct state in ``tree`` with its injected hyperparameters."""
+  is_node = lambda x: isinstance(x, _STATES) or _is_injected(x)
   for node in tree_util.tree_leaves(tree, is_leaf=is_node):
-    if isinstance(node, ScaleByAdaActState):
+    if isinstance(node, _STATES):
       yield node, hyperparams
     elif _is_injected(node):
       yield from _adaact_states(node.inner_state, {**hyperparams, **node.hyperparams})
@@ -52,10 +55,12 @@ def activation_summary(opt_state: Any, *, b2: float | None = None, eps: float | 
   Jit-able; one reduction per parameter. ``opt_state`` may be the bare
   ``ScaleByAdaActState``, the ``adaact(...)`` chain's state, or any state
   holding it (``optax.inject_hyperparams``, ``optax.MultiSteps``,
-  ``nnx.Optimizer.opt_state``).
+  ``nnx.Optimizer.opt_state``), and ``scale_by_activation_rms``'s state
+  in a chain of building blocks.
 
   Args:
-    opt_state: an optimizer state containing one or more ``ScaleByAdaActState``.
+    opt_state: an optimizer state containing one or more ``ScaleByAdaActState``
+      (or ``ScaleByActivationRMSState``).
     b2, eps, power: the optimizer's values. Each defaults to the value
       injected by ``optax.inject_hyperparams`` if there is one, else to
       ``adaact``'s default (0.999, 1e-8, 0.5): pass them if you built the

@@ -197,6 +197,89 @@ def scale_by_adaact(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+class ScaleByActivationRMSState(NamedTuple):
+  """State of ``scale_by_activation_rms``.
+
+  Attributes:
+    count: int32 scalar, number of updates taken.
+    nu: float32 EMA of the squared layer inputs, exactly as
+      ``ScaleByAdaActState.nu`` (same shapes, same partitioning metadata).
+  """
+
+  count: jax.Array
+  nu: optax.Updates
+
+
+def scale_by_activation_rms(
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    power: float = 0.5,
+    *,
+    stats_shapes: Any | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaAct's activation preconditioner on its own, as an optax building block.
+
+  Keeps only the EMA of each weight's squared inputs ``V`` (one value per
+  input feature, the keep-rank layout of ``adaact_optax.matching``) and a
+  count, and divides the incoming updates ``u`` by it::
+
+    V_t = b2 V_{t-1} + (1 - b2) A_t        V_hat = V_t / (1 - b2^t)
+    out = u / (V_hat^power + eps)          (V_hat broadcast over output axes)
+
+  A bias's statistic is the constant 1, so it is divided by ``1 + eps``;
+  the updates of parameters without statistics (or with the UNCAPTURED
+  marker) pass through unchanged. AdaAct is the chain::
+
+    optax.chain(optax.ema(b1, debias=True), scale_by_activation_rms(b2, eps),
+                optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr))
+    # == adaact(lr, b1, b2, eps, wd, unmatched="momentum") up to float32 rounding
+
+  Args:
+    b2: decay of the activation second-moment EMA, in [0, 1).
+    eps: added to ``V_hat^power``, >= 0.
+    power: exponent of ``V_hat``, > 0.
+    stats_shapes: optional tree of statistics shapes, as in ``scale_by_adaact``.
+    axis_name: a ``pmap``/``shard_map`` axis over which the statistics are
+      averaged, as in ``scale_by_adaact``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose ``update`` takes
+    ``activation_stats`` (a tree keyed like the params).
+  """
+  _validate(0.0, b2, eps, power, "sgd")
+
+  def init_fn(params):
+    return ScaleByActivationRMSState(count=jnp.zeros([], jnp.int32),
+                                     nu=matching.moment_zeros(params, stats_shapes))
+
+  def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
+    del params, extra_args
+    if activation_stats is None:
+      raise _missing_stats_error()
+    if axis_name is not None:
+      activation_stats = pmean_tree(activation_stats, axis_name)
+    stats = matching.align(activation_stats, updates, state.nu)
+    count = optax.safe_increment(state.count)
+    b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b2, eps))
+    bc2 = 1 - b2_ ** count.astype(jnp.float32)
+
+    def leaf(path, u, v, a):
+      if a is None:
+        return u, v
+      v = b2_ * v + (1 - b2_) * a
+      scale = step_scale(v / bc2, power, eps_)
+      out = matching.apply_scale(u.astype(jnp.float32), scale, matching.path_name(path))
+      return out.astype(u.dtype), v
+
+    results = jax.tree_util.tree_map_with_path(leaf, updates, state.nu, stats)
+    treedef = jax.tree.structure(updates)
+    new_updates, nu = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(results)))
+    return new_updates, ScaleByActivationRMSState(count=count, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _unmatched_needs_stats_shapes():
   return ValueError(
       "adaact(unmatched=<an optax transformation>) needs stats_shapes=: which parameters "
