@@ -36,6 +36,12 @@ class InputMoments(NamedTuple):
     mean: float32 array of the kernel's input-feature shape, ``mean(a*a)``.
     rows: Python int, how many rows (example x position) the mean is over;
       used to average several applications of one layer exactly.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import moments
+    >>> moments.InputMoments(mean=jnp.ones(3), rows=8).rows
+    8
   """
 
   mean: jax.Array
@@ -43,7 +49,25 @@ class InputMoments(NamedTuple):
 
 
 def combine(first: InputMoments, second: InputMoments) -> InputMoments:
-  """Pools two sets of rows: the mean over all rows of both."""
+  """Pools two sets of rows: the mean over all rows of both.
+
+  Args:
+    first: statistics of one set of rows.
+    second: statistics of another set of rows, with a mean of the same shape.
+
+  Returns:
+    ``InputMoments`` whose mean is the row-weighted mean of both and whose
+    ``rows`` is their sum: what one pass over all the rows would give.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import moments
+    >>> a = moments.InputMoments(jnp.array([1.0]), rows=1)
+    >>> b = moments.InputMoments(jnp.array([4.0]), rows=3)
+    >>> pooled = moments.combine(a, b)
+    >>> pooled.mean.tolist(), pooled.rows
+    ([3.25], 4)
+  """
   rows = first.rows + second.rows
   mean = (first.mean * (first.rows / rows)) + (second.mean * (second.rows / rows))
   return InputMoments(mean, rows)
@@ -72,6 +96,14 @@ def dense_moments(
     ``InputMoments`` whose mean has shape ``batch shape + contracted shape``
     (the kernel's input axes, in the kernel's order) and whose rows count
     every other axis.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import moments
+    >>> x = jnp.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])   # 2 rows, 3 features
+    >>> m = moments.dense_moments(x)
+    >>> m.mean.tolist(), m.rows
+    ([4.5, 8.5, 14.5], 2)
   """
   ndim = x.ndim
   contracting = tuple(a % ndim for a in contracting_axes)
@@ -141,6 +173,24 @@ def conv_moments(
     ``InputMoments`` with mean of shape ``(*kernel_size, C)`` (float32): the
     mean over every (example, output position) of the squared patch element.
     Grouped convolutions use the same statistic; see ``matching``.
+
+  Raises:
+    ValueError: if ``x`` has fewer than ``len(kernel_size)`` spatial axes
+      plus channels, ``padding`` pairs do not match the spatial axes,
+      ``'CAUSAL'`` padding is used in more than 1-D, or the convolution has
+      no output position.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import moments
+    >>> x = jnp.ones((2, 5, 5, 3))                         # (batch, H, W, C)
+    >>> m = moments.conv_moments(x, (3, 3), padding="SAME")
+    >>> m.mean.shape, m.rows                               # (kh, kw, C); 2 x 5 x 5 rows
+    ((3, 3, 3), 50)
+    >>> # Padded zeros count as rows: of the 25 output positions, a corner tap
+    >>> # reads a real pixel at 16, an edge tap at 20, the centre at all 25.
+    >>> (m.mean[:, :, 0] * 25).round().astype(int).tolist()
+    [[16, 20, 16], [20, 25, 20], [16, 20, 16]]
   """
   kernel_size = tuple(kernel_size)
   rank = len(kernel_size)
@@ -199,6 +249,19 @@ def conv_window_sums(
     ``(sums, rows)``: ``sums`` of shape ``(*kernel_size, C)`` holds, for each
     patch element, the sum of its squares over every (example, output
     position); ``rows`` = B x number of output positions (a Python int).
+
+  Raises:
+    ValueError: if the convolution has no output position.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import moments
+    >>> squares = jnp.ones((2, 5, 5, 3))                   # (B, H, W, C), already squared
+    >>> sums, rows = moments.conv_window_sums(
+    ...     squares, (3, 3), strides=(1, 1), pads=((0, 0), (0, 0)),
+    ...     input_dilation=(1, 1), kernel_dilation=(1, 1))
+    >>> sums.shape, rows                                   # 2 examples x 3 x 3 positions
+    ((3, 3, 3), 18)
   """
   kernel_size = tuple(kernel_size)
   in_shape = s.shape[1:-1]
@@ -246,6 +309,27 @@ def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int]
   ``x`` (the rows), shaped like the parameter with size 1 on its other axes.
   A Dense kernel ``(in, out)`` fed ``x[..., in]`` is ``x_axes=(-1,)``,
   ``param_axes=(0,)`` -> shape ``(in, 1)``.
+
+  Args:
+    x: the input the parameter multiplies, any rank and dtype.
+    x_axes: the axes of ``x`` the parameter contracts.
+    param_axes: the parameter axes they meet, in the same order.
+    param_shape: the parameter's shape.
+
+  Returns:
+    ``InputMoments`` whose float32 mean has ``len(param_shape)`` axes:
+    ``param_shape[p]`` along each of ``param_axes``, 1 along the others.
+
+  Raises:
+    ValueError: if the axes' counts or sizes do not match.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import moments
+    >>> x = jnp.full((4, 3), 2.0)                          # 4 rows into a (3, 2) kernel
+    >>> m = moments.input_moments(x, x_axes=(-1,), param_axes=(0,), param_shape=(3, 2))
+    >>> m.mean.shape, m.mean.ravel().tolist(), m.rows
+    ((3, 1), [4.0, 4.0, 4.0], 4)
   """
   x_axes = tuple(a % x.ndim for a in x_axes)
   param_axes = tuple(a % len(param_shape) for a in param_axes)
@@ -261,7 +345,20 @@ def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int]
 
 
 def constant_moments(rows: int = 1) -> InputMoments:
-  """The statistic of a bias: a weight on the constant input 1."""
+  """The statistic of a bias: a weight on the constant input 1.
+
+  Args:
+    rows: how many rows the bias was applied to (for ``combine``).
+
+  Returns:
+    ``InputMoments`` with the float32 scalar mean 1.
+
+  Examples:
+    >>> from adaact_optax import moments
+    >>> m = moments.constant_moments(rows=4)
+    >>> float(m.mean), m.rows
+    (1.0, 4)
+  """
   return InputMoments(jnp.ones((), jnp.float32), rows)
 
 
@@ -293,6 +390,13 @@ def token_moments(ids: jax.Array, num_embeddings: int,
 
   Returns:
     ``InputMoments`` with mean of shape ``(num_embeddings,)`` (float32).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import moments
+    >>> m = moments.token_moments(jnp.array([1, 2, 2, 3]), num_embeddings=5, floor=0.0)
+    >>> m.mean.tolist(), m.rows
+    ([0.0, 0.25, 0.5, 0.25, 0.0], 4)
   """
   ids = lax.stop_gradient(ids).reshape(-1)
   counts = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.float32), ids,

@@ -73,7 +73,7 @@ def state_partition_specs(tx, params_specs: PyTree, params: PyTree) -> PyTree:
     params_specs: a tree like ``params`` with ``PartitionSpec`` leaves (e.g.
       ``flax.linen.get_partition_spec(variables)['params']``) or
       ``NamedSharding`` leaves; ``None`` means replicated.
-    params: the parameters, or their ``jax.ShapeDtypeStruct``s.
+    params: the parameters, or their ``jax.ShapeDtypeStruct`` shapes.
 
   Returns:
     A tree with the state's structure and ``PartitionSpec`` leaves.
@@ -113,9 +113,9 @@ def state_shardings(tx, params_shardings: PyTree, params: PyTree,
     tx: any optax ``GradientTransformation``.
     params_shardings: ``NamedSharding`` leaves like ``params``, or
       ``PartitionSpec`` leaves together with ``mesh``.
-    params: the parameters, or their ``jax.ShapeDtypeStruct``s.
+    params: the parameters, or their ``jax.ShapeDtypeStruct`` shapes.
     mesh: the ``Mesh``; optional when ``params_shardings`` holds
-      ``NamedSharding``s.
+      ``NamedSharding`` leaves.
 
   Raises:
     ValueError: a spec names an axis the mesh does not have (naming the

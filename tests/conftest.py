@@ -23,14 +23,3 @@ def fixtures_dir() -> pathlib.Path:
     if c is not None and (c / "adaact_parity_mlp.npz").exists():
       return c
   raise FileNotFoundError(f"AdaAct parity fixtures not found in {_CANDIDATES}")
-
-
-def readme_snippets(*sections: str) -> list[str]:
-  """The ```python blocks of the named ``## `` sections of README.md, in order."""
-  import re
-  text = (ROOT / "README.md").read_text()
-  parts = re.split(r"^## (.+)$", text, flags=re.M)
-  found = {title.strip(): body for title, body in zip(parts[1::2], parts[2::2])}
-  missing = [s for s in sections if s not in found]
-  assert not missing, f"README.md has no section(s) {missing}"
-  return [b for s in sections for b in re.findall(r"```python\n(.*?)```", found[s], re.S)]

@@ -15,7 +15,6 @@ from adaact_optax import linen as aa_linen
 from adaact_optax import moments
 from adaact_optax import nnx as aa_nnx
 from test_parity import _close, _tree  # the Linen parity test's fixture helpers
-from conftest import readme_snippets
 
 
 def _flat(tree):
@@ -279,20 +278,6 @@ def test_stats_shapes_for_grouped_convs_and_training_step():
   expected = adaact_optax.matching.to_keep_rank(stats["conv"]["kernel"], (3, 3, 2, 6), "conv")
   np.testing.assert_allclose(nu["conv/kernel"] / (1 - 0.999 ** 5), expected,
                              rtol=1e-4)  # float32 EMA rounding
-
-
-# --- the README sections (NNX, Embeddings, Diagnostics) run as written ------
-
-_SNIPPETS = readme_snippets("Flax NNX", "Embeddings", "Diagnostics")
-
-
-def test_docs_have_the_snippets():
-  assert len(_SNIPPETS) == 4  # NNX training, grouped convs, embeddings, diagnostics
-
-
-@pytest.mark.parametrize("index", range(len(_SNIPPETS)))
-def test_docs_snippet_runs(index):
-  exec(compile(_SNIPPETS[index], f"README.md NNX snippet {index}", "exec"), {"__name__": "snippet"})
 
 
 def test_layer_moments_for_one_layer():

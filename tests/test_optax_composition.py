@@ -2,7 +2,6 @@
 partition, apply_if_finite. The statistics must reach the AdaAct transform
 through every wrapper, and the wrappers must change nothing else."""
 
-import tempfile
 
 import flax.linen as nn
 import jax
@@ -13,7 +12,6 @@ import pytest
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from conftest import readme_snippets
 
 
 class TokenMLP(nn.Module):
@@ -211,13 +209,3 @@ def test_apply_if_finite_skips_a_nan_step():
   after, final = _train(tx, steps=1, params=params, opt_state=new_state, first_batch=10)
   assert int(final.inner_state[0].count) == 3
   assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(after))
-
-
-def test_ecosystem_docs_run_as_written(tmp_path, monkeypatch):
-  # The README's "Optax and Flax idioms" section: its snippets continue one another.
-  snippets = readme_snippets("Optax and Flax idioms")
-  assert len(snippets) >= 8
-  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the checkpoints go to tmp_path
-  namespace = {"__name__": "snippet"}
-  for i, snippet in enumerate(snippets):
-    exec(compile(snippet, f"README.md idioms snippet {i}", "exec"), namespace)
