@@ -1,5 +1,10 @@
 """AdaAct against Optax's optimizers: step time, update time, state and compiled memory.
 
+Also AdaAct's two statistics captures against each other (the jaxpr capture
+engine behind ``adaact_optax.linen.apply`` and the older interception
+``adaact_optax.linen.capture()``), and AdaAct written as an optax chain of
+building blocks (``scale_by_activation_rms``) against the fused ``adaact``.
+
 Run by hand, not in CI (numbers depend on the machine)::
 
   python benchmarks/bench.py                      # full run, CPU
@@ -27,7 +32,15 @@ import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's adaact_optax and examples/, uninstalled
-OPTIMIZERS = ("sgd", "adam", "adamw", "adaact")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adaact", "adaact_legacy", "adaact_momentum",
+              "adaact_chain")
+# Where each optimizer's statistics come from: None (it needs none), "engine"
+# (adaact_optax.linen.apply, the jaxpr capture) or "legacy" (model.apply under
+# the interception context manager adaact_optax.linen.capture(), 0.1.0 layout).
+CAPTURE = {"sgd": None, "adam": None, "adamw": None, "adaact": "engine",
+           "adaact_legacy": "legacy", "adaact_momentum": "engine", "adaact_chain": "engine"}
+# The timed train-mode forwards: plain model.apply, and with each capture.
+FORWARDS = {"forward": None, "forward+engine": "engine", "forward+legacy": "legacy"}
 MODELS = ("resnet20", "vit_tiny", "mlp")
 # (batch, input shape without batch, classes); the issue's settings.
 SHAPES = {
@@ -45,6 +58,9 @@ def parse_args(argv=None):
                  help="smoke run (~1 minute): ResNet-8 and a 2-block ViT, batch 8, 3 reps")
   p.add_argument("--reps", type=int, default=None, help="timed rounds per figure (default 15)")
   p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+  p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                 help=f"comma list of {OPTIMIZERS}; adam, adamw and adaact are always run "
+                 "(the ratios are taken against them)")
   p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
   p.add_argument("--min-time", type=float, default=None,
                  help="seconds each timed sample lasts at least (calls are repeated; default 0.05)")
@@ -54,6 +70,10 @@ def parse_args(argv=None):
   unknown = set(args.models) - set(MODELS)
   if unknown:
     p.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+  chosen = set(args.optimizers.split(",")) - {""}
+  if chosen - set(OPTIMIZERS):
+    p.error(f"unknown optimizers {sorted(chosen - set(OPTIMIZERS))}; choose from {OPTIMIZERS}")
+  args.optimizers = [k for k in OPTIMIZERS if k in chosen | {"adam", "adamw", "adaact"}]
   if args.reps is None:
     args.reps = 3 if args.quick else 15
   if args.min_time is None:
@@ -84,15 +104,31 @@ def _get_model(name, quick=False):
   return models.get_model(name, classes, shape)
 
 
-def make_optimizers():
-  """The four optimizers, each with its usual (paper / optax) settings."""
+def make_optimizers(stats_shapes):
+  """The optimizers, each with its usual (paper / optax) settings.
+
+  ``stats_shapes`` (from ``adaact_optax.linen.stats_shapes``) sizes the state of
+  the optimizers fed by the capture engine, as the docs recommend; the legacy
+  capture's optimizer is built without it (it takes 0.1.0-layout leaves).
+  ``adaact_momentum`` is the fused optimizer the chain equals step for step
+  (parameters without statistics get momentum, as ``optax.ema`` gives them).
+  """
   import optax  # pylint: disable=import-outside-toplevel
   import adaact_optax  # pylint: disable=import-outside-toplevel
+  lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-8, 2e-3  # adaact's defaults
   return {
       "sgd": optax.sgd(0.1, momentum=0.9),
       "adam": optax.adam(1e-3),
       "adamw": optax.adamw(1e-3, weight_decay=5e-4),
-      "adaact": adaact_optax.adaact(0.1),
+      "adaact": adaact_optax.adaact(lr, b1, b2, eps, wd, stats_shapes=stats_shapes),
+      "adaact_legacy": adaact_optax.adaact(lr, b1, b2, eps, wd),
+      "adaact_momentum": adaact_optax.adaact(lr, b1, b2, eps, wd, unmatched="momentum",
+                                             stats_shapes=stats_shapes),
+      "adaact_chain": optax.chain(
+          optax.ema(b1, debias=True),
+          adaact_optax.scale_by_activation_rms(b2, eps, stats_shapes=stats_shapes),
+          optax.add_decayed_weights(wd),
+          optax.scale_by_learning_rate(lr)),
   }
 
 
@@ -104,7 +140,7 @@ def tree_bytes(tree) -> int:
 class Workload:
   """One model at one batch: jitted train steps, updates and forwards per optimizer."""
 
-  def __init__(self, name, batch, quick=False):
+  def __init__(self, name, batch, quick=False, optimizers=OPTIMIZERS):
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -123,12 +159,19 @@ class Workload:
     self.params = variables["params"]
     self.batch_stats = variables.get("batch_stats", {})
     self.num_params = int(sum(p.size for p in jax.tree.leaves(self.params)))
-    self.txs = make_optimizers()
+    txs = make_optimizers(aa_linen.stats_shapes(model, variables, self.x, train=True,
+                                                mutable=["batch_stats"]))
+    self.txs = {k: txs[k] for k in optimizers}
 
     def forward(params, batch_stats, x, capture):
       v = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-      if capture:
+      if capture == "engine":
         return aa_linen.apply(model, v, x, train=True, mutable=["batch_stats"])
+      if capture == "legacy":
+        with aa_linen.capture():
+          out, mutated = model.apply(v, x, train=True,
+                                     mutable=[aa_linen.COLLECTION, "batch_stats"])
+        return out, dict(mutated)
       out, mutated = model.apply(v, x, train=True, mutable=["batch_stats"])
       return out, dict(mutated)
 
@@ -139,7 +182,7 @@ class Workload:
           loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
           return loss, mutated
         (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        extra = {"activation_stats": mutated[aa_linen.COLLECTION]} if capture else {}
+        extra = {"activation_stats": mutated.pop(aa_linen.COLLECTION)} if capture else {}
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         params = optax.apply_updates(params, updates)
         return params, mutated.get("batch_stats", {}), opt_state, loss
@@ -153,24 +196,26 @@ class Workload:
         return optax.apply_updates(params, updates), opt_state
       return jax.jit(update, donate_argnums=(0, 1))
 
+    # Compiled ahead of time too (a jitted forward would compile on its first timed call).
     self.forwards = {
-        "forward": jax.jit(lambda p, b, x: forward(p, b, x, False)),
-        "forward+capture": jax.jit(lambda p, b, x: forward(p, b, x, True)),
-    }
+        k: jax.jit(lambda p, b, x, c=c: forward(p, b, x, c)).lower(
+            self.params, self.batch_stats, self.x).compile()
+        for k, c in FORWARDS.items()}
     # Fixed inputs for the update-only timing: gradient-sized noise and real statistics.
     self.grads = jax.tree.map(
         lambda p: jnp.asarray(1e-3 * rng.standard_normal(p.shape, dtype=np.float32), p.dtype),
         self.params)
-    self.stats = self.forwards["forward+capture"](self.params, self.batch_stats,
-                                                  self.x)[1][aa_linen.COLLECTION]
+    self.stats = {c: self.forwards[k](self.params, self.batch_stats, self.x)[1][aa_linen.COLLECTION]
+                  for k, c in FORWARDS.items() if c}
+    self.stats[None] = self.stats["engine"]  # unused by optimizers without statistics
     # Compiled once, ahead of time: the executables timed are the ones measured.
     self.steps, self.updates = {}, {}
     for k, tx in self.txs.items():
       params, batch_stats, opt_state = self.fresh(k)
-      self.steps[k] = make_step(tx, k == "adaact").lower(
+      self.steps[k] = make_step(tx, CAPTURE[k]).lower(
           params, batch_stats, opt_state, self.x, self.y).compile()
-      self.updates[k] = make_update(tx, k == "adaact").lower(
-          params, opt_state, self.grads, self.stats).compile()
+      self.updates[k] = make_update(tx, CAPTURE[k]).lower(
+          params, opt_state, self.grads, self.stats[CAPTURE[k]]).compile()
 
   def fresh(self, opt):
     """Private copies of (params, batch_stats, opt_state): the steps donate them."""
@@ -188,6 +233,19 @@ class Workload:
     return {k: int(getattr(m, k + "_in_bytes")) for k in
             ("temp_size", "argument_size", "output_size", "alias_size", "generated_code_size")
             if hasattr(m, k + "_in_bytes")}
+
+
+def compiled_cost(compiled):
+  """XLA's own count of a compiled program's work: flops, bytes accessed, fusions."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jaxlibs: one dict per computation
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  text = compiled.as_text() or ""
+  return {"flops": float(cost.get("flops", float("nan"))),
+          "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+          "hlo_fusions": sum(1 for line in text.splitlines() if " fusion(" in line),
+          "hlo_instructions": sum(1 for line in text.splitlines() if " = " in line)}
 
 
 def _timer(fn, state, calls):
@@ -236,6 +294,7 @@ def summary(samples):
 
 
 def _paired(a, b):
+  """Median over rounds of the per-round ratio of two summaries' samples."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   return float(np.median(np.asarray(a["samples_ms"]) / np.asarray(b["samples_ms"])))
 
@@ -243,39 +302,41 @@ def _paired(a, b):
 def run_model(name, args):
   batch = args.batch or (8 if args.quick else SHAPES[name][0])
   print(f"[{name}] batch {batch}: building and compiling ...", file=sys.stderr, flush=True)
-  w = Workload(name, batch, args.quick)
+  ks = args.optimizers
+  w = Workload(name, batch, args.quick, ks)
   res = {"model": repr(w.model).split("\n")[0].rstrip("( "), "quick_variant": args.quick,
          "batch": batch, "input_shape": list(SHAPES[name][1]), "num_params": w.num_params,
-         "optimizers": {k: {} for k in OPTIMIZERS}}
+         "optimizers": {k: {} for k in ks}}
 
   # Memory: optimizer state bytes, compiled step's buffers.
-  for k in OPTIMIZERS:
+  for k in ks:
     r = res["optimizers"][k]
     r["state_bytes"] = tree_bytes(w.fresh(k)[2])
     r["compiled_memory"] = w.compiled_memory(k)
+    r["compiled_cost"] = compiled_cost(w.steps[k])
 
   # Full train step (forward, backward, statistics, update), interleaved. Each
   # timed function maps its state to the next one, chaining the donated buffers.
   def step_fn(k):
     return lambda s: w.steps[k](*s, w.x, w.y)[:3]
   print(f"[{name}] timing train steps ...", file=sys.stderr, flush=True)
-  samples, calls = interleaved({k: step_fn(k) for k in OPTIMIZERS},
-                               {k: w.fresh(k) for k in OPTIMIZERS}, args.reps, args.min_time)
-  for k in OPTIMIZERS:
+  samples, calls = interleaved({k: step_fn(k) for k in ks},
+                               {k: w.fresh(k) for k in ks}, args.reps, args.min_time)
+  for k in ks:
     res["optimizers"][k]["step"] = summary(samples[k])
   res["step_calls_per_sample"] = calls
 
   # Optimizer update alone: jitted tx.update + apply_updates on fixed gradients/statistics.
   def update_fn(k):
-    return lambda s: w.updates[k](*s, w.grads, w.stats)
+    return lambda s: w.updates[k](*s, w.grads, w.stats[CAPTURE[k]])
   print(f"[{name}] timing updates ...", file=sys.stderr, flush=True)
-  samples, calls = interleaved({k: update_fn(k) for k in OPTIMIZERS},
-                               {k: w.fresh(k)[::2] for k in OPTIMIZERS}, args.reps, args.min_time)
-  for k in OPTIMIZERS:
+  samples, calls = interleaved({k: update_fn(k) for k in ks},
+                               {k: w.fresh(k)[::2] for k in ks}, args.reps, args.min_time)
+  for k in ks:
     res["optimizers"][k]["update"] = summary(samples[k])
   res["update_calls_per_sample"] = calls
 
-  # Statistics capture alone: the train-mode forward with and without capture.
+  # Statistics capture alone: the train-mode forward without capture and with each.
   def forward_fn(k):
     return lambda s: w.forwards[k](w.params, w.batch_stats, w.x)
   print(f"[{name}] timing capture ...", file=sys.stderr, flush=True)
@@ -283,29 +344,51 @@ def run_model(name, args):
                                {k: None for k in w.forwards}, args.reps, args.min_time)
   res["capture"] = {k: summary(v) for k, v in samples.items()}
   res["capture_calls_per_sample"] = calls
+  res["capture_cost"] = {k: compiled_cost(f) for k, f in w.forwards.items()}
 
   o = res["optimizers"]
   med = lambda k, f: o[k][f]["median_ms"]
   temp = lambda k: o[k]["compiled_memory"].get("temp_size", float("nan"))
   res["ratios"] = {
-      "step_vs_adam": {k: med(k, "step") / med("adam", "step") for k in OPTIMIZERS},
-      "update_vs_adamw": {k: med(k, "update") / med("adamw", "update") for k in OPTIMIZERS},
-      "state_vs_adam": {k: o[k]["state_bytes"] / o["adam"]["state_bytes"] for k in OPTIMIZERS},
-      "temp_vs_adam": {k: temp(k) / temp("adam") for k in OPTIMIZERS},
-      "capture_vs_forward": (res["capture"]["forward+capture"]["median_ms"]
-                             / res["capture"]["forward"]["median_ms"]),
+      "step_vs_adam": {k: med(k, "step") / med("adam", "step") for k in ks},
+      "update_vs_adamw": {k: med(k, "update") / med("adamw", "update") for k in ks},
+      "state_vs_adam": {k: o[k]["state_bytes"] / o["adam"]["state_bytes"] for k in ks},
+      "temp_vs_adam": {k: temp(k) / temp("adam") for k in ks},
+      "capture_vs_forward": {k: res["capture"][k]["median_ms"]
+                                 / res["capture"]["forward"]["median_ms"] for k in FORWARDS},
       # Paired: the median over rounds of this round's ratio. Samples of one round
       # are adjacent in time, so load that drifts slower than a round cancels.
-      "step_vs_adam_paired": {k: _paired(o[k]["step"], o["adam"]["step"]) for k in OPTIMIZERS},
+      "step_vs_adam_paired": {k: _paired(o[k]["step"], o["adam"]["step"]) for k in ks},
       "update_vs_adamw_paired": {k: _paired(o[k]["update"], o["adamw"]["update"])
-                                 for k in OPTIMIZERS},
+                                 for k in ks},
   }
+  # The capture engine against the legacy interception capture (same optimizer).
+  c = res["capture"]
+  res["ratios"]["engine_vs_legacy"] = {
+      "forward": c["forward+engine"]["median_ms"] / c["forward+legacy"]["median_ms"],
+      "forward_paired": _paired(c["forward+engine"], c["forward+legacy"]),
+  }
+  if "adaact_legacy" in ks:
+    res["ratios"]["engine_vs_legacy"].update(
+        step=med("adaact", "step") / med("adaact_legacy", "step"),
+        step_paired=_paired(o["adaact"]["step"], o["adaact_legacy"]["step"]))
+  # AdaAct as an optax chain against the fused optimizer it equals (unmatched="momentum").
+  if {"adaact_chain", "adaact_momentum"} <= set(ks):
+    res["ratios"]["chain_vs_fused"] = {
+        "step": med("adaact_chain", "step") / med("adaact_momentum", "step"),
+        "step_paired": _paired(o["adaact_chain"]["step"], o["adaact_momentum"]["step"]),
+        "update": med("adaact_chain", "update") / med("adaact_momentum", "update"),
+        "update_paired": _paired(o["adaact_chain"]["update"], o["adaact_momentum"]["update"]),
+        "state": o["adaact_chain"]["state_bytes"] / o["adaact_momentum"]["state_bytes"],
+    }
   return res
 
 
 # AdaAct's targets on a CPU, from the issue: ratio name -> upper bound.
 TARGETS = {"step_vs_adam": 1.02, "update_vs_adamw": 0.80, "state_vs_adam": 0.51,
            "temp_vs_adam": 1.05}
+# The capture engine's train step against the legacy capture's (issue 10).
+ENGINE_STEP_TARGET = 1.02
 
 
 def _ms(r):
@@ -314,6 +397,10 @@ def _ms(r):
 
 def _mb(n):
   return f"{n / 2**20:.2f}"
+
+
+def _verdict(v, bound):
+  return "ok" if v <= bound else "MISSED"
 
 
 def markdown(results) -> str:
@@ -327,31 +414,69 @@ def markdown(results) -> str:
               "| optimizer | train step ms, median (p25–p75) | ÷ adam | update ms, median "
               "(p25–p75) | ÷ adamw | state MiB | ÷ adam | step temp MiB | ÷ adam |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for k in OPTIMIZERS:
+    for k in o:
       temp = o[k]["compiled_memory"].get("temp_size", float("nan"))
       lines.append(f"| {k} | {_ms(o[k]['step'])} | {r['step_vs_adam'][k]:.3f} | "
                    f"{_ms(o[k]['update'])} | {r['update_vs_adamw'][k]:.3f} | "
                    f"{_mb(o[k]['state_bytes'])} | {r['state_vs_adam'][k]:.3f} | "
                    f"{_mb(temp)} | {r['temp_vs_adam'][k]:.3f} |")
-    c = res["capture"]
-    lines += ["", f"Statistics capture: train-mode forward {_ms(c['forward'])} ms, with "
-              f"capture {_ms(c['forward+capture'])} ms (x{r['capture_vs_forward']:.3f}). "
-              f"Samples of {res['step_calls_per_sample']} step / "
-              f"{res['update_calls_per_sample']} update / {res['capture_calls_per_sample']} "
-              f"forward calls, {results['meta']['reps']} rounds.", ""]
+    c, cc, ev = res["capture"], res["capture_cost"], r["engine_vs_legacy"]
+    cost = lambda x: f"{x['flops'] / 1e9:.3f}"
+    lines += [
+        "", "Capture engine (`linen.apply`) against the legacy capture (`linen.capture()`):",
+        "", "| train mode | plain ms | legacy capture ms | engine ms | engine ÷ legacy "
+        "[paired] | GFLOP legacy / engine | HLO fusions legacy / engine |",
+        "|---|---|---|---|---|---|---|",
+        f"| forward + capture | {_ms(c['forward'])} | {_ms(c['forward+legacy'])} | "
+        f"{_ms(c['forward+engine'])} | {ev['forward']:.3f} [{ev['forward_paired']:.3f}] | "
+        f"{cost(cc['forward+legacy'])} / {cost(cc['forward+engine'])} | "
+        f"{cc['forward+legacy']['hlo_fusions']} / {cc['forward+engine']['hlo_fusions']} |"]
+    if "step" in ev:
+      sl, se = o["adaact_legacy"]["compiled_cost"], o["adaact"]["compiled_cost"]
+      lines.append(
+          f"| adaact train step | {_ms(o['adam']['step'])} (adam) | "
+          f"{_ms(o['adaact_legacy']['step'])} | {_ms(o['adaact']['step'])} | {ev['step']:.3f} "
+          f"[{ev['step_paired']:.3f}] {_verdict(ev['step'], ENGINE_STEP_TARGET)} "
+          f"(<= {ENGINE_STEP_TARGET}) | {cost(sl)} / {cost(se)} | "
+          f"{sl['hlo_fusions']} / {se['hlo_fusions']} |")
+    ch = r.get("chain_vs_fused")
+    if ch:
+      lines += ["", "AdaAct as an optax chain (`ema` → `scale_by_activation_rms` → "
+                "`add_decayed_weights` → `scale_by_learning_rate`) against the fused "
+                "`adaact(unmatched=\"momentum\")` it equals: train step ÷ fused "
+                f"{ch['step']:.3f} [{ch['step_paired']:.3f}], update ÷ fused "
+                f"{ch['update']:.3f} [{ch['update_paired']:.3f}], state ÷ fused "
+                f"{ch['state']:.3f}."]
+    lines += ["", "Load average (1/5/15 min) after this model: "
+              f"{'/'.join(f'{x:.1f}' for x in res.get('loadavg_after') or [])} on "
+              f"{results['meta']['cpu_count']} cores. Samples of "
+              f"{res['step_calls_per_sample']} step / {res['update_calls_per_sample']} update / "
+              f"{res['capture_calls_per_sample']} forward calls, {results['meta']['reps']} "
+              "rounds.", ""]
   lines += ["### AdaAct against its targets (ratio of medians; in brackets, median of per-round "
             "ratios)",
-            "", "| model | " + " | ".join(f"{k} <= {v}" for k, v in TARGETS.items()) + " |",
-            "|---|" + "---|" * len(TARGETS)]
+            "", "| model | " + " | ".join(f"{k} <= {v}" for k, v in TARGETS.items())
+            + f" | engine step ÷ legacy <= {ENGINE_STEP_TARGET} |",
+            "|---|" + "---|" * (len(TARGETS) + 1)]
   for name, res in results["models"].items():
     cells = []
     for k, bound in TARGETS.items():
       v = res["ratios"][k]["adaact"]
       paired = res["ratios"].get(k + "_paired", {}).get("adaact")
       cells.append(f"{v:.3f}{f' [{paired:.3f}]' if paired is not None else ''} "
-                   f"{'ok' if v <= bound else 'MISSED'}")
+                   f"{_verdict(v, bound)}")
+    ev = res["ratios"]["engine_vs_legacy"]
+    cells.append(f"{ev['step']:.3f} [{ev['step_paired']:.3f}] "
+                 f"{_verdict(ev['step'], ENGINE_STEP_TARGET)}" if "step" in ev else "not run")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def _loadavg():
+  try:
+    return list(os.getloadavg())
+  except OSError:  # not on every platform
+    return None
 
 
 def main(argv=None):
@@ -373,9 +498,13 @@ def main(argv=None):
       "cpu_count": os.cpu_count(), "machine": platform.platform(),
       "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
       "optax": optax.__version__, "reps": args.reps, "min_time_s": args.min_time,
-      "quick": args.quick}, "models": {}}
+      "quick": args.quick, "loadavg_start": _loadavg()}, "models": {}}
   for name in args.models:
     results["models"][name] = run_model(name, args)
+    # Other processes' load (1, 5, 15-minute averages): a load above the core count
+    # means the timed programs shared the cores.
+    results["models"][name]["loadavg_after"] = _loadavg()
+  results["meta"]["loadavg_end"] = _loadavg()
   results["markdown"] = markdown(results)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
