@@ -416,24 +416,34 @@ def _squares(x) -> jax.Array:
   return jnp.square(x.astype(jnp.float32))
 
 
-def _row_weights(a_shape, free: Sequence[int], mask):
-  """The row mask broadcast over ``a``'s leading axes, if it applies to them."""
-  if mask is None:
+def _row_weights(mask, tags, shape, free: Sequence[int]):
+  """``mask`` laid over an activation whose axes carry ``tags`` (mask axis or None).
+
+  Applies only when every mask axis is one of the activation's row (free)
+  axes; returns ``(weights broadcastable to the activation, total row weight)``
+  or ``None``.
+  """
+  if mask is None or tags is None:
     return None
-  m = mask.ndim
-  if tuple(a_shape[:m]) != tuple(mask.shape) or not set(range(m)) <= set(free):
+  pos = {t: ax for ax, t in enumerate(tags) if t is not None}
+  if set(pos) != set(range(mask.ndim)) or not all(ax in free for ax in pos.values()):
     return None
-  return lax.stop_gradient(mask).astype(jnp.float32)
+  order = sorted(range(mask.ndim), key=lambda t: pos[t])
+  w = jnp.transpose(lax.stop_gradient(mask).astype(jnp.float32), order)
+  tagged = set(pos.values())
+  w = w.reshape([shape[ax] if ax in tagged else 1 for ax in range(len(shape))])
+  untagged = math.prod(shape[ax] for ax in free if ax not in tagged)
+  return w, jnp.sum(w) * untagged
 
 
-def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask):
+def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
   """``(sums, counts)`` of ``a**2`` laid over the weight operand's axes."""
   sq = _squares(a)
   free = [ax for ax in range(a.ndim) if ax not in a_contract and ax not in a_batch]
-  weights = _row_weights(a.shape, free, mask)
+  weights = _row_weights(mask, tags, a.shape, free)
   if weights is not None:
-    sq = sq * weights.reshape(weights.shape + (1,) * (a.ndim - weights.ndim))
-    count = jnp.sum(weights) * math.prod(a.shape[ax] for ax in free[weights.ndim:])
+    sq = sq * weights[0]
+    count = weights[1]
   else:
     count = jnp.float32(math.prod(a.shape[ax] for ax in free))
   sums = jnp.sum(sq, axis=tuple(free)) if free else sq
@@ -453,12 +463,14 @@ def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask):
   return sums, jnp.broadcast_to(count, sums.shape).astype(jnp.float32)
 
 
-def _conv_sums(lhs, rhs_shape, cp, mask):
+def _conv_sums(lhs, rhs_shape, cp, mask, tags):
   """``(sums, counts)`` of the patch elements' squares over the kernel's axes."""
   lhs_spec, rhs_spec = cp["lhs_spec"], cp["rhs_spec"]
   sq = _squares(lhs)
   batch_weights = None
-  if mask is not None and mask.ndim == 1 and mask.shape[0] == lhs.shape[lhs_spec[0]]:
+  if (mask is not None and mask.ndim == 1 and tags is not None
+      and tags[lhs_spec[0]] == 0 and all(t is None for i, t in enumerate(tags)
+                                         if i != lhs_spec[0])):
     batch_weights = lax.stop_gradient(mask).astype(jnp.float32)
     bshape = [1] * lhs.ndim
     bshape[lhs_spec[0]] = mask.shape[0]
@@ -493,16 +505,78 @@ def _restrict(piece: Piece, shape, sums, counts):
 
 
 # ----------------------------------------------------------------------------
+# Row tags: with a row mask, which mask axis each activation axis is, followed
+# from the inputs' leading axes through the ops that keep rows apart.
+
+
+def _propagate_tags(eqn, tags: dict):
+  ins = [None if jc.is_literal(v) else tags.get(v) for v in eqn.invars]
+  if not any(ins):
+    return
+  name, p = eqn.primitive.name, eqn.params
+  outs = [v.aval.shape for v in eqn.outvars]
+  t0 = ins[0]
+  out = None
+  if name == "transpose" and t0:
+    out = [tuple(t0[i] for i in p["permutation"])]
+  elif name == "broadcast_in_dim" and t0:
+    t = [None] * len(p["shape"])
+    for i, j in enumerate(p["broadcast_dimensions"]):
+      if eqn.invars[0].aval.shape[i] == p["shape"][j]:
+        t[j] = t0[i]
+    out = [tuple(t)]
+  elif name == "reshape" and t0:
+    shape_in, k = eqn.invars[0].aval.shape, 0
+    while k < min(len(shape_in), len(outs[0])) and shape_in[k] == outs[0][k]:
+      k += 1
+    out = [t0[:k] + (None,) * (len(outs[0]) - k)]
+  elif name == "squeeze" and t0:
+    dims = {d % len(t0) for d in p["dimensions"]}
+    out = [tuple(t for i, t in enumerate(t0) if i not in dims)]
+  elif name == jc.DOT:
+    lc, rc, lb, rb = jc.dot_dimensions(eqn)
+    lt, rt = (ins[0] or (None,) * eqn.invars[0].aval.ndim,
+              ins[1] or (None,) * eqn.invars[1].aval.ndim)
+    out = [tuple(lt[i] for i in lb)
+           + tuple(t for i, t in enumerate(lt) if i not in lc and i not in lb)
+           + tuple(t for i, t in enumerate(rt) if i not in rc and i not in rb)]
+  elif name == jc.CONV and t0:
+    dn = p["dimension_numbers"]
+    t = [None] * len(outs[0])
+    t[dn.out_spec[0]] = t0[dn.lhs_spec[0]]
+    out = [tuple(t)]
+  elif name == jc.GATHER and ins[1] and not t0:
+    # A lookup: the output's non-offset axes are the indices' batch axes.
+    offset = set(p["dimension_numbers"].offset_dims)
+    batch = iter(ins[1][:-1])
+    out = [tuple(None if i in offset else next(batch, None) for i in range(len(outs[0])))]
+  elif name.startswith("reduce_") or name in ("argmax", "argmin"):
+    axes = set(p.get("axes", ()))
+    if t0:
+      out = [tuple(t for i, t in enumerate(t0) if i not in axes)] * len(outs)
+  elif name in ("rev", "sort", "gather", "scatter", "scatter-add", "dynamic_update_slice"):
+    out = None  # rows move: forget
+  else:  # elementwise and the like: an output shaped like a tagged input keeps its tags
+    for v, t in zip(eqn.invars, ins):
+      if t and all(tuple(o) == tuple(v.aval.shape) for o in outs):
+        out = [t] * len(outs)
+        break
+  if out:
+    for var, t in zip(eqn.outvars, out):
+      if t is not None and any(x is not None for x in t) and not jc.is_dropvar(var):
+        tags[var] = t
+
+
+# ----------------------------------------------------------------------------
 # The interpreter.
 
 
 class _Trace:
   """What one capture call shares across nested jaxprs."""
 
-  def __init__(self, shapes, embeddings, row_mask):
+  def __init__(self, shapes, embeddings):
     self.shapes = shapes
     self.embeddings = embeddings
-    self.row_mask = row_mask
     self.uncaptured: dict[int, str] = {}
 
   def miss(self, sources, reason: str):
@@ -513,10 +587,25 @@ class _Trace:
 class _Interpreter:
   """Evaluates jaxprs while collecting contributions; ``depth`` = enclosing scans."""
 
-  def __init__(self, trace: _Trace, depth: int = 0):
+  def __init__(self, trace: _Trace, depth: int = 0, mask=None):
     self.trace = trace
     self.depth = depth
     self.contributions: list[_Contribution] = []
+    # With a row mask: which mask axis each axis of an activation is (by Var).
+    self.mask = mask
+    self.tags: dict = {}
+
+  def tag(self, atom):
+    return None if jc.is_literal(atom) else self.tags.get(atom)
+
+  def _copy_tags(self, src_vars, dst_vars, source=None):
+    source = self if source is None else source
+    if self.mask is None:
+      return
+    for s_, d in zip(src_vars, dst_vars):
+      t = source.tag(s_)
+      if t is not None and not jc.is_dropvar(d):
+        self.tags[d] = t
 
   # -- entry point ------------------------------------------------------------
   def run(self, jaxpr, consts, args, kinds):
@@ -546,6 +635,8 @@ class _Interpreter:
       outvals, outkinds, out_mm = self.eqn(eqn, invals, inkinds, in_mm)
       for var, val, kind, m in zip(eqn.outvars, outvals, outkinds, out_mm):
         write(var, val, kind, m)
+      if self.mask is not None and not jc.has_subjaxpr(eqn):
+        _propagate_tags(eqn, self.tags)
     outs = [read(v) for v in jaxpr.outvars]
     out_mm = [(not jc.is_literal(v)) and v in mm for v in jaxpr.outvars]
     return [o[0] for o in outs], [o[1] for o in outs], out_mm
@@ -681,7 +772,8 @@ class _Interpreter:
     lc, rc, lb, rb = jc.dot_dimensions(eqn)
     a = invals[1 - w]
     a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
-    sums, counts = _dot_sums(a, a_c, a_b, w_c, w_b, invals[w].ndim, self.trace.row_mask)
+    sums, counts = _dot_sums(a, a_c, a_b, w_c, w_b, invals[w].ndim, self.mask,
+                             self.tag(eqn.invars[1 - w]))
     self._record(inkinds[w], sums, counts)
     return DATA
 
@@ -700,7 +792,7 @@ class _Interpreter:
     if cp["batch_groups"] != 1:
       self.trace.miss(_sources([rk]), "a convolution with batch_group_count > 1")
       return DATA
-    sums, counts = _conv_sums(invals[0], invals[1].shape, cp, self.trace.row_mask)
+    sums, counts = _conv_sums(invals[0], invals[1].shape, cp, self.mask, self.tag(eqn.invars[0]))
     self._record(rk, sums, counts)
     return DATA
 
@@ -744,7 +836,9 @@ class _Interpreter:
     ins, outs_s = jc.call_shardings(eqn)
     invals = [v if s is None else lax.with_sharding_constraint(v, s)
               for v, s in zip(invals, ins or [None] * len(invals))]
+    self._copy_tags(eqn.invars, inner.jaxpr.invars)
     outs, kinds, mm = self.run(inner.jaxpr, inner.consts, invals, inkinds)
+    self._copy_tags(inner.jaxpr.outvars, eqn.outvars)
     outs = [v if s is None else lax.with_sharding_constraint(v, s)
             for v, s in zip(outs, outs_s or [None] * len(outs))]
     return outs, kinds, mm
@@ -754,32 +848,53 @@ class _Interpreter:
     # from evaluating its body on stop-gradient inputs (XLA shares the work).
     outs = jc.bind(eqn, invals)
     inner = jc.call_jaxpr(eqn)
+    self._copy_tags(eqn.invars, inner.jaxpr.invars)
     _, kinds, mm = self.run(inner.jaxpr, inner.consts,
                             [jc.stop_gradient(v) for v in invals], inkinds)
+    self._copy_tags(inner.jaxpr.outvars, eqn.outvars)
     return outs, kinds, mm
 
-  def _nested(self, jaxpr, consts, kinds, depth=None):
+  def _nested(self, jaxpr, consts, kinds, depth=None, in_vars=None, tags=None):
     """A function evaluating ``jaxpr`` that also returns its contributions' arrays.
 
     Its ``info`` dict is filled when the function is traced: the child
-    interpreter's contributions (pieces), output kinds and mm flags.
+    interpreter's contributions (pieces), output kinds and mm flags. With a
+    row mask, the child starts with the tags of ``in_vars`` (the outer
+    values passed in), or with explicit ``tags`` for its inputs; ``fn``'s
+    first argument is then the child's mask (``None`` to keep this one).
     """
     info = {}
+    outer = [None if v is None else self.tag(v) for v in (in_vars or [])]
+    in_tags = tags if tags is not None else outer
 
-    def fn(*args):
-      child = _Interpreter(self.trace, self.depth if depth is None else depth)
+    def fn(*args, mask=None):
+      child = _Interpreter(self.trace, self.depth if depth is None else depth,
+                           mask=self.mask if mask is None else mask)
+      if child.mask is not None:
+        for var, t in zip(jaxpr.invars, in_tags):
+          if t is not None:
+            child.tags[var] = t
       outs, okinds, omm = child.run(jaxpr, consts, args, kinds)
-      info.update(contributions=child.contributions, kinds=okinds, mm=omm)
+      info.update(contributions=child.contributions, kinds=okinds, mm=omm,
+                  tags=[child.tag(v) for v in jaxpr.outvars])
       return outs, [(c.sums, c.counts) for c in child.contributions]
     return fn, info
 
   def _remat(self, eqn, invals, inkinds):
     p = jc.remat_params(eqn)
     inner = jc.closed(p["jaxpr"])
-    fn, info = self._nested(inner.jaxpr, inner.consts, inkinds)
+    fn, info = self._nested(inner.jaxpr, inner.consts, inkinds, in_vars=eqn.invars)
     outs, arrays = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
     self._adopt(info["contributions"], arrays)
+    self._set_tags(eqn.outvars, info["tags"])
     return list(outs), info["kinds"], info["mm"]
+
+  def _set_tags(self, outvars, tags):
+    if self.mask is None:
+      return
+    for var, t in zip(outvars, tags):
+      if t is not None and not jc.is_dropvar(var):
+        self.tags[var] = t
 
   def _adopt(self, contributions, arrays):
     for c, (s, n) in zip(contributions, arrays):
@@ -797,14 +912,24 @@ class _Interpreter:
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
     carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
     x_kinds = [self._pin(k) for k in xk]
+    # A scan over a mask axis j (time): each iteration sees the mask sliced at j.
+    in_tags = [self.tag(v) for v in eqn.invars]
+    j = next((t[0] for t in in_tags[nc + ncar:] if t and t[0] is not None), None)
+    renumber = lambda t: None if t is None or j is None else tuple(
+        None if x is None or x == j else (x - 1 if x > j else x) for x in t)
+    body_tags = ([renumber(t) if j is not None else t for t in in_tags[:nc + ncar]]
+                 + [renumber(t[1:]) if j is not None else (t[1:] if t else None)
+                    for t in in_tags[nc + ncar:]])
     fn, info = self._nested(body.jaxpr, body.consts, ck + carry_kinds + x_kinds,
-                            depth=self.depth + 1)
+                            depth=self.depth + 1, tags=body_tags)
+    masks = [] if j is None else [jnp.moveaxis(self.mask, j, 0)]
 
     def step(carry, x):
-      outs, arrays = fn(*consts, *carry, *x)
+      x, m = (x[:-1], x[-1]) if masks else (x, None)
+      outs, arrays = fn(*consts, *carry, *x, mask=m)
       return outs[:ncar], (outs[ncar:], arrays)
 
-    carry, (ys, arrays) = lax.scan(step, list(init), list(xs), length=p["length"],
+    carry, (ys, arrays) = lax.scan(step, list(init), list(xs) + masks, length=p["length"],
                                    reverse=p["reverse"], unroll=p["unroll"])
     for c, (s, n) in zip(info["contributions"], arrays):
       if len(c.piece.pinned) == self.depth + 1:  # sliced per iteration: stack
@@ -845,7 +970,8 @@ class _Interpreter:
                    Opaque(_sources([k]), "a `while` carry")
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
     carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
-    fn, info = self._nested(body.jaxpr, body.consts, bk + carry_kinds)
+    fn, info = self._nested(body.jaxpr, body.consts, bk + carry_kinds,
+                            in_vars=eqn.invars[cn:])
     # Trace once for the accumulators' shapes, then loop with them in the carry.
     _, shapes = jax.eval_shape(lambda *c: fn(*bconsts, *c), *init)
     contributions = info["contributions"]
@@ -868,7 +994,8 @@ class _Interpreter:
   def _cond(self, eqn, invals, inkinds):
     index, ops = invals[0], invals[1:]
     branches = jc.cond_branches(eqn)
-    fns = [self._nested(b.jaxpr, b.consts, inkinds[1:]) for b in branches]
+    fns = [self._nested(b.jaxpr, b.consts, inkinds[1:], in_vars=eqn.invars[1:])
+           for b in branches]
     shapes = [jax.eval_shape(fn, *ops)[1] for fn, _ in fns]
     union = []  # (branch, position) for every contribution of every branch
     for b, s in enumerate(shapes):
@@ -1173,8 +1300,13 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
 
   closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(p_leaves, dyn_vals)
   shapes = [x.shape for x in p_leaves]
-  trace = _Trace(shapes, floor, row_mask)
-  interp = _Interpreter(trace)
+  trace = _Trace(shapes, floor)
+  interp = _Interpreter(trace, mask=None if row_mask is None else jnp.asarray(row_mask))
+  if row_mask is not None:  # the inputs' leading axes are the mask's axes
+    m = jnp.shape(row_mask)
+    for var in closed.jaxpr.invars[len(p_leaves):]:
+      if tuple(var.aval.shape[:len(m)]) == tuple(m):
+        interp.tags[var] = tuple(range(len(m))) + (None,) * (len(var.aval.shape) - len(m))
   kinds = [_identity_view(i, s) for i, s in enumerate(shapes)] + [DATA] * len(dyn_vals)
   outs, _, _ = interp.run(closed.jaxpr, closed.consts, p_leaves + dyn_vals, kinds)
   out = tree_util.tree_unflatten(tree_util.tree_structure(out_shape), outs)

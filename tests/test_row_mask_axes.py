@@ -1,10 +1,7 @@
-"""FAILING on purpose (engine bugs for the lead, found by helper A): row_mask is matched to a
-weight's input by shape only (capture._row_weights: ``a.shape[:mask.ndim] == mask.shape``),
-not by following the input's axes from the model's inputs. So an activation whose (B, T) axes
-were permuted or sliced before its matmul gets the wrong mask or none, silently:
-  - time-major activations with B == T: the mask is applied transposed (wrong rows drop out);
-  - a scan over time (lax.scan, nn.RNN, nnx.scan): the body sees (B, d) per step, the mask
-    (B, T) does not match, and padded time steps count.
+"""row_mask follows the inputs' (B, T) axes through the computation, not by shape alone:
+- a time-major activation with B == T gets the mask transposed with it;
+- a scan over time (lax.scan, nn.RNN, nnx.scan) sees the mask sliced at each step.
+(Found by an adversarial pass: the first version matched the mask to a layer input by shape.)
 """
 
 import jax
