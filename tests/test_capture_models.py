@@ -504,7 +504,7 @@ def test_engine_matches_bruteforce(name):
   check_engine(case(name))
 
 
-@pytest.mark.parametrize("name", ["cond_false", "custom_vjp"])
+@pytest.mark.parametrize("name", ["cond_false"])
 def test_engine_eager(name):
   check_engine(case(name), jit=False)
 
@@ -527,7 +527,7 @@ def test_stats_shapes_match_engine(name):
 def test_coverage_of_gpt2_lists_every_captured_weight():
   import adaact_optax
   c = case("gpt2")
-  _, _, stats, _ = engine_result(c)
+  stats = engine_result(c)[2]
   report = adaact_optax.coverage(c.fun, c.params, *c.args)
   captured = {k: tuple(v.shape) for k, v in by_path(stats).items()
               if v is not None and v.shape != (0,)}
