@@ -600,6 +600,18 @@ def test_shard_map_weight_is_captured_or_reported():
     assert not uncaptured_warnings(records)
 
 
+def test_merged_low_rank_weight_warns_for_each_part():
+  """x @ (W0 + A @ B): none of W0, A, B meets x directly (A @ B is weight x weight)."""
+  x = normal(1, 5, 4)
+  p = {"w0": normal(2, 4, 3), "a": normal(3, 4, 2), "b": normal(4, 2, 3)}
+  fun = lambda p, x: jnp.sum(jnp.sin(x @ (p["w0"] + p["a"] @ p["b"])))
+  _, _, stats, records = run_engine(fun, p, (x,), jit=True)
+  assert_stats_tree(stats, p, {"w0": UNCAPTURED, "a": UNCAPTURED, "b": UNCAPTURED})
+  _one_warning_naming(records, "w0", "add")
+  for name in ("a", "b"):
+    _one_warning_naming(records, name, "add", "dot_general")
+
+
 class _Quiet(nn.Module):
   @nn.compact
   def __call__(self, ids):
