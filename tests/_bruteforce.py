@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import warnings
 from typing import Any, Callable
 
@@ -376,7 +375,3 @@ def normal(seed: int, *shape) -> jax.Array:
 
 def sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
-
-
-def count_rows(*arrays) -> int:
-  return sum(math.prod(np.shape(a)[:-1]) for a in arrays)

@@ -20,7 +20,7 @@ from flax import nnx
 from _bruteforce import (BIAS, UNCAPTURED, Case, assert_proofs, assert_stat, assert_stats_tree,
                          by_path, check_engine, check_stats_shapes, conv_from_patches, conv_full,
                          conv_patches, dense_full, jacobian_reference, mean_sq, normal,
-                         out_in_full, param_paths, random_params, rows_of, run_engine,
+                         param_paths, random_params, rows_of, run_engine,
                          uncaptured_warnings)
 
 KEY = jax.random.key(0)
@@ -126,7 +126,8 @@ def einsum_nnx():
   fwd = lambda p, x: nnx.merge(graphdef, p)(x)
   rebuilt = np.einsum("bti,hid->bthd", _np(x), _np(p["kernel"][...])) + _np(p["bias"][...])
   full = np.broadcast_to(mean_sq(x, (0, 1))[None, :, None], (2, 3, 4)).copy()
-  return Case(fwd, p, (x,), {"kernel": full, "bias": BIAS}, [("einsum", jax.jit(fwd)(p, x), rebuilt)],
+  return Case(fwd, p, (x,), {"kernel": full, "bias": BIAS},
+              [("einsum", jax.jit(fwd)(p, x), rebuilt)],
               nnx=(m, (x,)))
 
 
@@ -263,7 +264,8 @@ def embed_attend(embeddings=False):
   """A table used by a lookup and by attend: attend's (matmul) statistics, (1, d)."""
   m = _TiedLM()
   p, fwd, y = _linen(m, IDS)
-  table, k, b = _np(p["Embed_0"]["embedding"]), _np(p["Dense_0"]["kernel"]), _np(p["Dense_0"]["bias"])
+  table = _np(p["Embed_0"]["embedding"])
+  k, b = _np(p["Dense_0"]["kernel"]), _np(p["Dense_0"]["bias"])
   looked_up = table[np.asarray(IDS)]
   h = np.tanh(looked_up @ k + b)
   full = np.broadcast_to(mean_sq(rows_of(h), 0)[None, :], table.shape).copy()

@@ -10,7 +10,6 @@ inputs; ``test_reference_*`` prove it by matching the model's output.
 
 import functools
 import math
-import warnings
 
 import equinox as eqx
 import flax.linen as nn
@@ -23,9 +22,9 @@ from flax import nnx
 from jax import lax
 
 from _bruteforce import (BIAS, Case, assert_proofs, assert_stat, by_path, check_engine,
-                         check_stats_shapes, conv_from_patches, engine_result, conv_full, conv_patches,
-                         dense_full, normal, out_in_full, param_paths, random_params,
-                         run_engine, sigmoid)
+                         check_stats_shapes, conv_from_patches, conv_full, conv_patches,
+                         dense_full, engine_result, normal, out_in_full, param_paths,
+                         random_params, sigmoid)
 
 KEY = jax.random.key(0)
 
