@@ -654,3 +654,24 @@ def test_coverage_reports_matched_and_unmatched_with_reasons():
   assert captured["v"] == (3, 1)
   assert "w" in report.unmatched and "mul" in report.unmatched["w"]
   assert "w" not in report.matched and "norm" not in report.matched
+
+
+def test_uncaptured_marker_reaches_the_optimizer():
+  """The (0,) marker makes adaact(unmatched='error') refuse, naming the weight; with
+  the default 'sgd' the masked weight gets the plain gradient step."""
+  import adaact_optax
+  x = normal(1, 5, 4)
+  mask = jnp.array(np.tril(np.ones((4, 3))), jnp.float32)
+  p = {"w": normal(2, 4, 3), "v": normal(3, 3, 2)}
+  fun = lambda p, x: jnp.sum(jnp.sin(jnp.tanh(x @ (p["w"] * mask)) @ p["v"]))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", adaact_optax.UncapturedWeightWarning)
+    _, grads, stats = adaact_optax.value_grad_and_stats(fun)(p, x)
+    shapes = adaact_optax.stats_shapes(fun, p, x)
+  strict = adaact_optax.adaact(0.1, unmatched="error", stats_shapes=shapes)
+  with pytest.raises(ValueError, match=r"\bw\b"):
+    strict.update(grads, strict.init(p), p, activation_stats=stats)
+  tx = adaact_optax.adaact(0.1, weight_decay=0.0, stats_shapes=shapes)
+  updates, _ = tx.update(grads, tx.init(p), p, activation_stats=stats)
+  np.testing.assert_allclose(updates["w"], -0.1 * grads["w"], rtol=1e-6)
+  assert not np.allclose(updates["v"], -0.1 * grads["v"])
