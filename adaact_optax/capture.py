@@ -140,8 +140,22 @@ class Opaque:
   reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+  """An activation combined elementwise with parameters (a norm's scale, or a
+  weight passed in as data and dequantised by a parameter): ``sources`` are
+  those parameters, ``reason`` the first op that combined them."""
+
+  sources: frozenset
+  reason: str
+
+
 class _Unsupported(Exception):
   pass
+
+
+def _is_data(kind) -> bool:
+  return kind is DATA or isinstance(kind, Mixed)
 
 
 def _is_param(kind) -> bool:
@@ -160,8 +174,14 @@ def _sources(kinds) -> frozenset:
 
 def _opaque(kinds, reason: str):
   """The kind of a non-layout op's result."""
-  if any(k is DATA for k in kinds):
-    return DATA
+  if any(_is_data(k) for k in kinds):
+    mixed = [k for k in kinds if isinstance(k, Mixed)]
+    sources = _sources(kinds).union(*(k.sources for k in mixed))
+    if not sources:
+      return DATA
+    if not any(_is_param(k) for k in kinds):
+      reason = mixed[0].reason
+    return Mixed(sources, reason)
   sources = _sources(kinds)
   if not sources:
     return CONST
@@ -645,9 +665,13 @@ class _Interpreter:
   def eqn(self, eqn, invals, inkinds, in_mm):
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
-    if not any(_is_param(k) for k in inkinds):
+    if not any(_is_param(k) for k in inkinds) and (
+        not any(isinstance(k, Mixed) for k in inkinds) or name not in (jc.DOT, jc.CONV)):
       outs = jc.bind(eqn, invals)
-      kind = DATA if any(k is DATA for k in inkinds) else CONST
+      if name in (jc.DOT, jc.CONV, jc.GATHER) or jc.has_subjaxpr(eqn):
+        kind = DATA if any(_is_data(k) for k in inkinds) else CONST
+      else:
+        kind = _opaque(inkinds, f"`{name}`")
       passes_mm = bool(in_mm) and in_mm[0] and (name in jc.IDENTITY or name in (
           "reshape", "transpose", "broadcast_in_dim", "squeeze"))
       return outs, [kind] * n_out, [passes_mm] * n_out
@@ -666,9 +690,11 @@ class _Interpreter:
       return self._cond(eqn, invals, inkinds)
     outs = jc.bind(eqn, invals)
     if name == jc.DOT:
-      return outs, [self._dot(eqn, invals, inkinds)], [True]
+      kind, recorded = self._dot(eqn, invals, inkinds)
+      return outs, [kind], [recorded]
     if name == jc.CONV:
-      return outs, [self._conv(eqn, invals, inkinds)], [True]
+      kind, recorded = self._conv(eqn, invals, inkinds)
+      return outs, [kind], [recorded]
     if name == jc.GATHER:
       return outs, [self._gather(eqn, invals, inkinds)], [False]
     if name in jc.ADD:
@@ -706,7 +732,7 @@ class _Interpreter:
     out_shapes = [v.aval.shape for v in eqn.outvars]
     if name in _VIEW_RULES:
       kind = inkinds[0]
-      if isinstance(kind, Opaque) or kind is DATA or kind is CONST:
+      if not isinstance(kind, View):
         return [kind]
       return [self._layout_one(kind, name, out_shapes[0], dict(eqn.params))]
     if name == "pad":
@@ -727,7 +753,7 @@ class _Interpreter:
         start += size
       return out
     # concatenate: views (and constants) side by side along one axis.
-    if any(k is DATA for k in inkinds) or any(isinstance(k, Opaque) for k in inkinds):
+    if any(_is_data(k) or isinstance(k, Opaque) for k in inkinds):
       return [_opaque(inkinds, "`concatenate`")]
     axis, start, pieces = eqn.params["dimension"], 0, []
     for var, kind in zip(eqn.invars, inkinds):
@@ -746,8 +772,12 @@ class _Interpreter:
         continue
       self.contributions.append(_Contribution(piece, s, c, lookup))
 
-  def _weight_and_input(self, inkinds, eqn_name):
-    """Which operand is the weight: ``(weight index, kind of result)`` or None."""
+  def _weight_and_input(self, inkinds, eqn_name, batched=False):
+    """Which operand is the weight: ``(weight index, kind of result)`` or None.
+
+    ``batched``: the contraction has batch dimensions (attention scores), so
+    neither operand can be a weight unless it is a view of a parameter.
+    """
     lk, rk = inkinds
     if isinstance(lk, View) and isinstance(rk, View):
       return None, Opaque(_sources(inkinds), f"`{eqn_name}` with another parameter")
@@ -763,38 +793,47 @@ class _Interpreter:
       if isinstance(k, Opaque):
         self.trace.miss(k.sources, f"it passes through {k.reason}, which is not a layout "
                         f"op, before its `{eqn_name}`")
+    # A parameter combined with data right before a contraction whose other side
+    # is plain data: a weight given as data and scaled (dequantised) by it.
+    mixed = [k for k in (lk, rk) if isinstance(k, Mixed)]
+    if len(mixed) == 1 and not batched and not any(_is_param(k) for k in (lk, rk)):
+      self.trace.miss(mixed[0].sources, f"it is combined with data by {mixed[0].reason} "
+                      f"before a `{eqn_name}` whose other operand is data (a weight passed in "
+                      "as data and scaled by a parameter?)")
     return None, DATA
 
   def _dot(self, eqn, invals, inkinds):
-    w, kind = self._weight_and_input(inkinds, "dot_general")
-    if w is None:
-      return kind
     lc, rc, lb, rb = jc.dot_dimensions(eqn)
+    w, kind = self._weight_and_input(inkinds, "dot_general", batched=bool(lb))
+    if w is None:
+      return kind, False
     a = invals[1 - w]
     a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
     sums, counts = _dot_sums(a, a_c, a_b, w_c, w_b, invals[w].ndim, self.mask,
                              self.tag(eqn.invars[1 - w]))
     self._record(inkinds[w], sums, counts)
-    return DATA
+    return DATA, True
 
   def _conv(self, eqn, invals, inkinds):
     lk, rk = inkinds
     if _is_param(lk):
-      if rk is DATA:
+      if _is_data(rk):
         self.trace.miss(_sources([lk]), "it is the input (not the kernel) of a convolution")
-        return DATA
-      return _opaque(inkinds, "`conv_general_dilated`")
-    if isinstance(rk, Opaque):
+        return DATA, False
+      return _opaque(inkinds, "`conv_general_dilated`"), False
+    if isinstance(rk, (Opaque, Mixed)):
       self.trace.miss(rk.sources, f"it passes through {rk.reason}, which is not a layout "
                       "op, before its `conv_general_dilated`")
-      return DATA
+      return DATA, False
+    if not isinstance(rk, View):
+      return (DATA if _is_data(lk) or _is_data(rk) else CONST), False
     cp = jc.conv_params(eqn)
     if cp["batch_groups"] != 1:
       self.trace.miss(_sources([rk]), "a convolution with batch_group_count > 1")
-      return DATA
+      return DATA, False
     sums, counts = _conv_sums(invals[0], invals[1].shape, cp, self.mask, self.tag(eqn.invars[0]))
     self._record(rk, sums, counts)
-    return DATA
+    return DATA, True
 
   def _gather(self, eqn, invals, inkinds):
     table, ids = inkinds
@@ -910,7 +949,7 @@ class _Interpreter:
     carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
                    Opaque(_sources([k]), "a `scan` carry")
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
-    carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
+    carry_kinds = [DATA if k is CONST or isinstance(k, Mixed) else k for k in carry_kinds]
     x_kinds = [self._pin(k) for k in xk]
     # A scan over a mask axis j (time): each iteration sees the mask sliced at j.
     in_tags = [self.tag(v) for v in eqn.invars]
@@ -969,7 +1008,7 @@ class _Interpreter:
     carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
                    Opaque(_sources([k]), "a `while` carry")
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
-    carry_kinds = [DATA if k is CONST else k for k in carry_kinds]
+    carry_kinds = [DATA if k is CONST or isinstance(k, Mixed) else k for k in carry_kinds]
     fn, info = self._nested(body.jaxpr, body.consts, bk + carry_kinds,
                             in_vars=eqn.invars[cn:])
     # Trace once for the accumulators' shapes, then loop with them in the carry.
