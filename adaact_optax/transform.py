@@ -33,6 +33,9 @@ class ScaleByAdaActState(NamedTuple):
       in the keep-rank layout of ``adaact_optax.matching``: a parameter of
       shape ``K`` has ``K[:-1] + (1,)`` (or the ``stats_shapes`` override),
       vectors ``(1,)``, scalars ``()``. Never parameter-sized.
+    skipped: int32 scalar, number of steps skipped because their statistics
+      were not finite (those steps left ``count``, ``mu`` and ``nu`` as they
+      were). New in 0.2.0; see ``migrate_state`` for 0.1.0 checkpoints.
   """
 
   count: jax.Array
@@ -315,7 +318,9 @@ class ScaleByActivationRMSState(NamedTuple):
   Attributes:
     count: int32 scalar, number of updates taken.
     nu: float32 EMA of the squared layer inputs, exactly as
-      ``ScaleByAdaActState.nu`` (same shapes, same partitioning metadata).
+      ``ScaleByAdaActState.nu`` (same shapes, built by the same
+      ``matching.moment_zeros``).
+    skipped: int32 scalar, steps skipped for non-finite statistics.
   """
 
   count: jax.Array
