@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import warnings
 from typing import Any, Callable
 
@@ -293,23 +292,31 @@ def uncaptured_warnings(records) -> list:
   return [r for r in records if issubclass(r.category, adaact_optax.UncapturedWeightWarning)]
 
 
-def run_engine(fun, params, args, *, embeddings=False, jit=False, has_aux=False):
-  """``value_grad_and_stats`` once, with the warnings it emitted."""
+def run_engine(fun, params, args, *, embeddings=False, jit=False, has_aux=False,
+               reference=False):
+  """``value_grad_and_stats`` once, with the warnings it emitted.
+
+  Returns ``(value, grads, stats, records)``, and with ``reference=True`` also
+  plain ``jax.value_and_grad(fun)`` computed in the same call (one jit: one
+  compilation for both).
+  """
   import adaact_optax
   g = adaact_optax.value_grad_and_stats(fun, has_aux, embeddings=embeddings)
+  both = lambda p, *a: (g(p, *a), jax.value_and_grad(fun, has_aux=has_aux)(p, *a) if reference
+                        else None)
   if jit:
-    g = jax.jit(g)
+    both = jax.jit(both)
   with warnings.catch_warnings(record=True) as records:
     warnings.simplefilter("always")
-    value, grads, stats = g(params, *args)
-  return value, grads, stats, records
+    (value, grads, stats), ref = both(params, *args)
+  return (value, grads, stats, records) + ((ref,) if reference else ())
 
 
 def engine_result(case: Case, jit=True):
-  """``run_engine`` on a case, once per (case, jit): the tests share it."""
+  """``run_engine`` on a case with the autodiff reference, once per (case, jit)."""
   if jit not in case.runs:
     case.runs[jit] = run_engine(case.fun, case.params, case.args, embeddings=case.embeddings,
-                                jit=jit)
+                                jit=jit, reference=True)
   return case.runs[jit]
 
 
@@ -319,13 +326,14 @@ def check_engine(case: Case, *, jit=True):
 
   Under ``jax.jit`` by default (one compilation instead of an op-by-op run:
   fast); ``jit=False`` runs the engine eagerly."""
-  value, grads, stats, records = engine_result(case, jit)
-  ref_value, ref_grads = jax.jit(jax.value_and_grad(case.fun))(case.params, *case.args)
+  value, grads, stats, records, (ref_value, ref_grads) = engine_result(case, jit)
   np.testing.assert_allclose(value, ref_value, rtol=RTOL, atol=ATOL)
   ref_g = by_path(ref_grads)
   for name, grad in by_path(grads).items():
     if ref_g.get(name) is not None:
       np.testing.assert_allclose(grad, ref_g[name], rtol=RTOL, atol=ATOL, err_msg=name)
+  assert set(k for k, v in by_path(grads).items() if v is not None) == set(
+      k for k, v in ref_g.items() if v is not None), "grads not in the params' structure"
   assert_stats_tree(stats, case.params, case.expected, case.exact_shapes)
   warned = uncaptured_warnings(records)
   expected_uncaptured = {k for k, v in case.expected.items()
@@ -338,7 +346,7 @@ def check_engine(case: Case, *, jit=True):
 def check_stats_shapes(case: Case):
   """``stats_shapes`` gives the engine's leaves' shapes, without running it."""
   import adaact_optax
-  _, _, stats, _ = engine_result(case)
+  stats = engine_result(case)[2]
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     shapes = by_path(adaact_optax.stats_shapes(case.fun, case.params, *case.args,
@@ -367,7 +375,3 @@ def normal(seed: int, *shape) -> jax.Array:
 
 def sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
-
-
-def count_rows(*arrays) -> int:
-  return sum(math.prod(np.shape(a)[:-1]) for a in arrays)
