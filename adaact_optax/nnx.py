@@ -125,7 +125,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
     >>> import adaact_optax
     >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     >>> y, stats = adaact_optax.nnx.apply(model, jnp.ones((4, 3)))
-    >>> jax.tree.map(jnp.shape, stats.to_pure_dict())
+    >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(stats))
     {'bias': (1,), 'kernel': (3, 1)}
   """
   graphdef, params, rest = nnx.split(model, wrt, ...)

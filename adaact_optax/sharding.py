@@ -63,9 +63,10 @@ def state_axes(entries: Sequence[Any], state_shape: Sequence[int],
     is a prefix of ``K`` keeps the leading entries; any other shape gets
     ``None`` everywhere.
 
-  Example::
-
-    state_axes(("embed", "mlp"), (8, 1), (8, 16))   # ('embed', None)
+  Examples:
+    >>> from adaact_optax import sharding
+    >>> sharding.state_axes(("embed", "mlp"), (8, 1), (8, 16))   # nu of an (8, 16) kernel
+    ('embed', None)
   """
   s, k = tuple(state_shape), tuple(param_shape)
   entries = tuple(entries) + (None,) * max(len(k) - len(tuple(entries)), 0)
@@ -107,6 +108,24 @@ def state_leaf_spec(state_leaf, spec: PartitionSpec | NamedSharding | None,
     spec: the parameter's ``PartitionSpec`` (or ``NamedSharding``; ``None``
       means replicated).
     param: the parameter (array or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    The state leaf's ``PartitionSpec`` (:func:`state_axes` of the
+    parameter's spec).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import adaact_optax
+    >>> params = {"w": jnp.ones((8, 16))}
+    >>> tx = adaact_optax.adaact(0.1)
+    >>> specs = optax.tree_map_params(
+    ...     tx, adaact_optax.sharding.state_leaf_spec, jax.eval_shape(tx.init, params),
+    ...     {"w": P("data", "model")}, params, transform_non_params=lambda _: P())
+    >>> specs[0].nu["w"], specs[0].count
+    (P('data', None), P())
   """
   if isinstance(spec, NamedSharding):
     spec = spec.spec
@@ -139,6 +158,16 @@ def state_partition_specs(tx, params_specs: PyTree, params: PyTree) -> PyTree:
   Raises:
     ValueError: ``params_specs`` is not keyed like ``params``, or a spec
       has more entries than its parameter's rank (naming the path).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import adaact_optax
+    >>> params = {"w": jnp.ones((8, 16))}
+    >>> specs = adaact_optax.sharding.state_partition_specs(
+    ...     adaact_optax.adaact(0.1), {"w": P("data", "model")}, params)
+    >>> specs[0].count, specs[0].mu["w"], specs[0].nu["w"]
+    (P(), P('data', 'model'), P('data', None))
   """
   params = _unbox(params)
   params_treedef = jax.tree.structure(params)
@@ -217,6 +246,20 @@ def state_shardings(tx, params_shardings: PyTree, params: PyTree,
   Raises:
     ValueError: a spec names an axis the mesh does not have (naming the
       parameter path and the mesh's axes), or no mesh can be found.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import adaact_optax
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+    >>> params = {"w": jnp.ones((8, 16))}
+    >>> tx = adaact_optax.adaact(0.1)
+    >>> shardings = adaact_optax.sharding.state_shardings(
+    ...     tx, {"w": P("data", "model")}, params, mesh)
+    >>> shardings[0].nu["w"].spec
+    P('data', None)
+    >>> opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
   """
   leaves = jax.tree.leaves(params_shardings, is_leaf=_is_spec_leaf)
   if mesh is None:

@@ -361,9 +361,16 @@ class ScaleByActivationRMSState(NamedTuple):
   Attributes:
     count: int32 scalar, number of updates taken.
     nu: float32 EMA of the squared layer inputs, exactly as
-      ``ScaleByAdaActState.nu`` (same shapes, built by the same
-      ``matching.moment_zeros``).
-    skipped: int32 scalar, steps skipped for non-finite statistics.
+      ``ScaleByAdaActState.nu`` (same shapes, same partitioning metadata).
+    skipped: int32 scalar, number of steps skipped for non-finite statistics.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> state = adaact_optax.scale_by_activation_rms().init({"w": jnp.ones((3, 2))})
+    >>> int(state.count), int(state.skipped), jax.tree.map(jnp.shape, state.nu)
+    (0, 0, {'w': (3, 1)})
   """
 
   count: jax.Array
@@ -410,6 +417,21 @@ def scale_by_activation_rms(
   Returns:
     A ``GradientTransformationExtraArgs`` whose ``update`` takes
     ``activation_stats`` (a tree keyed like the params).
+
+  Raises:
+    ValueError: a hyperparameter out of range; in ``update``, missing
+      ``activation_stats`` or statistics that cannot scale their parameter.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> tx = adaact_optax.scale_by_activation_rms()
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> stats = {"w": jnp.array([[4.0], [1.0], [0.25]])}
+    >>> updates, state = tx.update({"w": jnp.ones((3, 2))}, tx.init(params),
+    ...                            activation_stats=stats)
+    >>> [round(u, 4) for u in updates["w"][:, 0].tolist()]   # step 1: u / sqrt(A)
+    [0.5, 1.0, 2.0]
   """
   _validate(0.0, b2, eps, power, "sgd")
 

@@ -61,7 +61,7 @@ html_theme_options = {
 
 
 def _drop_empty_glob_warnings(record):
-  # Pages other work is adding (partitioning, lm, building-blocks, reliability) are listed in
+  # Pages other work is adding (partitioning, lm, reliability) are listed in
   # index.md by glob patterns, so the site builds before and after they land. Sphinx 9 gives
   # this warning no type, so `suppress_warnings` cannot name it.
   return not str(record.msg).startswith("toctree glob pattern")

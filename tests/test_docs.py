@@ -127,3 +127,18 @@ def test_readme_is_short_and_free_of_lab_notes():
   assert not re.search(r"`[0-9a-f]{7,40}`", text)              # no commit hashes
   assert not re.search(r"\b\d+(\.\d+)? ?(ms|s)\b", text.split("## Citation")[0]), \
       "timings go stale: put them in docs/benchmarks.md"
+
+
+def _documented_objects():
+  text = (ROOT / "docs" / "api.md").read_text()
+  for name in re.findall(r"^\.\. auto(?:function|class|exception):: ([\w.]+)", text, re.M):
+    module_name, _, attr = name.rpartition(".")
+    yield name, getattr(importlib.import_module(module_name), attr)
+
+
+def test_every_documented_function_and_class_has_a_doctested_example():
+  # test_docstring_examples runs them; this checks that there is one to run.
+  finder = doctest.DocTestFinder(recurse=False)
+  missing = [name for name, obj in _documented_objects()
+             if not any(t.examples for t in finder.find(obj, name))]
+  assert not missing, f"docstrings without a >>> example: {missing}"
