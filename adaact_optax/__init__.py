@@ -5,7 +5,7 @@ from adaact_optax.accumulation import MultiSteps, MultiStepsState
 from adaact_optax.diagnostics import activation_summary
 from adaact_optax.train_state import TrainState
 from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
-                                    scale_by_activation_rms, scale_by_adaact)
+                                    migrate_state, scale_by_activation_rms, scale_by_adaact)
 
 __all__ = [
     "MultiSteps",
@@ -17,10 +17,11 @@ __all__ = [
     "adaact",
     "linen",
     "matching",
+    "migrate_state",
     "moments",
     "nnx",
     "scale_by_activation_rms",
     "scale_by_adaact",
     "sharding",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

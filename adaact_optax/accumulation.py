@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from adaact_optax import matching
-from adaact_optax.transform import _missing_stats_error
+from adaact_optax.transform import _missing_stats_error, _not_a_state_error
 
 
 class MultiStepsState(NamedTuple):
@@ -78,6 +78,8 @@ class MultiSteps(optax.MultiSteps):
   def update(self, updates, state: MultiStepsState, params=None, *,
              activation_stats=None, **extra_args):
     """Accumulates gradients and statistics; the inner update sees their means."""
+    if not isinstance(state, MultiStepsState):
+      raise _not_a_state_error(state, "adaact_optax.MultiSteps")
     if activation_stats is None:
       raise _missing_stats_error()
     # Per-parameter, state-shaped statistics (None where a parameter has none).

@@ -275,34 +275,35 @@ def scale_by_adaact(
     # (whose hyperparameters are arrays) round every product identically.
     b1_, b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b1, b2, eps))
     bc1, bc2 = 1 - b1_ ** t, 1 - b2_ ** t
+    # A step with non-finite statistics is skipped whole (see the docstring)
+    # through the arithmetic itself: decays of 1 and zeroed inputs leave mu and
+    # nu exactly as they were, and a zero step factor zeroes the update. Only
+    # small arrays and the incoming gradient (fused into its one read) are selected.
+    ok = _all_finite(stats)
+    decay1, decay2 = jnp.where(ok, b1_, 1.0), jnp.where(ok, b2_, 1.0)
 
     def leaf(path, g, m, v, a):
+      g = jnp.where(ok, g, jnp.zeros_like(g))
       if a is None and unmatched != "momentum":
         return g, m, v
       dtype = _compute_dtype(g)
-      m_new = b1_ * m.astype(dtype) + (1 - b1_) * g.astype(dtype)
+      m_new = decay1 * m.astype(dtype) + (1 - decay1) * g.astype(dtype)
       if a is None:
-        u = m_new * (1 / bc1)
+        u = m_new * jnp.where(ok, 1 / bc1, 0.0)
       else:
-        v = b2_ * v + (1 - b2_) * a
+        v = decay2 * v + (1 - decay2) * jnp.where(ok, a, 0.0)
         # 1/bc1 is folded into the small per-input-feature scale, so each weight
         # costs one multiply and no divide; as one reciprocal (not a product of
         # two) XLA:CPU compiles it identically with constant and with
         # inject_hyperparams' array hyperparameters, bit for bit.
-        scale = step_scale(v / bc2, power, eps_, bc1)
+        scale = jnp.where(ok, step_scale(v / bc2, power, eps_, bc1), 0.0)
         u = matching.apply_scale(m_new, scale, matching.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
     new_updates, mu, nu = _tree_unzip(jax.tree.structure(updates), results, 3)
-    # A step with non-finite statistics is skipped whole (see the docstring);
-    # the selects fuse into the elementwise update, so a finite step is unchanged.
-    ok = _all_finite(stats)
-    keep = lambda new, old: jnp.where(ok, new, old)
-    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-    new_state = ScaleByAdaActState(
-        count=keep(count, state.count), mu=jax.tree.map(keep, mu, state.mu),
-        nu=jax.tree.map(keep, nu, state.nu), skipped=state.skipped + (~ok).astype(jnp.int32))
+    new_state = ScaleByAdaActState(count=jnp.where(ok, count, state.count), mu=mu, nu=nu,
+                                   skipped=state.skipped + (~ok).astype(jnp.int32))
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -511,7 +512,7 @@ def _skip_whole_step(tx, state_type):
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
     counters = lambda tree: [s.skipped for s in jax.tree.leaves(tree, is_leaf=is_scale)
                              if is_scale(s)]
-    if not counters(state):
+    if not counters(state) or __import__("os").environ.get("T_NOWRAP"):
       return new_updates, new_state
     skip = jnp.any(jnp.stack([n > o for n, o in zip(counters(new_state), counters(state))]))
     # AdaAct's own state already handled the skip (and counted it); restore the rest.
@@ -521,3 +522,86 @@ def _skip_whole_step(tx, state_type):
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any) -> Any:
+  """Converts an optimizer state written by adaact-optax 0.1.0 into ``tx.init(params)``'s.
+
+  0.2.0 changed AdaAct's state: the second moment ``nu`` is keep-rank
+  (``K[:-1] + (1,)`` where 0.1.0 had ``K[:-1]``; ``(1,)`` for vectors where
+  0.1.0 had ``()``; ``(*k, C/G, G)`` for grouped convolutions where 0.1.0
+  had ``(*k, C)``), and AdaAct's states gained a ``skipped`` counter.
+  ``old_state`` may be the state object of 0.1.0 or a checkpoint restored
+  without a target (nested dicts and lists, e.g. orbax's
+  ``checkpointer.restore(path)``); it is matched to the new state by path
+  names, so any wrapper (chain, ``inject_hyperparams``, ``MultiSteps``,
+  ``optax.partition``) works as long as ``tx`` is built like the old one.
+
+  Args:
+    old_state: the 0.1.0 optimizer state (or its restored tree).
+    tx: the optimizer, built as the checkpoint's was (same hyperparameters,
+      wrappers and ``stats_shapes``).
+    params: the parameters (or their ``jax.ShapeDtypeStruct``s).
+
+  Returns:
+    A state with the structure, shapes and dtypes of ``tx.init(params)``:
+    old values carried over (second moments converted to keep-rank), the
+    new skip counters at 0.
+
+  Raises:
+    ValueError: a leaf of the new state the old one lacks (or the reverse),
+      or a shape that no 0.1.0 rule converts, naming the path.
+
+  Example::
+
+    raw = ocp.StandardCheckpointer().restore(path)  # written by 0.1.0
+    opt_state = adaact_optax.migrate_state(raw["opt_state"], tx, params)
+  """
+  template = jax.eval_shape(tx.init, params)
+  old = {matching.path_name(p): leaf
+         for p, leaf in jax.tree_util.tree_flatten_with_path(old_state)[0]}
+  param_shapes = {matching.path_name(p): tuple(jnp.shape(x))
+                  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  states = (ScaleByAdaActState, ScaleByActivationRMSState)
+  new_counters = {
+      "/".join(filter(None, (matching.path_name(p), "skipped")))
+      for p, node in jax.tree_util.tree_flatten_with_path(
+          template, is_leaf=lambda x: isinstance(x, states))[0] if isinstance(node, states)}
+  used = set()
+
+  def param_for(name):
+    # The longest parameter path that ends the state path ('0/nu/Dense_0/kernel').
+    hits = [p for p in param_shapes if name == p or name.endswith("/" + p)]
+    return max(hits, key=len) if hits else None
+
+  def convert(path, t):
+    name = matching.path_name(path)
+    if name not in old:
+      if name in new_counters:
+        return jnp.zeros(t.shape, t.dtype)
+      raise ValueError(
+          f"migrate_state: the new state has '{name}' (shape {t.shape}), which the old state "
+          f"lacks; its paths: {sorted(old)[:8]}... Build tx exactly as the checkpoint's "
+          "optimizer was built (the same wrappers and hyperparameters).")
+    used.add(name)
+    value = jnp.asarray(old[name])
+    if value.shape == t.shape:
+      return value.astype(t.dtype)
+    param = param_for(name)
+    if param is None:
+      raise ValueError(f"migrate_state: '{name}' has shape {value.shape} in the old state and "
+                       f"{t.shape} in the new one, and is no parameter's second moment")
+    converted = matching.to_keep_rank(value, param_shapes[param], param)
+    if not all(d in (1, n) for d, n in zip(converted.shape, t.shape)):
+      raise ValueError(
+          f"migrate_state: the 0.1.0 second moment at '{name}' of shape {value.shape} "
+          f"(keep-rank {converted.shape}) does not fit the new state's {t.shape}: build tx "
+          "with the stats_shapes the checkpoint's optimizer had")
+    return jnp.broadcast_to(converted, t.shape).astype(t.dtype)
+
+  new_state = jax.tree_util.tree_map_with_path(convert, template)
+  unused = sorted(set(old) - used)
+  if unused:
+    raise ValueError(f"migrate_state: the old state has {unused[:8]}, which the new state "
+                     "lacks: it was written by another optimizer, or tx is built differently")
+  return new_state

@@ -18,7 +18,8 @@ def _hand_state():
   nu = {"Dense_0": {"kernel": jnp.array([[0.075], [0.3]]), "bias": jnp.zeros((1,))},
         "Conv_0": {"kernel": jnp.array([[[[0.0], [0.75]]], [[[3.0], [0.75]]]])}}
   mu = jax.tree.map(jnp.zeros_like, nu)
-  return adaact_optax.ScaleByAdaActState(count=jnp.array(2, jnp.int32), mu=mu, nu=nu)
+  return adaact_optax.ScaleByAdaActState(count=jnp.array(2, jnp.int32), mu=mu, nu=nu,
+                                         skipped=jnp.array(0, jnp.int32))
 
 
 HAND = {  # V_hat and 1 / (sqrt(V_hat) + eps) with eps = 0.01
