@@ -617,3 +617,18 @@ def test_multihost_example_logical_rules_mode_matches_the_helper_mode():
                                                "logical"]))
   assert_parity(flat, {jax.tree_util.keystr(p): np.asarray(a)
                        for p, a in jax.tree_util.tree_flatten_with_path(h_params)[0]})
+
+
+def test_nnx_optimizer_built_eagerly_under_a_mesh():
+  # Outside jit, NNX shards each Variable by its out_sharding as it is made
+  # (nnx.Optimizer makes the state's); nu's names must fit its shape.
+  mesh = make_mesh("4x2")
+  with jax.set_mesh(mesh):
+    model = NMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1), wrt=nnx.Param)
+  opt_state = nnx.state(optimizer)
+  params = nnx.state(model, nnx.Param)
+  want = expected_specs(opt_state, {n: tuple(a.shape) for n, a in by_name(params).items()},
+                        by_name(nnx.get_partition_spec(params)), NMLP_NU)
+  assert_sharded(opt_state, want, mesh)
+  assert_sharded(opt_state, want, mesh, got=nnx.get_partition_spec(opt_state))
