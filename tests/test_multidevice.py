@@ -183,24 +183,25 @@ def test_sharded_jit_fsdp_tp_equals_one_device():
   assert_trees_close(opt_state, ref_state)
   assert_sharded_like(params, p_shard)
   assert_sharded_like(opt_state, s_shard)
-  # The rule, spelled out: mu like the parameter, nu like its input axes.
+  # The rule, spelled out: mu like the parameter; nu (keep-rank, size 1 on
+  # the output axis) keeps the parameter's names where its size is the same.
   mu, nu = opt_state[0].mu, opt_state[0].nu
   expected = {
-      "Dense_0": (P("data", None), P("data")),
-      "Block_0/Dense_0": (P("data", "model"), P("data")),
-      "Block_0/Dense_1": (P("model", "data"), P("model")),
-      "DenseGeneral_0": (P(None, "model", None), P(None, "model")),
-      "Dense_1": (P(None, "model"), P(None)),
+      "Dense_0": (P("data", None), P("data", None)),
+      "Block_0/Dense_0": (P("data", "model"), P("data", None)),
+      "Block_0/Dense_1": (P("model", "data"), P("model", None)),
+      "DenseGeneral_0": (P(None, "model", None), P(None, "model", None)),
+      "Dense_1": (P(None, "model"), P(None, None)),
   }
   for name, (mu_spec, nu_spec) in expected.items():
     get = lambda t: functools.reduce(lambda d, k: d[k], name.split("/"), t)["kernel"]
     assert get(mu).sharding.spec == mu_spec, name
     assert get(nu).sharding.is_equivalent_to(NamedSharding(mesh_4x2(), nu_spec), get(nu).ndim)
-    assert get(nu).shape == get(mu).shape[:len(nu_spec)]
+    assert get(nu).shape == get(mu).shape[:-1] + (1,)
   assert opt_state[0].count.sharding.is_fully_replicated
   # Each device holds only its slice of the state: nothing is gathered.
   kernel_nu = opt_state[0].nu["Block_0"]["Dense_0"]["kernel"]
-  assert kernel_nu.addressable_shards[0].data.shape == (FEATURES // 4,)
+  assert kernel_nu.addressable_shards[0].data.shape == (FEATURES // 4, 1)
 
 
 def test_scan_stacked_partitioned_layers_under_mesh():
@@ -282,7 +283,7 @@ def test_state_partition_specs_for_chains_hyperparams_and_grouped_convs():
   specs = {"conv": {"kernel": P(None, None, "data", "model"), "bias": P("model")},
            "dg": {"kernel": P("data")},                    # short spec: rest replicated
            "norm": {"scale": None}}
-  stats_shapes = {"conv": {"kernel": (3, 3, 8)}}          # 4 groups of 2 input channels
+  stats_shapes = {"conv": {"kernel": (3, 3, 2, 4)}}       # 4 groups of 2 input channels
   tx = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.1, stats_shapes=stats_shapes)
   out = aa_sharding.state_partition_specs(tx, specs, params)
   inner = out.inner_state
@@ -291,8 +292,8 @@ def test_state_partition_specs_for_chains_hyperparams_and_grouped_convs():
   assert scale.count == P()
   assert scale.mu == {"conv": {"kernel": P(None, None, "data", "model"), "bias": P("model")},
                       "dg": {"kernel": P("data", None, None)}, "norm": {"scale": P(None)}}
-  assert scale.nu == {"conv": {"kernel": P(None, None, None), "bias": P()},
-                      "dg": {"kernel": P("data", None)}, "norm": {"scale": P()}}
+  assert scale.nu == {"conv": {"kernel": P(None, None, "data", None), "bias": P(None)},
+                      "dg": {"kernel": P("data", None, None)}, "norm": {"scale": P(None)}}
   # The structures agree with the real state, so the specs can be used as shardings.
   state = jax.eval_shape(tx.init, params)
   assert jax.tree.structure(state) == jax.tree.structure(out, is_leaf=lambda x: isinstance(x, P))
@@ -322,7 +323,7 @@ def test_explicit_mesh_data_parallel_and_sharded_state():
   got = jax.jit(update, out_shardings=(p_shard, s_shard))(
       sharded, jax.jit(tx.init, out_shardings=s_shard)(sharded), stats)
   assert_trees_close(got, expected)
-  assert jax.typeof(got[1][0].nu["d"]["kernel"]).sharding.spec == P("data")
+  assert jax.typeof(got[1][0].nu["d"]["kernel"]).sharding.spec == P("data", None)
 
 
 def test_statistics_are_one_collective_under_shard_map():

@@ -134,23 +134,18 @@ MLP_NU = {"Dense_0/kernel": P("data", None), "Dense_0/bias": P(None),
 CNN_NU = {"Conv_0/kernel": P(None, None, "embed", None),        # (3, 3, 4, 1)
           "Conv_1/kernel": P(None, None, "embed", None),        # (3, 3, 4, 2): 2 groups
           "Dense_0/kernel": P("embed", None)}
-TRANSFORMER_NU = {"Embed_0/embedding": P("vocab", None),        # (16, 1)
-                  "query/kernel": P("embed", "heads", None),    # (8, 4, 1)
-                  "key/kernel": P("embed", "heads", None),
-                  "value/kernel": P("embed", "heads", None),
+# The embedding and norms are AdamW's (unmatched=): parameter-shaped moments.
+# With the capture's stats_shapes the attention kernels' nu has their
+# statistics' shape: (8, 1, 1) for query (8, 4, 2) (its input only).
+TRANSFORMER_NU = {"query/kernel": P("embed", None, None),
+                  "key/kernel": P("embed", None, None),
+                  "value/kernel": P("embed", None, None),
                   "out/kernel": P("heads", "kv", None),         # (4, 2, 1)
                   "Dense_0/kernel": P("embed", None), "Dense_1/kernel": P("mlp", None),
                   "Dense_2/kernel": P("embed", None)}
 SCAN_NU = {"Dense_0/kernel": P("embed", None), "Dense_1/kernel": P("embed", None),
            "Block_0/Dense_0/kernel": P("layers", "embed", None),   # (2, 8, 1)
            "Block_0/Dense_1/kernel": P("layers", "mlp", None)}     # (2, 16, 1)
-
-
-def _labels(params):
-  # Embedding and norms with AdamW, the rest with AdaAct: optax.partition.
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: "adam" if ("Embed" in jax.tree_util.keystr(p)
-                              or "LayerNorm" in jax.tree_util.keystr(p)) else "adaact", params)
 
 
 def _kernels(params):
@@ -173,8 +168,8 @@ def linen_case(name):
     return CNN(), xs, ys, lambda shapes: adaact_optax.adaact(0.1, stats_shapes=shapes), CNN_NU
   if name == "transformer":
     xs = rng.integers(0, VOCAB, size=(STEPS, BATCH, TOKENS)).astype(np.int32)
-    tx = lambda shapes: optax.partition({"adaact": adaact_optax.adaact(0.1),
-                                         "adam": optax.adamw(1e-2)}, _labels)
+    # Embedding and norms (no statistics) with AdamW: an optax.partition inside.
+    tx = lambda shapes: adaact_optax.adaact(0.1, unmatched=optax.adamw(1e-2), stats_shapes=shapes)
     return Transformer(), xs, ys, tx, TRANSFORMER_NU
   xs = rng.normal(size=(STEPS, BATCH, D)).astype(np.float32)
   tx = lambda shapes: optax.chain(optax.masked(adaact_optax.adaact(0.1), _kernels),
@@ -284,6 +279,8 @@ class NScan(nnx.Module):
 NMLP_NU = {"up/kernel": P("data", None), "up/bias": P(None), "head/kernel": P("model", None)}
 NCNN_NU = {"conv/kernel": P(None, None, "data", None), "grouped/kernel": P(None, None, "data", None),
            "head/kernel": P("data", None)}
+# Built without stats_shapes: nu has the default shape K[:-1] + (1,), e.g.
+# (8, 4, 1) for query (8, 4, 2), and the embedding's (16, 1) is AdaAct's.
 NTRANSFORMER_NU = {"embed/embedding": P("model", None),
                    "query/kernel": P("data", "model", None), "key/kernel": P("data", "model", None),
                    "value/kernel": P("data", "model", None), "out/kernel": P("model", None, None),
@@ -316,9 +313,9 @@ def nnx_case(name):
 
 
 def _nnx_labels(params):
+  # Norms with AdamW, the rest (the embedding too) with AdaAct.
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: "adam" if any(k in jax.tree_util.keystr(p) for k in ("embed", "norm"))
-      else "adaact", params)
+      lambda p, _: "adam" if "norm" in jax.tree_util.keystr(p) else "adaact", params)
 
 
 # --------------------------------------------------------------------- checks
@@ -620,3 +617,18 @@ def test_multihost_example_logical_rules_mode_matches_the_helper_mode():
                                                "logical"]))
   assert_parity(flat, {jax.tree_util.keystr(p): np.asarray(a)
                        for p, a in jax.tree_util.tree_flatten_with_path(h_params)[0]})
+
+
+def test_nnx_optimizer_built_eagerly_under_a_mesh():
+  # Outside jit, NNX shards each Variable by its out_sharding as it is made
+  # (nnx.Optimizer makes the state's); nu's names must fit its shape.
+  mesh = make_mesh("4x2")
+  with jax.set_mesh(mesh):
+    model = NMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1), wrt=nnx.Param)
+  opt_state = nnx.state(optimizer)
+  params = nnx.state(model, nnx.Param)
+  want = expected_specs(opt_state, {n: tuple(a.shape) for n, a in by_name(params).items()},
+                        by_name(nnx.get_partition_spec(params)), NMLP_NU)
+  assert_sharded(opt_state, want, mesh)
+  assert_sharded(opt_state, want, mesh, got=nnx.get_partition_spec(opt_state))
