@@ -61,12 +61,15 @@ def parse_args(argv=None):
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                  help=f"comma list of {OPTIMIZERS}; adam, adamw and adaact are always run "
                  "(the ratios are taken against them)")
-  p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
+  p.add_argument("--batch", default=None,
+                 help="override the batch size: N for every model, or per model "
+                 "(e.g. resnet20=128,vit_tiny=32)")
   p.add_argument("--min-time", type=float, default=None,
                  help="seconds each timed sample lasts at least (calls are repeated; default 0.05)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results_<device>.json)")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
+  args.batch = _batches(p, args.batch)
   unknown = set(args.models) - set(MODELS)
   if unknown:
     p.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
@@ -81,6 +84,21 @@ def parse_args(argv=None):
   if args.out is None:
     args.out = str(ROOT / "benchmarks" / f"results_{args.device}{'_quick' if args.quick else ''}.json")
   return args
+
+
+def _batches(parser, text) -> dict:
+  """``--batch``: {} (the defaults), {model: N} per model, or N for every model."""
+  if not text:
+    return {}
+  if "=" not in text:
+    return {m: int(text) for m in MODELS}
+  out = {}
+  for item in text.split(","):
+    model, _, n = item.partition("=")
+    if model not in MODELS or not n.isdigit():
+      parser.error(f"--batch: expected N or model=N,... with models from {MODELS}, got {item!r}")
+    out[model] = int(n)
+  return out
 
 
 # --------------------------------------------------------------------------------------
@@ -300,7 +318,7 @@ def _paired(a, b):
 
 
 def run_model(name, args):
-  batch = args.batch or (8 if args.quick else SHAPES[name][0])
+  batch = args.batch.get(name) or (8 if args.quick else SHAPES[name][0])
   print(f"[{name}] batch {batch}: building and compiling ...", file=sys.stderr, flush=True)
   ks = args.optimizers
   w = Workload(name, batch, args.quick, ks)
@@ -499,16 +517,16 @@ def main(argv=None):
       "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
       "optax": optax.__version__, "reps": args.reps, "min_time_s": args.min_time,
       "quick": args.quick, "loadavg_start": _loadavg()}, "models": {}}
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
   for name in args.models:
     results["models"][name] = run_model(name, args)
     # Other processes' load (1, 5, 15-minute averages): a load above the core count
     # means the timed programs shared the cores.
     results["models"][name]["loadavg_after"] = _loadavg()
-  results["meta"]["loadavg_end"] = _loadavg()
-  results["markdown"] = markdown(results)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=1))
+    results["meta"]["loadavg_end"] = _loadavg()
+    results["markdown"] = markdown(results)
+    out.write_text(json.dumps(results, indent=1))  # after every model: a partial run keeps its figures
   print(results["markdown"])
   print(f"\n(JSON: {out})", file=sys.stderr)
 
