@@ -1161,18 +1161,20 @@ def _assemble(placed, shape):
   for _, _, regions in placed:
     for p, (lo, n, block) in enumerate(regions):
       q[p] = math.gcd(q[p], lo, block, n)
-  out_shape = tuple(shape[p] // q[p] for p in range(rank))
-  total_s = jnp.zeros(out_shape, jnp.float32)
-  total_n = jnp.zeros(out_shape, jnp.float32)
+  total_s = total_n = None
   for s, n, regions in placed:
     pads = []
     for p, (lo, size, block) in enumerate(regions):
       if block // q[p] > 1:
-        s = jnp.repeat(s, block // q[p], axis=p)
-        n = jnp.repeat(n, block // q[p], axis=p)
-      pads.append((lo // q[p], (shape[p] - lo - size) // q[p]))
-    total_s = total_s + jnp.pad(s, pads)
-    total_n = total_n + jnp.pad(n, pads)
+        s = lax.broadcast_in_dim(s, s.shape[:p + 1] + (block // q[p],) + s.shape[p + 1:],
+                                 [a if a <= p else a + 1 for a in range(s.ndim)])
+        n = lax.broadcast_in_dim(n, s.shape, [a if a <= p else a + 1 for a in range(n.ndim)])
+        s, n = (x.reshape(x.shape[:p] + (-1,) + x.shape[p + 2:]) for x in (s, n))
+      pads.append((lo // q[p], (shape[p] - lo - size) // q[p], 0))
+    if any(lo or hi for lo, hi, _ in pads):  # a part of the parameter: zeros elsewhere
+      s, n = lax.pad(s, 0.0, pads), lax.pad(n, 0.0, pads)
+    total_s = s if total_s is None else total_s + s
+    total_n = n if total_n is None else total_n + n
   return total_s / jnp.where(total_n > 0, total_n, 1.0)
 
 
