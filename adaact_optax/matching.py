@@ -228,7 +228,8 @@ def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
       cannot scale its parameter (naming the path and the shapes).
   """
   overrides = stats_leaves(stats_shapes)
-  if overrides:
+  # optax.tree_map_params initialises with leafless placeholder params: no paths to check.
+  if overrides and jax.tree.leaves(params):
     extra = _drop_masked(overrides.keys() - set(param_names(params)), params)
     if extra:
       raise _unknown_paths_error("stats_shapes", extra,
@@ -263,7 +264,7 @@ def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
   """
   entries = stats_leaves(stats_shapes)
   extra = _drop_masked(entries.keys() - set(param_names(params)), params)
-  if extra:
+  if extra and jax.tree.leaves(params):  # leafless: optax.tree_map_params' placeholders
     raise _unknown_paths_error("stats_shapes", extra, [_shape_of(entries[e]) for e in extra],
                                params)
   return tree_util.tree_map_with_path(

@@ -567,6 +567,22 @@ def test_optax_tree_map_params_with_state_leaf_spec_gives_valid_shardings():
   assert naive.inner_state[0].nu["dense"]["kernel"] == P("data", "model")
 
 
+def test_optax_tree_map_params_with_stats_shapes():
+  # init under tree_map_params sees leafless placeholder params; stats_shapes must not
+  # be checked against them (a grouped conv needs stats_shapes).
+  params = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 2, 8), jnp.float32)},
+            "scale": jax.ShapeDtypeStruct((8,), jnp.float32)}
+  stats_shapes = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 2, 4), jnp.float32)}}
+  specs = {"conv": {"kernel": P(None, None, None, "model")}, "scale": P("model")}
+  tx = adaact_optax.adaact(0.1, stats_shapes=stats_shapes)
+  state = jax.eval_shape(tx.init, params)
+  got = optax.tree_map_params(tx, aa_sharding.state_leaf_spec, state, specs, params,
+                              transform_non_params=lambda _: P())
+  assert got == aa_sharding.state_partition_specs(tx, specs, params)
+  nus = [x for x in jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, P))]
+  assert P(None, None, None, None) in nus  # the grouped conv's (3, 3, 2, 4) nu: 4 blocks != 8
+
+
 def test_state_axes_rule():
   rule = aa_sharding.state_axes
   assert rule(("embed", "mlp"), (8, 1), (8, 16)) == ("embed", None)          # Dense
