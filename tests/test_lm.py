@@ -139,13 +139,14 @@ def test_model_forward_and_statistics_tree(tied):
 def test_model_is_causal():
   model = models.ByteGPT(**SMALL)
   x = jnp.arange(8)[None] % 7
-  params = model.init(jax.random.key(0), x)
+  params = jax.jit(model.init)(jax.random.key(0), x)
+  apply = jax.jit(model.apply)
   changed = x.at[0, 5].set(100)
-  a, b = model.apply(params, x), model.apply(params, changed)
+  a, b = apply(params, x), apply(params, changed)
   np.testing.assert_array_equal(a[0, :5], b[0, :5])      # earlier positions cannot see byte 5
   assert not np.allclose(a[0, 5:], b[0, 5:])
   with pytest.raises(ValueError, match="more than its context 8"):
-    model.apply(params, jnp.zeros((1, 9), jnp.int32))
+    apply(params, jnp.zeros((1, 9), jnp.int32))
 
 
 # --- optimizers -----------------------------------------------------------------
