@@ -335,7 +335,13 @@ def stats_shapes(model: nn.Module, variables, *args, **kwargs) -> Any:
   """
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", _capture.UncapturedWeightWarning)
-    return jax.eval_shape(lambda: apply(model, variables, *args, **kwargs)[1][COLLECTION])
+    arrays, rebuild = _capture._split_dynamic(args, kwargs)
+
+    def stats(variables, arrays):
+      a, kw = rebuild(arrays)
+      return apply(model, variables, *a, **kw)[1][COLLECTION]
+    # Variables and inputs may be abstract (jax.ShapeDtypeStruct).
+    return jax.eval_shape(stats, variables, arrays)
 
 
 def sow_input(module: nn.Module, name: str, x: jax.Array, *, x_axes=(-1,), param_axes=(0,)):

@@ -190,4 +190,9 @@ def stats_shapes(model: nnx.Module, *args, **kwargs) -> nnx.State:
   graphdef, state = nnx.split(model)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", _capture.UncapturedWeightWarning)
-    return jax.eval_shape(lambda s: apply(nnx.merge(graphdef, s), *args, **kwargs)[1], state)
+    arrays, rebuild = _capture._split_dynamic(args, kwargs)
+
+    def stats(state, arrays):
+      a, kw = rebuild(arrays)
+      return apply(nnx.merge(graphdef, state), *a, **kw)[1]
+    return jax.eval_shape(stats, state, arrays)

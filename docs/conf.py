@@ -58,15 +58,3 @@ html_title = "adaact-optax"
 html_theme_options = {
     "show_toc_level": 2,
 }
-
-
-def _drop_empty_glob_warnings(record):
-  # Pages other work is adding (partitioning, lm, reliability) are listed in
-  # index.md by glob patterns, so the site builds before and after they land. Sphinx 9 gives
-  # this warning no type, so `suppress_warnings` cannot name it.
-  return not str(record.msg).startswith("toctree glob pattern")
-
-
-def setup(app):
-  import logging
-  logging.getLogger("sphinx.sphinx.directives.other").addFilter(_drop_empty_glob_warnings)

@@ -177,3 +177,14 @@ def test_optax_chain_trains_a_plain_jax_model():
     updates, state = tx.update(grads, state, p, activation_stats=stats)
     p = optax.apply_updates(p, updates)
   assert value < 0.85 * first
+
+
+def test_adapter_stats_shapes_take_abstract_variables_and_inputs():
+  model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+  x = jax.ShapeDtypeStruct((2, 4), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  shapes = aa_linen.stats_shapes(model, variables, x)
+  assert jax.tree.map(lambda a: a.shape, shapes) == {
+      "layers_0": {"bias": (1,), "kernel": (4, 1)}, "layers_2": {"bias": (1,), "kernel": (3, 1)}}
+  net = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  assert aa_nnx.stats_shapes(net, x)["kernel"].shape == (4, 1)
