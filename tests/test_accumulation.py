@@ -247,3 +247,13 @@ def test_nnx_optimizer_with_a_grouped_convolution():
   assert state.acc_stats["conv"]["kernel"].shape == (3, 3, 2, 2)  # (*k, C/G, G)
   _close(params, full_params)
   _close(state.inner_opt_state[0].nu, full_state.inner_opt_state[0].nu, rtol=1e-5, atol=0)
+
+
+def test_state_fields_follow_optax():
+  # The state is optax.MultiStepsState's fields (by name) plus acc_stats; if
+  # optax adds a field, this fails instead of the wrapper misplacing one.
+  assert adaact_optax.MultiStepsState._fields == optax.MultiStepsState._fields + ("acc_stats",)
+  tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=2)
+  state = tx.init({"w": jnp.ones((3, 2))})
+  assert not isinstance(tx, optax.MultiSteps)   # composed, not subclassed
+  assert tx.inner_opt is not None and not bool(tx.has_updated(state))
