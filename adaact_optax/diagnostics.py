@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -9,13 +10,16 @@ import jax.numpy as jnp
 from jax import tree_util
 
 from adaact_optax import matching
-from adaact_optax.transform import ScaleByActivationRMSState, ScaleByAdaActState, step_scale
+from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
+                                    step_scale)
 
 # States holding AdaAct's second moment `nu` and its `count`.
 _STATES = (ScaleByAdaActState, ScaleByActivationRMSState)
 
-# adaact()'s defaults, used for hyperparameters neither passed nor injected.
-_DEFAULTS = {"b2": 0.999, "eps": 1e-8, "power": 0.5}
+# adaact()'s defaults, read from its signature so they cannot drift: used for
+# hyperparameters neither passed nor injected.
+_DEFAULTS = {name: inspect.signature(adaact).parameters[name].default
+             for name in ("b2", "eps", "power")}
 
 
 def _raw(x):
