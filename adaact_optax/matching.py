@@ -42,13 +42,6 @@ PyTree = Any
 UNCAPTURED_SHAPE: tuple[int, ...] = (0,)
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def path_name(path) -> str:
   """``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``.
 
@@ -56,8 +49,9 @@ def path_name(path) -> str:
   dropped, so ``nnx.state(model)`` (what ``nnx.Optimizer`` initialises
   from) and its pure arrays name the same paths.
   """
-  return "/".join(_key_name(k) for k in path
-                  if not (isinstance(k, tree_util.GetAttrKey) and k.name == "value"))
+  return tree_util.keystr(
+      tuple(k for k in path if not (isinstance(k, tree_util.GetAttrKey) and k.name == "value")),
+      simple=True, separator="/")
 
 
 def _is_shape(x) -> bool:

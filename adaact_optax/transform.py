@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from optax import tree_utils as otu
 
 from adaact_optax import matching
 
@@ -139,10 +138,12 @@ def _not_a_state_error(state, expected: str):
       "adaact_optax.migrate_state(old_state, tx, params).")
 
 
-def _tree_unzip(treedef, results, n):
-  """``n`` trees from a tree of ``n``-tuples (also when there are no leaves)."""
-  flat = treedef.flatten_up_to(results)
-  return tuple(treedef.unflatten([r[i] for r in flat]) for i in range(n))
+def _tree_unzip(updates, results, n):
+  """``n`` trees shaped like ``updates`` from its tree of ``n``-tuples ``results``."""
+  outer = jax.tree.structure(updates)
+  if outer.num_leaves == 0:  # jax.tree.transpose cannot rebuild n empty trees
+    return (results,) * n
+  return jax.tree.transpose(outer, jax.tree.structure((0,) * n), results)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -295,7 +296,7 @@ def scale_by_adaact(
         raise ValueError(f"mu_dtype={mu_dtype} is real, but the parameters {complex_params} "
                          "are complex: their momentum would lose its imaginary part. Pass "
                          "mu_dtype=None (the parameters' dtype) or a complex dtype.")
-    mu = otu.tree_zeros_like(params, dtype=mu_dtype)
+    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
     nu = matching.moment_zeros(params, stats_shapes)
     zero = jnp.zeros([], jnp.int32)
     return ScaleByAdaActState(count=zero, mu=mu, nu=nu, skipped=zero)
@@ -347,7 +348,7 @@ def scale_by_adaact(
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
-    new_updates, mu, nu = _tree_unzip(jax.tree.structure(updates), results, 3)
+    new_updates, mu, nu = _tree_unzip(updates, results, 3)
     new_state = ScaleByAdaActState(count=jnp.where(ok, count, state.count), mu=mu, nu=nu,
                                    skipped=state.skipped + (~ok).astype(jnp.int32))
     return new_updates, new_state
@@ -462,7 +463,7 @@ def scale_by_activation_rms(
       return out.astype(u.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.nu, stats)
-    new_updates, nu = _tree_unzip(jax.tree.structure(updates), results, 2)
+    new_updates, nu = _tree_unzip(updates, results, 2)
     ok = _all_finite(stats)
     new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
     return new_updates, ScaleByActivationRMSState(
