@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from adaact_optax import matching
 
@@ -167,14 +166,6 @@ def _uncaptured_error(names):
       "to accept plain updates for them.")
 
 
-def pmean_tree(tree, axis_name):
-  """Mean of a pytree over a mapped axis with one collective (leaves raveled)."""
-  flat, unravel = ravel_pytree(tree)
-  if flat.size == 0:
-    return tree
-  return unravel(jax.lax.pmean(flat, axis_name))
-
-
 def step_scale(v_hat: jax.Array, power, eps, bc1=1.0) -> jax.Array:
   """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``.
 
@@ -308,7 +299,7 @@ def scale_by_adaact(
     if activation_stats is None:
       raise _missing_stats_error()
     if axis_name is not None:
-      activation_stats = pmean_tree(activation_stats, axis_name)
+      activation_stats = jax.lax.pmean(activation_stats, axis_name)
     stats = matching.align(activation_stats, updates, state.nu)
     if unmatched == "error":
       # Only parameters this transform owns (optax.masked/partition drop the rest).
@@ -448,7 +439,7 @@ def scale_by_activation_rms(
     if activation_stats is None:
       raise _missing_stats_error()
     if axis_name is not None:
-      activation_stats = pmean_tree(activation_stats, axis_name)
+      activation_stats = jax.lax.pmean(activation_stats, axis_name)
     stats = matching.align(activation_stats, updates, state.nu)
     count = optax.safe_increment(state.count)
     b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b2, eps))
