@@ -42,8 +42,9 @@ def _adaact_states(tree, hyperparams: dict):
       yield from _adaact_states(node.inner_state, {**hyperparams, **node.hyperparams})
 
 
-def activation_summary(opt_state: Any, *, b2: float | None = None, eps: float | None = None,
-                       power: float | None = None) -> dict[str, jax.Array]:
+def activation_summary(opt_state: Any, *, b2: jax.typing.ArrayLike | None = None,
+                       eps: jax.typing.ArrayLike | None = None,
+                       power: jax.typing.ArrayLike | None = None) -> dict[str, jax.Array]:
   """Mean and max of ``V_hat`` and of the step scale, per parameter, as float32 scalars.
 
   For every parameter whose state has more than one per-input-feature

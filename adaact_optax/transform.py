@@ -7,7 +7,7 @@ arXiv:2506.08353.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import math
 
@@ -166,7 +166,8 @@ def _uncaptured_error(names):
       "to accept plain updates for them.")
 
 
-def step_scale(v_hat: jax.Array, power, eps, bc1=1.0) -> jax.Array:
+def step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
+               bc1: jax.typing.ArrayLike = 1.0) -> jax.Array:
   """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``.
 
   With ``bc1`` (the first moment's bias correction) it is the factor of the
@@ -180,13 +181,13 @@ def step_scale(v_hat: jax.Array, power, eps, bc1=1.0) -> jax.Array:
 
 
 def scale_by_adaact(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    power: float = 0.5,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    power: jax.typing.ArrayLike = 0.5,
     *,
-    mu_dtype: Any | None = None,
-    unmatched: str = "sgd",
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    unmatched: Literal["sgd", "momentum", "error"] = "sgd",
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -371,9 +372,9 @@ class ScaleByActivationRMSState(NamedTuple):
 
 
 def scale_by_activation_rms(
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    power: float = 0.5,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    power: jax.typing.ArrayLike = 0.5,
     *,
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
@@ -508,15 +509,15 @@ def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
 
 def adaact(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 2e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 2e-3,
     *,
-    power: float = 0.5,
+    power: jax.typing.ArrayLike = 0.5,
     mask: Any | None = None,
-    mu_dtype: Any | None = None,
-    unmatched: str | optax.GradientTransformation = "sgd",
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    unmatched: Literal["sgd", "momentum", "error"] | optax.GradientTransformation = "sgd",
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
