@@ -104,7 +104,7 @@ def activation_summary(opt_state: Any, *, b2: jax.typing.ArrayLike | None = None
     bias_correction = 1 - jnp.asarray(h["b2"], jnp.float32) ** count.astype(jnp.float32)
     bias_correction = jnp.where(count > 0, bias_correction, 1.0)  # nu is 0 before step 1
     eps_ = jnp.asarray(h["eps"], jnp.float32)
-    for path, nu in tree_util.tree_flatten_with_path(state.nu)[0]:
+    for path, nu in jax.tree.leaves_with_path(state.nu):
       if jnp.size(nu) <= 1:  # a bias, a norm scale, an uncaptured marker: nothing to summarise
         continue
       name = matching.path_name(path)

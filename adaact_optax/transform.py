@@ -283,7 +283,7 @@ def scale_by_adaact(
       raise _uncaptured_error(matching.uncaptured_paths(stats_shapes))
     if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.complexfloating):
       complex_params = [matching.path_name(p) for p, x in
-                        jax.tree_util.tree_flatten_with_path(params)[0] if jnp.iscomplexobj(x)]
+                        jax.tree.leaves_with_path(params) if jnp.iscomplexobj(x)]
       if complex_params:
         raise ValueError(f"mu_dtype={mu_dtype} is real, but the parameters {complex_params} "
                          "are complex: their momentum would lose its imaginary part. Pass "
@@ -669,14 +669,14 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
   """
   template = jax.eval_shape(tx.init, params)
   old = {matching.path_name(p): leaf
-         for p, leaf in jax.tree_util.tree_flatten_with_path(old_state)[0]}
+         for p, leaf in jax.tree.leaves_with_path(old_state)}
   param_shapes = {matching.path_name(p): tuple(jnp.shape(x))
-                  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+                  for p, x in jax.tree.leaves_with_path(params)}
   states = (ScaleByAdaActState, ScaleByActivationRMSState)
   new_counters = {
       "/".join(filter(None, (matching.path_name(p), "skipped")))
-      for p, node in jax.tree_util.tree_flatten_with_path(
-          template, is_leaf=lambda x: isinstance(x, states))[0] if isinstance(node, states)}
+      for p, node in jax.tree.leaves_with_path(
+          template, is_leaf=lambda x: isinstance(x, states)) if isinstance(node, states)}
   used = set()
 
   def param_for(name):

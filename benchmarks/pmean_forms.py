@@ -1,3 +1,10 @@
+"""jax.lax.pmean on a statistics tree vs on its raveled copy (8 host CPU devices).
+
+Prints, for a 12-leaf and a 72-leaf tree of (512, 1) / (2048, 1) / (1,)
+statistics, the number of all-reduce ops in the compiled HLO (after XLA's
+all-reduce combiner) and the time per ``pmap`` call. Run:
+``python benchmarks/pmean_forms.py``.
+"""
 import os, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp
