@@ -12,7 +12,7 @@ treat examples independently.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ class MultiStepsState(NamedTuple):
   acc_stats: Any
 
 
-class MultiSteps(optax.MultiSteps):
+class MultiSteps:
   """``optax.MultiSteps`` that averages ``activation_stats`` like the gradients.
 
   Same arguments and behaviour as ``optax.MultiSteps`` (schedules of k,
@@ -97,24 +97,38 @@ class MultiSteps(optax.MultiSteps):
   def __init__(
       self,
       opt: optax.GradientTransformation,
-      every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
+      every_k_schedule: int | Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike],
       use_grad_mean: bool = True,
       should_skip_update_fn: Optional[optax.ShouldSkipUpdateFunction] = None,
-      accumulator_dtype: Any = jnp.float32,
+      accumulator_dtype: jax.typing.DTypeLike = jnp.float32,
       *,
       stats_shapes: Any | None = None,
   ):
-    super().__init__(opt, every_k_schedule, use_grad_mean, should_skip_update_fn,
-                     accumulator_dtype)
+    # Composition, not inheritance: optax.MultiSteps does the gradient
+    # accumulation and owns its state; this wrapper only adds ``acc_stats``.
+    self._multi_steps = optax.MultiSteps(opt, every_k_schedule, use_grad_mean,
+                                         should_skip_update_fn, accumulator_dtype)
     self._stats_shapes = stats_shapes
 
-  def init(self, params: optax.Params) -> MultiStepsState:
-    acc_stats = matching.moment_zeros(params, self._stats_shapes)
-    return MultiStepsState(*super().init(params), acc_stats=acc_stats)
+  @property
+  def inner_opt(self) -> optax.GradientTransformationExtraArgs:
+    """The wrapped optimizer, as ``optax.MultiSteps.inner_opt``."""
+    return self._multi_steps.inner_opt
 
-  def update(self, updates, state: MultiStepsState, params=None, *,
-             activation_stats=None, **extra_args):
-    """Accumulates gradients and statistics; the inner update sees their means."""
+  def init(self, params: optax.Params) -> MultiStepsState:
+    """``optax.MultiSteps.init``'s state plus zero ``acc_stats``."""
+    acc_stats = matching.moment_zeros(params, self._stats_shapes)
+    return _with_stats(self._multi_steps.init(params), acc_stats)
+
+  def update(self, updates: optax.Updates, state: MultiStepsState,
+             params: optax.Params | None = None, *, activation_stats: Any = None,
+             **extra_args) -> tuple[optax.Updates, MultiStepsState]:
+    """Accumulates gradients and statistics; the inner update sees their means.
+
+    Raises:
+      ValueError: ``state`` is not this wrapper's state, or ``activation_stats``
+        is missing.
+    """
     if not isinstance(state, MultiStepsState):
       raise _not_a_state_error(state, "adaact_optax.MultiSteps")
     if activation_stats is None:
@@ -128,16 +142,31 @@ class MultiSteps(optax.MultiSteps):
                        state.acc_stats, stats, is_leaf=is_none)
     mean_stats = jax.tree.map(lambda m, a: None if a is None else m, acc, stats,
                               is_leaf=is_none)
-    inner = optax.MultiStepsState(*state[:5])
-    new_updates, new = super().update(updates, inner, params,
-                                      activation_stats=mean_stats, **extra_args)
+    inner = _without_stats(state)
+    new_updates, new = self._multi_steps.update(updates, inner, params,
+                                                activation_stats=mean_stats, **extra_args)
     # MultiSteps moves neither counter when should_skip_update_fn rejects a call.
     skipped = (new.mini_step == inner.mini_step) & (new.gradient_step == inner.gradient_step)
     emitted = jnp.logical_not(skipped) & (new.mini_step == 0)
     acc = jax.tree.map(
         lambda old, a: jnp.where(skipped, old, jnp.where(emitted, jnp.zeros_like(a), a)),
         state.acc_stats, acc)
-    return new_updates, MultiStepsState(*new, acc_stats=acc)
+    return new_updates, _with_stats(new, acc)
+
+  def has_updated(self, state: MultiStepsState) -> jax.Array:
+    """Whether the last ``update`` applied the inner optimizer (bool scalar)."""
+    return self._multi_steps.has_updated(_without_stats(state))
 
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+    """``init`` and ``update`` as a transformation (for ``TrainState``, ``nnx.Optimizer``)."""
     return optax.GradientTransformationExtraArgs(init=self.init, update=self.update)
+
+
+def _with_stats(state: optax.MultiStepsState, acc_stats: Any) -> MultiStepsState:
+  # By field name, so a field optax adds fails here loudly (and in
+  # test_state_fields_follow_optax) instead of shifting positions.
+  return MultiStepsState(**state._asdict(), acc_stats=acc_stats)
+
+
+def _without_stats(state: MultiStepsState) -> optax.MultiStepsState:
+  return optax.MultiStepsState(**{f: getattr(state, f) for f in optax.MultiStepsState._fields})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -9,13 +10,16 @@ import jax.numpy as jnp
 from jax import tree_util
 
 from adaact_optax import matching
-from adaact_optax.transform import ScaleByActivationRMSState, ScaleByAdaActState, step_scale
+from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
+                                    step_scale)
 
 # States holding AdaAct's second moment `nu` and its `count`.
 _STATES = (ScaleByAdaActState, ScaleByActivationRMSState)
 
-# adaact()'s defaults, used for hyperparameters neither passed nor injected.
-_DEFAULTS = {"b2": 0.999, "eps": 1e-8, "power": 0.5}
+# adaact()'s defaults, read from its signature so they cannot drift: used for
+# hyperparameters neither passed nor injected.
+_DEFAULTS = {name: inspect.signature(adaact).parameters[name].default
+             for name in ("b2", "eps", "power")}
 
 
 def _raw(x):
@@ -38,8 +42,9 @@ def _adaact_states(tree, hyperparams: dict):
       yield from _adaact_states(node.inner_state, {**hyperparams, **node.hyperparams})
 
 
-def activation_summary(opt_state: Any, *, b2: float | None = None, eps: float | None = None,
-                       power: float | None = None) -> dict[str, jax.Array]:
+def activation_summary(opt_state: Any, *, b2: jax.typing.ArrayLike | None = None,
+                       eps: jax.typing.ArrayLike | None = None,
+                       power: jax.typing.ArrayLike | None = None) -> dict[str, jax.Array]:
   """Mean and max of ``V_hat`` and of the step scale, per parameter, as float32 scalars.
 
   For every parameter whose state has more than one per-input-feature
@@ -99,7 +104,7 @@ def activation_summary(opt_state: Any, *, b2: float | None = None, eps: float | 
     bias_correction = 1 - jnp.asarray(h["b2"], jnp.float32) ** count.astype(jnp.float32)
     bias_correction = jnp.where(count > 0, bias_correction, 1.0)  # nu is 0 before step 1
     eps_ = jnp.asarray(h["eps"], jnp.float32)
-    for path, nu in tree_util.tree_flatten_with_path(state.nu)[0]:
+    for path, nu in jax.tree.leaves_with_path(state.nu):
       if jnp.size(nu) <= 1:  # a bias, a norm scale, an uncaptured marker: nothing to summarise
         continue
       name = matching.path_name(path)

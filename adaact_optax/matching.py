@@ -42,13 +42,6 @@ PyTree = Any
 UNCAPTURED_SHAPE: tuple[int, ...] = (0,)
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def path_name(path) -> str:
   """``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``'Dense_0/kernel'``.
 
@@ -56,8 +49,9 @@ def path_name(path) -> str:
   dropped, so ``nnx.state(model)`` (what ``nnx.Optimizer`` initialises
   from) and its pure arrays name the same paths.
   """
-  return "/".join(_key_name(k) for k in path
-                  if not (isinstance(k, tree_util.GetAttrKey) and k.name == "value"))
+  return tree_util.keystr(
+      tuple(k for k in path if not (isinstance(k, tree_util.GetAttrKey) and k.name == "value")),
+      simple=True, separator="/")
 
 
 def _is_shape(x) -> bool:
@@ -189,7 +183,7 @@ def _drop_masked(names, tree: PyTree) -> list[str]:
   ``optax.partition`` put an ``optax.MaskedNode`` where another transform owns
   the parameters (a leaf or, with a prefix mask, a whole subtree)."""
   is_empty = lambda x: isinstance(x, tuple) and len(x) == 0
-  leaves, _ = tree_util.tree_flatten_with_path(tree, is_leaf=is_empty)
+  leaves = jax.tree.leaves_with_path(tree, is_leaf=is_empty)
   masked = tuple(path_name(p) for p, leaf in leaves if is_empty(leaf))
   return sorted(n for n in names if not any(n == m or n.startswith(m + "/") for m in masked))
 
@@ -198,12 +192,12 @@ def stats_leaves(tree: PyTree) -> dict[str, Any]:
   """``{path name: leaf}`` of a statistics tree (shape tuples count as leaves)."""
   if tree is None:
     return {}
-  leaves, _ = tree_util.tree_flatten_with_path(tree, is_leaf=_is_shape)
+  leaves = jax.tree.leaves_with_path(tree, is_leaf=_is_shape)
   return {path_name(p): leaf for p, leaf in leaves}
 
 
 def param_names(params: PyTree) -> list[str]:
-  return [path_name(p) for p, _ in tree_util.tree_flatten_with_path(params)[0]]
+  return [path_name(p) for p, _ in jax.tree.leaves_with_path(params)]
 
 
 def _unknown_paths_error(what: str, extra, shapes, params: PyTree) -> ValueError:

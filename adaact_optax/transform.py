@@ -7,7 +7,7 @@ arXiv:2506.08353.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import math
 
@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
-from optax import tree_utils as otu
 
 from adaact_optax import matching
 
@@ -139,10 +137,12 @@ def _not_a_state_error(state, expected: str):
       "adaact_optax.migrate_state(old_state, tx, params).")
 
 
-def _tree_unzip(treedef, results, n):
-  """``n`` trees from a tree of ``n``-tuples (also when there are no leaves)."""
-  flat = treedef.flatten_up_to(results)
-  return tuple(treedef.unflatten([r[i] for r in flat]) for i in range(n))
+def _tree_unzip(updates, results, n):
+  """``n`` trees shaped like ``updates`` from its tree of ``n``-tuples ``results``."""
+  outer = jax.tree.structure(updates)
+  if outer.num_leaves == 0:  # jax.tree.transpose cannot rebuild n empty trees
+    return (results,) * n
+  return jax.tree.transpose(outer, jax.tree.structure((0,) * n), results)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -166,15 +166,8 @@ def _uncaptured_error(names):
       "to accept plain updates for them.")
 
 
-def pmean_tree(tree, axis_name):
-  """Mean of a pytree over a mapped axis with one collective (leaves raveled)."""
-  flat, unravel = ravel_pytree(tree)
-  if flat.size == 0:
-    return tree
-  return unravel(jax.lax.pmean(flat, axis_name))
-
-
-def step_scale(v_hat: jax.Array, power, eps, bc1=1.0) -> jax.Array:
+def step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
+               bc1: jax.typing.ArrayLike = 1.0) -> jax.Array:
   """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``.
 
   With ``bc1`` (the first moment's bias correction) it is the factor of the
@@ -188,13 +181,13 @@ def step_scale(v_hat: jax.Array, power, eps, bc1=1.0) -> jax.Array:
 
 
 def scale_by_adaact(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    power: float = 0.5,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    power: jax.typing.ArrayLike = 0.5,
     *,
-    mu_dtype: Any | None = None,
-    unmatched: str = "sgd",
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    unmatched: Literal["sgd", "momentum", "error"] = "sgd",
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -290,12 +283,12 @@ def scale_by_adaact(
       raise _uncaptured_error(matching.uncaptured_paths(stats_shapes))
     if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.complexfloating):
       complex_params = [matching.path_name(p) for p, x in
-                        jax.tree_util.tree_flatten_with_path(params)[0] if jnp.iscomplexobj(x)]
+                        jax.tree.leaves_with_path(params) if jnp.iscomplexobj(x)]
       if complex_params:
         raise ValueError(f"mu_dtype={mu_dtype} is real, but the parameters {complex_params} "
                          "are complex: their momentum would lose its imaginary part. Pass "
                          "mu_dtype=None (the parameters' dtype) or a complex dtype.")
-    mu = otu.tree_zeros_like(params, dtype=mu_dtype)
+    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
     nu = matching.moment_zeros(params, stats_shapes)
     zero = jnp.zeros([], jnp.int32)
     return ScaleByAdaActState(count=zero, mu=mu, nu=nu, skipped=zero)
@@ -307,7 +300,7 @@ def scale_by_adaact(
     if activation_stats is None:
       raise _missing_stats_error()
     if axis_name is not None:
-      activation_stats = pmean_tree(activation_stats, axis_name)
+      activation_stats = jax.lax.pmean(activation_stats, axis_name)
     stats = matching.align(activation_stats, updates, state.nu)
     if unmatched == "error":
       # Only parameters this transform owns (optax.masked/partition drop the rest).
@@ -347,7 +340,7 @@ def scale_by_adaact(
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
-    new_updates, mu, nu = _tree_unzip(jax.tree.structure(updates), results, 3)
+    new_updates, mu, nu = _tree_unzip(updates, results, 3)
     new_state = ScaleByAdaActState(count=jnp.where(ok, count, state.count), mu=mu, nu=nu,
                                    skipped=state.skipped + (~ok).astype(jnp.int32))
     return new_updates, new_state
@@ -379,9 +372,9 @@ class ScaleByActivationRMSState(NamedTuple):
 
 
 def scale_by_activation_rms(
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    power: float = 0.5,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    power: jax.typing.ArrayLike = 0.5,
     *,
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
@@ -447,7 +440,7 @@ def scale_by_activation_rms(
     if activation_stats is None:
       raise _missing_stats_error()
     if axis_name is not None:
-      activation_stats = pmean_tree(activation_stats, axis_name)
+      activation_stats = jax.lax.pmean(activation_stats, axis_name)
     stats = matching.align(activation_stats, updates, state.nu)
     count = optax.safe_increment(state.count)
     b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b2, eps))
@@ -462,7 +455,7 @@ def scale_by_activation_rms(
       return out.astype(u.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.nu, stats)
-    new_updates, nu = _tree_unzip(jax.tree.structure(updates), results, 2)
+    new_updates, nu = _tree_unzip(updates, results, 2)
     ok = _all_finite(stats)
     new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
     return new_updates, ScaleByActivationRMSState(
@@ -516,15 +509,15 @@ def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
 
 def adaact(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 2e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 2e-3,
     *,
-    power: float = 0.5,
+    power: jax.typing.ArrayLike = 0.5,
     mask: Any | None = None,
-    mu_dtype: Any | None = None,
-    unmatched: str | optax.GradientTransformation = "sgd",
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    unmatched: Literal["sgd", "momentum", "error"] | optax.GradientTransformation = "sgd",
     stats_shapes: Any | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -676,14 +669,14 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
   """
   template = jax.eval_shape(tx.init, params)
   old = {matching.path_name(p): leaf
-         for p, leaf in jax.tree_util.tree_flatten_with_path(old_state)[0]}
+         for p, leaf in jax.tree.leaves_with_path(old_state)}
   param_shapes = {matching.path_name(p): tuple(jnp.shape(x))
-                  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+                  for p, x in jax.tree.leaves_with_path(params)}
   states = (ScaleByAdaActState, ScaleByActivationRMSState)
   new_counters = {
       "/".join(filter(None, (matching.path_name(p), "skipped")))
-      for p, node in jax.tree_util.tree_flatten_with_path(
-          template, is_leaf=lambda x: isinstance(x, states))[0] if isinstance(node, states)}
+      for p, node in jax.tree.leaves_with_path(
+          template, is_leaf=lambda x: isinstance(x, states)) if isinstance(node, states)}
   used = set()
 
   def param_for(name):

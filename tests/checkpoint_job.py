@@ -24,9 +24,9 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import adaact_optax
-from adaact_optax import linen as aa_linen
 from adaact_optax import matching
 from adaact_optax import nnx as aa_nnx
+from conftest import linen_loss_grads_and_stats
 
 SAVE_AT, MORE, BATCH = 4, 4, 32
 
@@ -68,11 +68,8 @@ def linen_state():
 
 @jax.jit
 def linen_step(state, x, y):
-  def loss_fn(p):
-    logits, mutated = aa_linen.apply(LinenMLP(), {"params": p}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), mutated
-  grads, mutated = jax.grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads, activation_stats=mutated[aa_linen.COLLECTION])
+  _, grads, stats, _ = linen_loss_grads_and_stats(LinenMLP(), state.params, x, y)
+  return state.apply_gradients(grads=grads, activation_stats=stats)
 
 
 def linen_run(directory):

@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import adaact_optax
-from adaact_optax import linen as aa_linen
+from conftest import linen_loss_grads_and_stats
 
 
 class MLP(nn.Module):
@@ -46,16 +46,9 @@ def _make_step(model, tx):
 
   @jax.jit
   def step(params, batch_stats, opt_state, x, y):
-    def loss_fn(p):
-      logits, mutated = aa_linen.apply(model, {"params": p, "batch_stats": batch_stats}, x,
-                                       mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, mutated
-    (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   activation_stats=mutated[aa_linen.COLLECTION])
-    return (optax.apply_updates(params, updates), mutated.get("batch_stats", {}),
-            opt_state, updates, loss, mutated[aa_linen.COLLECTION])
+    loss, grads, stats, batch_stats = linen_loss_grads_and_stats(model, params, x, y, batch_stats)
+    updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, updates, loss, stats
 
   return step
 
@@ -194,11 +187,8 @@ def test_train_state_with_accumulation():
 
   @jax.jit
   def train_step(state, x, y):
-    def loss_fn(p):
-      logits, mutated = aa_linen.apply(model, {"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), mutated
-    grads, mutated = jax.grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads, activation_stats=mutated[aa_linen.COLLECTION])
+    _, grads, stats, _ = linen_loss_grads_and_stats(model, state.params, x, y)
+    return state.apply_gradients(grads=grads, activation_stats=stats)
 
   state = train_step(train_step(state, x[:4], y[:4]), x[4:], y[4:])
   assert bool(tx.has_updated(state.opt_state))
@@ -247,3 +237,13 @@ def test_nnx_optimizer_with_a_grouped_convolution():
   assert state.acc_stats["conv"]["kernel"].shape == (3, 3, 2, 2)  # (*k, C/G, G)
   _close(params, full_params)
   _close(state.inner_opt_state[0].nu, full_state.inner_opt_state[0].nu, rtol=1e-5, atol=0)
+
+
+def test_state_fields_follow_optax():
+  # The state is optax.MultiStepsState's fields (by name) plus acc_stats; if
+  # optax adds a field, this fails instead of the wrapper misplacing one.
+  assert adaact_optax.MultiStepsState._fields == optax.MultiStepsState._fields + ("acc_stats",)
+  tx = adaact_optax.MultiSteps(adaact_optax.adaact(0.1), every_k_schedule=2)
+  state = tx.init({"w": jnp.ones((3, 2))})
+  assert not isinstance(tx, optax.MultiSteps)   # composed, not subclassed
+  assert tx.inner_opt is not None and not bool(tx.has_updated(state))

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import adaact_optax
-from adaact_optax import linen as aa_linen
+from conftest import linen_loss_grads_and_stats
 from test_parity import MODELS, _close, _tree
 from test_transform import _batches, mlp_loss_and_stats, mlp_params
 
@@ -44,12 +44,8 @@ def test_chain_equals_fused_adaact_with_momentum(fixtures_dir, name, injected):
     fused, chain = adaact_optax.adaact(**hyper, unmatched="momentum"), adaact_chain(**hyper)
 
   def grads_and_stats(params, batch_stats, x, y):
-    def loss_fn(p):
-      logits, mutated = aa_linen.apply(model, {"params": p, "batch_stats": batch_stats}, x,
-                                       mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), mutated
-    grads, mutated = jax.grad(loss_fn, has_aux=True)(params)
-    return grads, mutated[aa_linen.COLLECTION], mutated.get("batch_stats", {})
+    _, grads, stats, batch_stats = linen_loss_grads_and_stats(model, params, x, y, batch_stats)
+    return grads, stats, batch_stats
 
   @jax.jit
   def step(pf, sf, bf, pc, sc, bc, x, y):

@@ -18,6 +18,20 @@ JOB = ROOT / "tests" / "checkpoint_job.py"
 SAVE_AT = 4  # checkpoint_job.SAVE_AT
 
 
+# Relative distance of the final params from the uninterrupted run's, measured
+# (linen, nnx): a fresh optimizer 0.062, 0.047; no nu (V = 0, so the first
+# resumed step divides by ~eps) 5176, 4541. The bounds are about half the
+# smaller; a bit-identical resume gives 0.
+MIN_RELATIVE_CHANGE = {"dropped": 0.02, "no_nu": 2000.0}
+
+
+def _relative_distance(a, b, keys) -> float:
+  """||a - b|| / ||b|| over the arrays ``keys`` of two npz files, as one vector."""
+  diff = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in keys)
+  norm = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in keys)
+  return (diff / norm) ** 0.5
+
+
 def _job(framework, mode, directory):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -41,6 +55,8 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, framework):
     np.testing.assert_array_equal(resumed[key], run[key], err_msg=key)
   assert int(resumed["count"]) == SAVE_AT
   # Resuming without the optimizer state, or without the activation averages
-  # (as the authors' optimizer does), ends elsewhere.
-  for other in (dropped, no_nu):
-    assert not all(np.allclose(other[k], run[k], rtol=1e-3) for k in finals)
+  # (as the authors' optimizer does), ends elsewhere: by the relative distance
+  # of the final params, at least MIN_RELATIVE_CHANGE (measured above).
+  for name, other in (("dropped", dropped), ("no_nu", no_nu)):
+    change = _relative_distance(other, run, finals)
+    assert change > MIN_RELATIVE_CHANGE[name], (name, change)

@@ -125,3 +125,13 @@ def test_nnx_optimizer_state():
                              rtol=1e-5)
   assert set(summary) == {f"layers/{i}/kernel/{s}" for i in (0, 1)
                           for s in ("v_hat_mean", "v_hat_max", "scale_mean", "scale_max")}
+
+
+def test_default_hyperparameters_agree_with_adaact_and_scale_by_adaact():
+  # activation_summary() without arguments must use the hyperparameters an
+  # adaact() / scale_by_adaact() built without them trains with.
+  import inspect
+  from adaact_optax import diagnostics
+  for fn in (adaact_optax.adaact, adaact_optax.scale_by_adaact):
+    params = inspect.signature(fn).parameters
+    assert diagnostics._DEFAULTS == {k: params[k].default for k in ("b2", "eps", "power")}, fn

@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import adaact_optax
-from adaact_optax import linen as aa_linen
+from conftest import linen_loss_grads_and_stats
 
 
 class MLP(nn.Module):
@@ -35,11 +35,7 @@ def _digits():
 def _step_fn(model, tx):
   @jax.jit
   def step(params, opt_state, x, y):
-    def loss_fn(p):
-      logits, mutated = aa_linen.apply(model, {"params": p}, x)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-      return loss.mean(), mutated[aa_linen.COLLECTION]
-    grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+    _, grads, stats, _ = linen_loss_grads_and_stats(model, params, x, y)
     updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
     return optax.apply_updates(params, updates), opt_state, updates, stats
   return step

@@ -26,3 +26,12 @@ def test_docs_tooling_is_in_the_test_extra():
   extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
   for package in ("sphinx", "myst-nb", "myst-parser", "sphinx-book-theme"):
     assert package in extra, package
+
+
+def test_chex_is_a_test_dependency_only():
+  # Only tests use chex; the package itself must not need it at run time.
+  runtime = " ".join(PYPROJECT["project"]["dependencies"])
+  assert "chex" not in runtime
+  assert "chex" in " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
+  for source in (ROOT / "adaact_optax").glob("*.py"):
+    assert "chex" not in source.read_text(), source.name

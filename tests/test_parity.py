@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import adaact_optax
-from adaact_optax import linen as aa_linen
+from conftest import linen_loss_grads_and_stats
 
 
 class ParityMLP(nn.Module):
@@ -78,13 +78,9 @@ def test_matches_authors_trajectory(fixtures_dir, name, via):
       (loss, mutated), grads, stats = adaact_optax.value_grad_and_stats(
           plain_loss, has_aux=True)(params, batch_stats, x, y)
     else:
-      def loss_fn(p):
-        logits, mutated = aa_linen.apply(model, {"params": p, "batch_stats": batch_stats}, x,
-                                         mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, mutated
-      (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      stats = mutated[aa_linen.COLLECTION]
+      loss, grads, stats, new_batch_stats = linen_loss_grads_and_stats(model, params, x, y,
+                                                                       batch_stats)
+      mutated = {"batch_stats": new_batch_stats}
     updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
     return (optax.apply_updates(params, updates), mutated.get("batch_stats", {}),
             opt_state, loss)

@@ -35,6 +35,7 @@ from adaact_optax import linen as aa_linen
 from adaact_optax import matching, moments
 from adaact_optax import nnx as aa_nnx
 from adaact_optax import sharding as aa_sharding
+from conftest import linen_train_step
 
 STEPS, BATCH, CLASSES = 5, 8, 4
 D, HIDDEN, HEADS, HEAD_DIM, VOCAB, TOKENS, LAYERS = 8, 16, 4, 2, 16, 4, 2
@@ -382,17 +383,6 @@ def ce(logits, y):
 # ---------------------------------------------------------------------- Linen
 
 
-def linen_step(model, tx):
-  def step(params, opt_state, x, y):
-    def loss_fn(p):
-      logits, mutated = aa_linen.apply(model, {"params": p}, x)
-      return ce(logits, y), mutated[aa_linen.COLLECTION]
-    grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
-    return optax.apply_updates(params, updates), opt_state
-  return step
-
-
 @functools.lru_cache(maxsize=None)
 def linen_reference(name):
   """Five steps on one device: unboxed params and state."""
@@ -400,7 +390,7 @@ def linen_reference(name):
   params = nn.unbox(model.init(jax.random.key(0), xs[0]))["params"]
   tx = make_tx(aa_linen.stats_shapes(model, {"params": params}, xs[0]))
   opt_state = tx.init(params)
-  step = jax.jit(linen_step(model, tx))
+  step = linen_train_step(model, tx)
   for x, y in zip(xs, ys):
     params, opt_state = step(params, opt_state, x, y)
   return params, opt_state
@@ -439,7 +429,8 @@ def test_linen_state_sharded_by_its_own_metadata(name, mesh_name):
     return
 
   data = NamedSharding(mesh, P("data"))
-  step = jax.jit(linen_step(model, tx), in_shardings=(p_shard, s_shard, data, data),
+  step = jax.jit(linen_train_step(model, tx, jit=False),
+                 in_shardings=(p_shard, s_shard, data, data),
                  out_shardings=(p_shard, s_shard), donate_argnums=(0, 1))
   for x, y in zip(xs, ys):
     params, opt_state = step(params, opt_state, x, y)
