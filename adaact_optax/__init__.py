@@ -1,6 +1,6 @@
 """AdaAct for Optax and Flax: per-input-neuron learning rates from activation statistics."""
 
-from adaact_optax import capture, linen, matching, moments, nnx, sharding
+from adaact_optax import capture, layout, linen, moments, nnx, sharding
 from adaact_optax.capture import (
     CoverageReport, UncapturedWeightWarning, coverage, stats_shapes, value_grad_and_stats)
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
@@ -24,7 +24,7 @@ __all__ = [
     "activation_summary",
     "adaact",
     "linen",
-    "matching",
+    "layout",
     "migrate_state",
     "moments",
     "nnx",

@@ -1,6 +1,6 @@
 """Flax partitioning metadata on AdaAct's second moment.
 
-Imported only once Flax is loaded (``matching.moment_zeros`` checks
+Imported only once Flax is loaded (``_alignment.moment_zeros`` checks
 ``sys.modules`` first), so the transform and the math stay free of Flax.
 
 ``tx.init`` of boxed parameters (Linen ``nn.Partitioned`` /

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaact_optax import matching
+from adaact_optax import _alignment
 from adaact_optax.transform import _missing_stats_error, _not_a_state_error
 
 
@@ -117,7 +117,7 @@ class MultiSteps:
 
   def init(self, params: optax.Params) -> MultiStepsState:
     """``optax.MultiSteps.init``'s state plus zero ``acc_stats``."""
-    acc_stats = matching.moment_zeros(params, self._stats_shapes)
+    acc_stats = _alignment.moment_zeros(params, self._stats_shapes)
     return _with_stats(self._multi_steps.init(params), acc_stats)
 
   def update(self, updates: optax.Updates, state: MultiStepsState,
@@ -134,7 +134,7 @@ class MultiSteps:
     if activation_stats is None:
       raise _missing_stats_error()
     # Per-parameter, state-shaped statistics (None where a parameter has none).
-    stats = matching.align(activation_stats, updates, state.acc_stats)
+    stats = _alignment.align(activation_stats, updates, state.acc_stats)
     is_none = lambda x: x is None
     n = state.mini_step.astype(jnp.float32)
     # Welford running mean, the same update MultiSteps applies to the gradients.

@@ -24,7 +24,7 @@ Statistics are kept as ``(sum, count)`` so that every use of a weight (RNN
 time steps, a layer applied twice, both branches of a ``cond``, ``while``
 iterations) pools exactly, weighted by rows; weights sliced per iteration by
 ``scan`` (stacked layers) get per-slice statistics. Results follow the
-keep-rank layout of ``adaact_optax.matching``: same rank as the parameter,
+keep-rank layout of ``adaact_optax.layout``: same rank as the parameter,
 size 1 along axes the statistic does not vary along, whole blocks where it
 varies per block (grouped convolutions, fused projections used with
 different inputs).
@@ -46,12 +46,12 @@ from jax import lax
 from jax import tree_util
 
 from adaact_optax import _jax_compat as jc
-from adaact_optax import matching
+from adaact_optax import _alignment
 from adaact_optax import moments
 
 
 # The statistics leaf of a weight that was seen but could not be captured.
-UNCAPTURED_SHAPE = getattr(matching, "UNCAPTURED_SHAPE", (0,))
+UNCAPTURED_SHAPE = _alignment.UNCAPTURED_SHAPE
 
 
 class UncapturedWeightWarning(UserWarning):
@@ -85,21 +85,21 @@ class _Data:
   """Depends on the function's non-parameter inputs: an activation."""
 
   def __repr__(self):
-    return "DATA"
+    return "_DATA"
 
 
 class _Const:
   """Depends on neither parameters nor inputs (literals, constants)."""
 
   def __repr__(self):
-    return "CONST"
+    return "_CONST"
 
 
-DATA, CONST = _Data(), _Const()
+_DATA, _CONST = _Data(), _Const()
 
 
 @dataclasses.dataclass(frozen=True)
-class Factor:
+class _Factor:
   """One row-major component of a value's axis: ``size`` steps of ``stride``
   along parameter axis ``axis`` (``axis == -1``: no parameter axis, a broadcast)."""
 
@@ -109,7 +109,7 @@ class Factor:
 
 
 @dataclasses.dataclass(frozen=True)
-class Piece:
+class _Piece:
   """The part of a value that is a view of one parameter.
 
   ``box`` gives, per value axis, the half-open range this piece covers (the
@@ -127,13 +127,13 @@ class Piece:
 
 
 @dataclasses.dataclass(frozen=True)
-class View:
+class _View:
   pieces: tuple
   shape: tuple
 
 
 @dataclasses.dataclass(frozen=True)
-class Opaque:
+class _Opaque:
   """Derived from parameters only, but not by layout ops: ``reason`` names the op."""
 
   sources: frozenset
@@ -141,7 +141,7 @@ class Opaque:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mixed:
+class _Mixed:
   """An activation combined elementwise with parameters (a norm's scale, or a
   weight passed in as data and dequantised by a parameter): ``sources`` are
   those parameters, ``reason`` the first op that combined them."""
@@ -155,19 +155,19 @@ class _Unsupported(Exception):
 
 
 def _is_data(kind) -> bool:
-  return kind is DATA or isinstance(kind, Mixed)
+  return kind is _DATA or isinstance(kind, _Mixed)
 
 
 def _is_param(kind) -> bool:
-  return isinstance(kind, (View, Opaque))
+  return isinstance(kind, (_View, _Opaque))
 
 
 def _sources(kinds) -> frozenset:
   out = set()
   for k in kinds:
-    if isinstance(k, View):
+    if isinstance(k, _View):
       out.update(p.param for p in k.pieces)
-    elif isinstance(k, Opaque):
+    elif isinstance(k, _Opaque):
       out.update(k.sources)
   return frozenset(out)
 
@@ -175,24 +175,24 @@ def _sources(kinds) -> frozenset:
 def _opaque(kinds, reason: str):
   """The kind of a non-layout op's result."""
   if any(_is_data(k) for k in kinds):
-    mixed = [k for k in kinds if isinstance(k, Mixed)]
+    mixed = [k for k in kinds if isinstance(k, _Mixed)]
     sources = _sources(kinds).union(*(k.sources for k in mixed))
     if not sources:
-      return DATA
+      return _DATA
     if not any(_is_param(k) for k in kinds):
       reason = mixed[0].reason
-    return Mixed(sources, reason)
+    return _Mixed(sources, reason)
   sources = _sources(kinds)
   if not sources:
-    return CONST
-  if not any(isinstance(k, View) for k in kinds):
-    reason = next(k.reason for k in kinds if isinstance(k, Opaque))
-  return Opaque(sources, reason)
+    return _CONST
+  if not any(isinstance(k, _View) for k in kinds):
+    reason = next(k.reason for k in kinds if isinstance(k, _Opaque))
+  return _Opaque(sources, reason)
 
 
-def _identity_view(param: int, shape) -> View:
-  axes = tuple((Factor(a, n, 1),) if n != 1 else () for a, n in enumerate(shape))
-  return View((Piece(param, tuple((0, n) for n in shape), axes, (0,) * len(shape)),),
+def _identity_view(param: int, shape) -> _View:
+  axes = tuple((_Factor(a, n, 1),) if n != 1 else () for a, n in enumerate(shape))
+  return _View((_Piece(param, tuple((0, n) for n in shape), axes, (0,) * len(shape)),),
               tuple(shape))
 
 
@@ -201,7 +201,7 @@ def _norm(factors) -> tuple:
 
 
 def _bcast(n: int) -> tuple:
-  return (Factor(-1, n, 0),) if n != 1 else ()
+  return (_Factor(-1, n, 0),) if n != 1 else ()
 
 
 def _add_offset(offset, deltas) -> tuple:
@@ -224,11 +224,11 @@ def _slice_factors(factors, lo: int, n: int, step: int):
     raise _Unsupported("slice")
   if len(factors) == 1:
     f = factors[0]
-    return (Factor(f.axis, n, f.stride * step),), {f.axis: lo * f.stride}
+    return (_Factor(f.axis, n, f.stride * step),), {f.axis: lo * f.stride}
   inner = math.prod(f.size for f in factors[1:])
   f0 = factors[0]
   if step == 1 and lo % inner == 0 and n % inner == 0:
-    return _norm((Factor(f0.axis, n // inner, f0.stride),) + factors[1:]), {
+    return _norm((_Factor(f0.axis, n // inner, f0.stride),) + factors[1:]), {
         f0.axis: (lo // inner) * f0.stride}
   if lo // inner == (lo + (n - 1) * step) // inner:  # within one outer index
     sub, deltas = _slice_factors(factors[1:], lo % inner, n, step)
@@ -264,8 +264,8 @@ def _regroup(axes, in_shape, out_shape) -> tuple:
         need //= f.size
         i += 1
       elif f.size % need == 0:
-        cur.append(Factor(f.axis, need, f.stride * (f.size // need)))
-        seq[i] = Factor(f.axis, f.size // need, f.stride)
+        cur.append(_Factor(f.axis, need, f.stride * (f.size // need)))
+        seq[i] = _Factor(f.axis, f.size // need, f.stride)
         need = 1
       else:
         raise _Unsupported("a reshape that splits a parameter axis unevenly")
@@ -275,17 +275,17 @@ def _regroup(axes, in_shape, out_shape) -> tuple:
   return tuple(out)
 
 
-def _full(piece: Piece, shape, axis: int) -> bool:
+def _full(piece: _Piece, shape, axis: int) -> bool:
   return piece.box[axis] == (0, shape[axis])
 
 
 # ----------------------------------------------------------------------------
-# Layout ops on views. Each returns the output View, or raises _Unsupported.
+# Layout ops on views. Each returns the output _View, or raises _Unsupported.
 
 
-def _map_pieces(view: View, fn, out_shape) -> View:
+def _map_pieces(view: _View, fn, out_shape) -> _View:
   pieces = tuple(p for p in (fn(p) for p in view.pieces) if p is not None)
-  return View(pieces, tuple(out_shape))
+  return _View(pieces, tuple(out_shape))
 
 
 def _view_transpose(view, out_shape, permutation):
@@ -335,7 +335,7 @@ def _view_broadcast(view, out_shape, shape, broadcast_dimensions, **_):
   return _map_pieces(view, fn, out_shape)
 
 
-def _slice_piece(p: Piece, shape, axis: int, start: int, limit: int, step: int):
+def _slice_piece(p: _Piece, shape, axis: int, start: int, limit: int, step: int):
   n_out = max(0, -(-(limit - start) // step))
   lo, hi = p.box[axis]
   if (lo, hi) == (0, shape[axis]):
@@ -383,7 +383,7 @@ def _view_rev(view, out_shape, dimensions):
       for f in axes[d]:
         if f.axis >= 0:
           offset[f.axis] = offset.get(f.axis, 0) + (f.size - 1) * f.stride
-        new.append(Factor(f.axis, f.size, -f.stride))
+        new.append(_Factor(f.axis, f.size, -f.stride))
       axes[d] = tuple(new)
     return dataclasses.replace(p, box=tuple(box), axes=tuple(axes),
                                offset=_add_offset(p.offset, offset))
@@ -401,7 +401,7 @@ def _view_pad(view, out_shape, padding_config):
   return _map_pieces(view, fn, out_shape)
 
 
-def _shift(p: Piece, axis: int, by: int) -> Piece:
+def _shift(p: _Piece, axis: int, by: int) -> _Piece:
   box = list(p.box)
   box[axis] = (box[axis][0] + by, box[axis][1] + by)
   return dataclasses.replace(p, box=tuple(box))
@@ -423,7 +423,7 @@ _VIEW_RULES = {
 
 
 class _Contribution(NamedTuple):
-  piece: Piece
+  piece: _Piece
   sums: jax.Array
   counts: jax.Array
   lookup: bool = False
@@ -512,7 +512,7 @@ def _conv_sums(lhs, rhs_shape, cp, mask, tags):
   return sums, jnp.broadcast_to(jnp.asarray(rows, jnp.float32), sums.shape)
 
 
-def _restrict(piece: Piece, shape, sums, counts):
+def _restrict(piece: _Piece, shape, sums, counts):
   """The part of value-shaped ``sums``/``counts`` that ``piece`` covers."""
   for axis, (lo, hi) in enumerate(piece.box):
     if (lo, hi) == (0, shape[axis]) or sums.shape[axis] == 1:
@@ -633,7 +633,7 @@ class _Interpreter:
 
     def read(atom):
       if jc.is_literal(atom):
-        return jc.literal_value(atom), CONST
+        return jc.literal_value(atom), _CONST
       return env[atom], kenv[atom]
 
     def write(var, val, kind, is_mm=False):
@@ -644,7 +644,7 @@ class _Interpreter:
         mm.add(var)
 
     for v, c in zip(jaxpr.constvars, consts):
-      write(v, c, CONST)
+      write(v, c, _CONST)
     for v, a, k in zip(jaxpr.invars, args, kinds):
       write(v, a, k)
     for eqn in jaxpr.eqns:
@@ -666,10 +666,10 @@ class _Interpreter:
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
     if not any(_is_param(k) for k in inkinds) and (
-        not any(isinstance(k, Mixed) for k in inkinds) or name not in (jc.DOT, jc.CONV)):
+        not any(isinstance(k, _Mixed) for k in inkinds) or name not in (jc.DOT, jc.CONV)):
       outs = jc.bind(eqn, invals)
       if name in (jc.DOT, jc.CONV, jc.GATHER) or jc.has_subjaxpr(eqn):
-        kind = DATA if any(_is_data(k) for k in inkinds) else CONST
+        kind = _DATA if any(_is_data(k) for k in inkinds) else _CONST
       else:
         kind = _opaque(inkinds, f"`{name}`")
       passes_mm = bool(in_mm) and in_mm[0] and (name in jc.IDENTITY or name in (
@@ -719,12 +719,12 @@ class _Interpreter:
     if jc.has_subjaxpr(eqn):
       self.trace.miss(_sources(inkinds), f"it is passed into `{name}`, which the capture "
                       "does not see into")
-      return outs, [DATA] * n_out, [False] * n_out
+      return outs, [_DATA] * n_out, [False] * n_out
     return outs, [_opaque(inkinds, f"`{name}`")] * n_out, [False] * n_out
 
   # -- layout -----------------------------------------------------------------
   def _layout_one(self, kind, name, out_shape, params):
-    if not isinstance(kind, View):
+    if not isinstance(kind, _View):
       return kind
     return _VIEW_RULES[name](kind, tuple(out_shape), **params)
 
@@ -732,17 +732,17 @@ class _Interpreter:
     out_shapes = [v.aval.shape for v in eqn.outvars]
     if name in _VIEW_RULES:
       kind = inkinds[0]
-      if not isinstance(kind, View):
+      if not isinstance(kind, _View):
         return [kind]
       return [self._layout_one(kind, name, out_shapes[0], dict(eqn.params))]
     if name == "pad":
       kind = inkinds[0]
-      if not isinstance(kind, View):
+      if not isinstance(kind, _View):
         return [_opaque(inkinds, "`pad`")]
       return [_view_pad(kind, tuple(out_shapes[0]), eqn.params["padding_config"])]
     if name == "split":
       kind = inkinds[0]
-      if not isinstance(kind, View):
+      if not isinstance(kind, _View):
         return [kind] * len(out_shapes)
       axis, start, out = eqn.params["axis"], 0, []
       for size, shape in zip(eqn.params["sizes"], out_shapes):
@@ -753,17 +753,17 @@ class _Interpreter:
         start += size
       return out
     # concatenate: views (and constants) side by side along one axis.
-    if any(_is_data(k) or isinstance(k, Opaque) for k in inkinds):
+    if any(_is_data(k) or isinstance(k, _Opaque) for k in inkinds):
       return [_opaque(inkinds, "`concatenate`")]
     axis, start, pieces = eqn.params["dimension"], 0, []
     for var, kind in zip(eqn.invars, inkinds):
-      if isinstance(kind, View):
+      if isinstance(kind, _View):
         pieces.extend(_shift(p, axis, start) for p in kind.pieces)
       start += var.aval.shape[axis]
-    return [View(tuple(pieces), tuple(out_shapes[0]))]
+    return [_View(tuple(pieces), tuple(out_shapes[0]))]
 
   # -- contractions -----------------------------------------------------------
-  def _record(self, view: View, sums, counts, lookup=False):
+  def _record(self, view: _View, sums, counts, lookup=False):
     for piece in view.pieces:
       try:
         s, c = _restrict(piece, view.shape, sums, counts)
@@ -779,28 +779,28 @@ class _Interpreter:
     neither operand can be a weight unless it is a view of a parameter.
     """
     lk, rk = inkinds
-    if isinstance(lk, View) and isinstance(rk, View):
-      return None, Opaque(_sources(inkinds), f"`{eqn_name}` with another parameter")
-    if isinstance(lk, Opaque) and isinstance(rk, Opaque):
+    if isinstance(lk, _View) and isinstance(rk, _View):
+      return None, _Opaque(_sources(inkinds), f"`{eqn_name}` with another parameter")
+    if isinstance(lk, _Opaque) and isinstance(rk, _Opaque):
       return None, _opaque(inkinds, eqn_name)
     for w, (wk, ak) in ((1, (rk, lk)), (0, (lk, rk))):
-      if isinstance(wk, View):
-        if isinstance(ak, Opaque):
+      if isinstance(wk, _View):
+        if isinstance(ak, _Opaque):
           self.trace.miss(ak.sources, f"it passes through {ak.reason}, which is not a layout "
                           "op, before it multiplies another weight")
-        return w, DATA
+        return w, _DATA
     for k in (lk, rk):
-      if isinstance(k, Opaque):
+      if isinstance(k, _Opaque):
         self.trace.miss(k.sources, f"it passes through {k.reason}, which is not a layout "
                         f"op, before its `{eqn_name}`")
     # A parameter combined with data right before a contraction whose other side
     # is plain data: a weight given as data and scaled (dequantised) by it.
-    mixed = [k for k in (lk, rk) if isinstance(k, Mixed)]
+    mixed = [k for k in (lk, rk) if isinstance(k, _Mixed)]
     if len(mixed) == 1 and not batched and not any(_is_param(k) for k in (lk, rk)):
       self.trace.miss(mixed[0].sources, f"it is combined with data by {mixed[0].reason} "
                       f"before a `{eqn_name}` whose other operand is data (a weight passed in "
                       "as data and scaled by a parameter?)")
-    return None, DATA
+    return None, _DATA
 
   def _dot(self, eqn, invals, inkinds):
     lc, rc, lb, rb = jc.dot_dimensions(eqn)
@@ -812,32 +812,32 @@ class _Interpreter:
     sums, counts = _dot_sums(a, a_c, a_b, w_c, w_b, invals[w].ndim, self.mask,
                              self.tag(eqn.invars[1 - w]))
     self._record(inkinds[w], sums, counts)
-    return DATA, True
+    return _DATA, True
 
   def _conv(self, eqn, invals, inkinds):
     lk, rk = inkinds
     if _is_param(lk):
       if _is_data(rk):
         self.trace.miss(_sources([lk]), "it is the input (not the kernel) of a convolution")
-        return DATA, False
+        return _DATA, False
       return _opaque(inkinds, "`conv_general_dilated`"), False
-    if isinstance(rk, (Opaque, Mixed)):
+    if isinstance(rk, (_Opaque, _Mixed)):
       self.trace.miss(rk.sources, f"it passes through {rk.reason}, which is not a layout "
                       "op, before its `conv_general_dilated`")
-      return DATA, False
-    if not isinstance(rk, View):
-      return (DATA if _is_data(lk) or _is_data(rk) else CONST), False
+      return _DATA, False
+    if not isinstance(rk, _View):
+      return (_DATA if _is_data(lk) or _is_data(rk) else _CONST), False
     cp = jc.conv_params(eqn)
     if cp["batch_groups"] != 1:
       self.trace.miss(_sources([rk]), "a convolution with batch_group_count > 1")
-      return DATA, False
+      return _DATA, False
     sums, counts = _conv_sums(invals[0], invals[1].shape, cp, self.mask, self.tag(eqn.invars[0]))
     self._record(rk, sums, counts)
-    return DATA, True
+    return _DATA, True
 
   def _gather(self, eqn, invals, inkinds):
     table, ids = inkinds
-    if not isinstance(table, View):
+    if not isinstance(table, _View):
       return _opaque(inkinds, "`gather`")
     gp = jc.gather_params(eqn)
     shape = table.shape
@@ -856,17 +856,17 @@ class _Interpreter:
       sums = counts_row.reshape([n if a == axis else 1 for a, n in enumerate(shape)])
       count = jnp.full(sums.shape, float(max(index.size, 1)), jnp.float32)
       self._record(table, sums, count, lookup=True)
-    return DATA
+    return _DATA
 
   def _add(self, invals, inkinds, in_mm):
     # A parameter added to a captured contraction's output is its bias: a
     # weight on the constant input 1.
     for b, o in ((0, 1), (1, 0)):
-      if isinstance(inkinds[b], View) and in_mm[o]:
+      if isinstance(inkinds[b], _View) and in_mm[o]:
         view = inkinds[b]
         ones = jnp.ones((1,) * len(view.shape), jnp.float32)
         self._record(view, ones, ones)
-        return DATA
+        return _DATA
     return _opaque(inkinds, "`add`")
 
   # -- higher-order primitives ------------------------------------------------
@@ -947,9 +947,9 @@ class _Interpreter:
     carry_in = body.jaxpr.invars[nc:nc + ncar]
     carry_out = body.jaxpr.outvars[:ncar]
     carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
-                   Opaque(_sources([k]), "a `scan` carry")
+                   _Opaque(_sources([k]), "a `scan` carry")
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
-    carry_kinds = [DATA if k is CONST or isinstance(k, Mixed) else k for k in carry_kinds]
+    carry_kinds = [_DATA if k is _CONST or isinstance(k, _Mixed) else k for k in carry_kinds]
     x_kinds = [self._pin(k) for k in xk]
     # A scan over a mask axis j (time): each iteration sees the mask sliced at j.
     in_tags = [self.tag(v) for v in eqn.invars]
@@ -981,22 +981,22 @@ class _Interpreter:
       else:  # the same weight every iteration: pool
         self.contributions.append(c._replace(sums=s.sum(0), counts=n.sum(0)))
     okinds = info["kinds"]
-    out_kinds = [carry_kinds[i] if _is_param(carry_kinds[i]) and okinds[i] is not DATA
-                 else (DATA if okinds[i] is CONST else okinds[i]) for i in range(ncar)]
+    out_kinds = [carry_kinds[i] if _is_param(carry_kinds[i]) and okinds[i] is not _DATA
+                 else (_DATA if okinds[i] is _CONST else okinds[i]) for i in range(ncar)]
     out_kinds += [_opaque([k], "`scan` output") if _is_param(k) else k
                   for k in okinds[ncar:]]
     return list(carry) + list(ys), out_kinds, [False] * len(out_kinds)
 
   def _pin(self, kind):
-    if not isinstance(kind, View):
+    if not isinstance(kind, _View):
       return kind
     pieces = []
     for p in kind.pieces:
       if p.box[0] != (0, kind.shape[0]):
-        return Opaque(_sources([kind]), "a `scan` over a concatenated weight")
+        return _Opaque(_sources([kind]), "a `scan` over a concatenated weight")
       pieces.append(dataclasses.replace(p, box=p.box[1:], axes=p.axes[1:],
                                         pinned=p.pinned + (_norm(p.axes[0]),)))
-    return View(tuple(pieces), kind.shape[1:])
+    return _View(tuple(pieces), kind.shape[1:])
 
   def _while(self, eqn, invals, inkinds):
     p = jc.while_params(eqn)
@@ -1006,9 +1006,9 @@ class _Interpreter:
     body = p["body_jaxpr"]
     carry_in, carry_out = body.jaxpr.invars[bn:], body.jaxpr.outvars
     carry_kinds = [k if (not _is_param(k) or v_out is v_in) else
-                   Opaque(_sources([k]), "a `while` carry")
+                   _Opaque(_sources([k]), "a `while` carry")
                    for k, v_in, v_out in zip(ik, carry_in, carry_out)]
-    carry_kinds = [DATA if k is CONST or isinstance(k, Mixed) else k for k in carry_kinds]
+    carry_kinds = [_DATA if k is _CONST or isinstance(k, _Mixed) else k for k in carry_kinds]
     fn, info = self._nested(body.jaxpr, body.consts, bk + carry_kinds,
                             in_vars=eqn.invars[cn:])
     # Trace once for the accumulators' shapes, then loop with them in the carry.
@@ -1092,8 +1092,8 @@ def _place(c: _Contribution, rank: int):
           sizes.insert(0, 1)
           block //= f.size
         elif f.size % block == 0:
-          new_fs[0:0] = [Factor(f.axis, f.size // block, f.stride * block),
-                         Factor(f.axis, block, f.stride)]
+          new_fs[0:0] = [_Factor(f.axis, f.size // block, f.stride * block),
+                         _Factor(f.axis, block, f.stride)]
           sizes[0:0] = [f.size // block, 1]
           block = 1
         else:
@@ -1242,7 +1242,7 @@ def _finalize(trace: _Trace, contributions, paths, shapes):
   return stats, CoverageReport(matched, unmatched, tuple(other))
 
 
-def warn_uncaptured(report: CoverageReport, shapes: dict | None = None, skip=()):
+def _warn_uncaptured(report: CoverageReport, shapes: dict | None = None, skip=()):
   """Emits one ``UncapturedWeightWarning`` per uncaptured weight in ``report``."""
   for path, reason in report.unmatched.items():
     if path in skip:
@@ -1331,7 +1331,7 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   kwargs = kwargs or {}
   floor = _embedding_floor(embeddings)
   flat, treedef = tree_util.tree_flatten_with_path(params)
-  paths = [matching.path_name(p) for p, _ in flat]
+  paths = [_alignment.path_name(p) for p, _ in flat]
   p_leaves = [jnp.asarray(x) for _, x in flat]
   dyn_vals, rebuild = _split_dynamic(args, kwargs)
 
@@ -1348,7 +1348,7 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
     for var in closed.jaxpr.invars[len(p_leaves):]:
       if tuple(var.aval.shape[:len(m)]) == tuple(m):
         interp.tags[var] = tuple(range(len(m))) + (None,) * (len(var.aval.shape) - len(m))
-  kinds = [_identity_view(i, s) for i, s in enumerate(shapes)] + [DATA] * len(dyn_vals)
+  kinds = [_identity_view(i, s) for i, s in enumerate(shapes)] + [_DATA] * len(dyn_vals)
   outs, _, _ = interp.run(closed.jaxpr, closed.consts, p_leaves + dyn_vals, kinds)
   out = tree_util.tree_unflatten(tree_util.tree_structure(out_shape), outs)
   stats, report = _finalize(trace, interp.contributions, paths, shapes)
@@ -1414,9 +1414,9 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
       return loss, (aux, stats)
 
     (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
-    shapes = {matching.path_name(k): jnp.shape(v)
+    shapes = {_alignment.path_name(k): jnp.shape(v)
               for k, v in tree_util.tree_flatten_with_path(params)[0]}
-    warn_uncaptured(box["report"], shapes)
+    _warn_uncaptured(box["report"], shapes)
     value = (loss, aux) if has_aux else loss
     return value, grads, treedef.unflatten(stats)
   return g

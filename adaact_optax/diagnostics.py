@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from adaact_optax import matching
+from adaact_optax import _alignment
 from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
-                                    step_scale)
+                                    _step_scale)
 
 # States holding AdaAct's second moment `nu` and its `count`.
 _STATES = (ScaleByAdaActState, ScaleByActivationRMSState)
@@ -107,11 +107,11 @@ def activation_summary(opt_state: Any, *, b2: jax.typing.ArrayLike | None = None
     for path, nu in jax.tree.leaves_with_path(state.nu):
       if jnp.size(nu) <= 1:  # a bias, a norm scale, an uncaptured marker: nothing to summarise
         continue
-      name = matching.path_name(path)
+      name = _alignment.path_name(path)
       if f"{name}/v_hat_mean" in out:
         raise ValueError(f"activation_summary: two AdaAct states have a parameter at '{name}'")
       v_hat = nu / bias_correction
-      scale = step_scale(v_hat, h["power"], eps_)
+      scale = _step_scale(v_hat, h["power"], eps_)
       out[f"{name}/v_hat_mean"] = jnp.mean(v_hat)
       out[f"{name}/v_hat_max"] = jnp.max(v_hat)
       out[f"{name}/scale_mean"] = jnp.mean(scale)

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 
 from adaact_optax import capture as _capture
-from adaact_optax import matching, moments
+from adaact_optax import _alignment, moments
 
 COLLECTION = "adaact_stats"
 
@@ -93,13 +93,13 @@ def layer_moments(module: nn.Module, x: jax.Array, *, embeddings: bool | float =
     axis = _as_tuple(module.axis, 1)
     kernel = moments.dense_moments(x, axis, _as_tuple(module.batch_dims, 1) if module.batch_dims else ())
   elif isinstance(module, nn.Conv):
-    kernel = conv_layer_moments(module, x)
+    kernel = _conv_layer_moments(module, x)
   else:
     return {}
-  return with_bias(kernel, module.use_bias)
+  return _with_bias(kernel, module.use_bias)
 
 
-def conv_layer_moments(layer, x: jax.Array) -> moments.InputMoments:
+def _conv_layer_moments(layer, x: jax.Array) -> moments.InputMoments:
   """``moments.conv_moments`` configured from a conv layer's attributes.
 
   Shared by the Linen and NNX adapters: ``nn.Conv`` and ``nnx.Conv`` name
@@ -116,7 +116,7 @@ def conv_layer_moments(layer, x: jax.Array) -> moments.InputMoments:
       kernel_dilation=_as_tuple(layer.kernel_dilation, rank))
 
 
-def with_bias(kernel: moments.InputMoments, use_bias: bool) -> dict[str, moments.InputMoments]:
+def _with_bias(kernel: moments.InputMoments, use_bias: bool) -> dict[str, moments.InputMoments]:
   """``{'kernel': kernel}``, plus the bias's constant-input statistic if it has one."""
   out = {"kernel": kernel}
   if use_bias:
@@ -229,7 +229,7 @@ def _nested(flat: dict) -> dict:
 
 
 def _flat(tree) -> dict:
-  return {matching.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {_alignment.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | float = False,
@@ -298,7 +298,7 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
   paths = list(_flat(params))
   stats = {path: leaf for path, leaf in zip(paths, leaves) if leaf is not None}
   stats.update(sown)
-  _capture.warn_uncaptured(report, {p: x.shape for p, x in _flat(params).items()},
+  _capture._warn_uncaptured(report, {p: x.shape for p, x in _flat(params).items()},
                            skip=set(sown))
   mutated[COLLECTION] = _nested(stats)
   return out, mutated

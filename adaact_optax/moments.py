@@ -172,7 +172,7 @@ def conv_moments(
   Returns:
     ``InputMoments`` with mean of shape ``(*kernel_size, C)`` (float32): the
     mean over every (example, output position) of the squared patch element.
-    Grouped convolutions use the same statistic; see ``matching``.
+    Grouped convolutions use the same statistic; see ``adaact_optax.layout``.
 
   Raises:
     ValueError: if ``x`` has fewer than ``len(kernel_size)`` spatial axes

@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 
 from adaact_optax import capture as _capture
-from adaact_optax import matching, moments
+from adaact_optax import _alignment, moments
 
 
 class _SowRecorder:
@@ -36,7 +36,7 @@ class _SowRecorder:
     self.stats[id(variable)] = (variable, stat)
 
   def by_path(self, model, wrt) -> dict:
-    paths = {id(v): matching.path_name(p) for p, v in nnx.to_flat_state(nnx.state(model, wrt))}
+    paths = {id(v): _alignment.path_name(p) for p, v in nnx.to_flat_state(nnx.state(model, wrt))}
     return {paths[i]: s.mean for i, (_, s) in self.stats.items() if i in paths}
 
 
@@ -147,7 +147,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   stats, shapes = {}, {}
   for (path, x), leaf in zip(flat, leaves):
-    name = matching.path_name(path)
+    name = _alignment.path_name(path)
     shapes[name] = x.shape
     keys = tuple(_key(k) for k in path if not (
         isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
@@ -155,7 +155,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
       stats[keys] = sown[name]
     elif leaf is not None:
       stats[keys] = leaf
-  _capture.warn_uncaptured(report, shapes, skip=set(sown))
+  _capture._warn_uncaptured(report, shapes, skip=set(sown))
   return out, nnx.from_flat_state(stats)
 
 

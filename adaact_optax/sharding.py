@@ -39,7 +39,7 @@ import jax
 from jax import tree_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from adaact_optax import matching
+from adaact_optax import _alignment
 
 PyTree = Any
 
@@ -181,7 +181,7 @@ def state_partition_specs(tx, params_specs: PyTree, params: PyTree) -> PyTree:
     raise ValueError(f"params_specs must have the structure of params: {e}") from None
   flat_params = tree_util.tree_flatten_with_path(params)[0]
   for (path, p), spec in zip(flat_params, spec_leaves):
-    _check_rank(spec, p.shape, matching.path_name(path))
+    _check_rank(spec, p.shape, _alignment.path_name(path))
 
   def param_slots(x):
     """For a subtree keyed like the params, each of its leaves' parameter
@@ -274,7 +274,7 @@ def state_shardings(tx, params_shardings: PyTree, params: PyTree,
     for entry in spec or ():
       for axis in (entry if isinstance(entry, tuple) else (entry,)):
         if axis is not None and axis not in axes:
-          raise ValueError(f"partition spec {spec} at '{matching.path_name(path)}' names the "
+          raise ValueError(f"partition spec {spec} at '{_alignment.path_name(path)}' names the "
                            f"axis {axis!r}, which the mesh (axes {mesh.axis_names}) lacks")
   tree_util.tree_map_with_path(check, params_shardings, is_leaf=_is_spec_leaf)
   specs = state_partition_specs(tx, params_shardings, params)

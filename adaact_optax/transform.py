@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaact_optax import matching
+from adaact_optax import _alignment
 
 _UNMATCHED = ("sgd", "momentum", "error")
 
@@ -28,7 +28,7 @@ class ScaleByAdaActState(NamedTuple):
     count: int32 scalar, number of updates taken.
     mu: first moment of the gradients, like the params, in ``mu_dtype``.
     nu: float32 EMA of the squared layer inputs, one value per input feature,
-      in the keep-rank layout of ``adaact_optax.matching``: a parameter of
+      in the keep-rank layout of ``adaact_optax.layout``: a parameter of
       shape ``K`` has ``K[:-1] + (1,)`` (or the ``stats_shapes`` override),
       vectors ``(1,)``, scalars ``()``. Never parameter-sized.
     skipped: int32 scalar, number of steps skipped because their statistics
@@ -166,7 +166,7 @@ def _uncaptured_error(names):
       "to accept plain updates for them.")
 
 
-def step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
+def _step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
                bc1: jax.typing.ArrayLike = 1.0) -> jax.Array:
   """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``.
 
@@ -197,7 +197,7 @@ def scale_by_adaact(
   with gradient :math:`g_t` and statistic :math:`A_t` (from
   ``activation_stats``: the mean over rows of the squared input elements each
   of its weights multiplies, in the keep-rank layout of
-  :mod:`adaact_optax.matching`), at step :math:`t`:
+  :mod:`adaact_optax.layout`), at step :math:`t`:
 
   .. math::
 
@@ -233,9 +233,9 @@ def scale_by_adaact(
     unmatched: ``"sgd"`` or ``"momentum"``, see above; ``"error"`` is
       ``"sgd"`` for parameters without statistics, but raises a ValueError
       (at trace time, naming the paths) for parameters the capture marked
-      uncaptured (``matching.UNCAPTURED_SHAPE`` leaves).
+      uncaptured (``_alignment.UNCAPTURED_SHAPE`` leaves).
     stats_shapes: optional tree of statistics shapes keyed like the params
-      (keep-rank or 0.1.0 forms, see ``adaact_optax.matching``), for layers
+      (keep-rank or 0.1.0 forms, see ``adaact_optax.layout``), for layers
       whose statistics are not the default ``K[:-1] + (1,)`` (grouped
       convolutions); see ``adaact_optax.linen.stats_shapes``.
     axis_name: a ``pmap``/``shard_map`` axis over which the statistics are
@@ -279,17 +279,17 @@ def scale_by_adaact(
   mu_dtype = _check_mu_dtype(mu_dtype)
 
   def init_fn(params):
-    if unmatched == "error" and matching.uncaptured_paths(stats_shapes):
-      raise _uncaptured_error(matching.uncaptured_paths(stats_shapes))
+    if unmatched == "error" and _alignment.uncaptured_paths(stats_shapes):
+      raise _uncaptured_error(_alignment.uncaptured_paths(stats_shapes))
     if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.complexfloating):
-      complex_params = [matching.path_name(p) for p, x in
+      complex_params = [_alignment.path_name(p) for p, x in
                         jax.tree.leaves_with_path(params) if jnp.iscomplexobj(x)]
       if complex_params:
         raise ValueError(f"mu_dtype={mu_dtype} is real, but the parameters {complex_params} "
                          "are complex: their momentum would lose its imaginary part. Pass "
                          "mu_dtype=None (the parameters' dtype) or a complex dtype.")
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = matching.moment_zeros(params, stats_shapes)
+    nu = _alignment.moment_zeros(params, stats_shapes)
     zero = jnp.zeros([], jnp.int32)
     return ScaleByAdaActState(count=zero, mu=mu, nu=nu, skipped=zero)
 
@@ -301,11 +301,11 @@ def scale_by_adaact(
       raise _missing_stats_error()
     if axis_name is not None:
       activation_stats = jax.lax.pmean(activation_stats, axis_name)
-    stats = matching.align(activation_stats, updates, state.nu)
+    stats = _alignment.align(activation_stats, updates, state.nu)
     if unmatched == "error":
       # Only parameters this transform owns (optax.masked/partition drop the rest).
-      owned = set(matching.param_names(updates))
-      refused = [n for n in matching.uncaptured_paths(activation_stats) if n in owned]
+      owned = set(_alignment.param_names(updates))
+      refused = [n for n in _alignment.uncaptured_paths(activation_stats) if n in owned]
       if refused:
         raise _uncaptured_error(refused)
     count = optax.safe_increment(state.count)
@@ -335,8 +335,8 @@ def scale_by_adaact(
         # costs one multiply and no divide; as one reciprocal (not a product of
         # two) XLA:CPU compiles it identically with constant and with
         # inject_hyperparams' array hyperparameters, bit for bit.
-        scale = jnp.where(ok, step_scale(v / bc2, power, eps_, bc1), 0.0)
-        u = matching.apply_scale(m_new, scale, matching.path_name(path))
+        scale = jnp.where(ok, _step_scale(v / bc2, power, eps_, bc1), 0.0)
+        u = _alignment.apply_scale(m_new, scale, _alignment.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
@@ -382,7 +382,7 @@ def scale_by_activation_rms(
   r"""AdaAct's activation preconditioner on its own, as an optax building block.
 
   Keeps only the EMA of each weight's squared inputs ``V`` (one value per
-  input feature, the keep-rank layout of ``adaact_optax.matching``) and a
+  input feature, the keep-rank layout of ``adaact_optax.layout``) and a
   count, and divides the incoming updates ``u`` by it::
 
     V_t = b2 V_{t-1} + (1 - b2) A_t        V_hat = V_t / (1 - b2^t)
@@ -430,7 +430,7 @@ def scale_by_activation_rms(
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    return ScaleByActivationRMSState(count=zero, nu=matching.moment_zeros(params, stats_shapes),
+    return ScaleByActivationRMSState(count=zero, nu=_alignment.moment_zeros(params, stats_shapes),
                                      skipped=zero)
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
@@ -441,7 +441,7 @@ def scale_by_activation_rms(
       raise _missing_stats_error()
     if axis_name is not None:
       activation_stats = jax.lax.pmean(activation_stats, axis_name)
-    stats = matching.align(activation_stats, updates, state.nu)
+    stats = _alignment.align(activation_stats, updates, state.nu)
     count = optax.safe_increment(state.count)
     b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b2, eps))
     bc2 = 1 - b2_ ** count.astype(jnp.float32)
@@ -450,8 +450,8 @@ def scale_by_activation_rms(
       if a is None:
         return u, v
       v = b2_ * v + (1 - b2_) * a
-      scale = step_scale(v / bc2, power, eps_)
-      out = matching.apply_scale(u.astype(_compute_dtype(u)), scale, matching.path_name(path))
+      scale = _step_scale(v / bc2, power, eps_)
+      out = _alignment.apply_scale(u.astype(_compute_dtype(u)), scale, _alignment.path_name(path))
       return out.astype(u.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.nu, stats)
@@ -479,7 +479,7 @@ def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
   """``optax.partition`` of ``adaact_tx`` (parameters with statistics) and ``other``."""
   labels = lambda params: jax.tree.map(
       lambda has: "adaact" if has else "unmatched",
-      matching.with_statistics(params, stats_shapes))
+      _alignment.with_statistics(params, stats_shapes))
   tx = optax.partition({"adaact": adaact_tx, "unmatched": other}, labels)
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
@@ -487,13 +487,13 @@ def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
       raise _missing_stats_error()
     # The split was fixed at init from stats_shapes; statistics that disagree
     # with it would be dropped (or missed) silently, so they are an error.
-    owned = set(matching.param_names(updates))
-    expected = {n for n, has in zip(matching.param_names(updates),
-                                    jax.tree.leaves(matching.with_statistics(updates,
+    owned = set(_alignment.param_names(updates))
+    expected = {n for n, has in zip(_alignment.param_names(updates),
+                                    jax.tree.leaves(_alignment.with_statistics(updates,
                                                                              stats_shapes)))
                 if has}
-    given = {n for n, leaf in matching.stats_leaves(activation_stats).items()
-             if n in owned and not matching.is_uncaptured(leaf)}
+    given = {n for n, leaf in _alignment.stats_leaves(activation_stats).items()
+             if n in owned and not _alignment.is_uncaptured(leaf)}
     if given != expected:
       raise ValueError(
           "adaact(unmatched=<an optax transformation>): activation_stats and the "
@@ -668,13 +668,13 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     opt_state = adaact_optax.migrate_state(raw["opt_state"], tx, params)
   """
   template = jax.eval_shape(tx.init, params)
-  old = {matching.path_name(p): leaf
+  old = {_alignment.path_name(p): leaf
          for p, leaf in jax.tree.leaves_with_path(old_state)}
-  param_shapes = {matching.path_name(p): tuple(jnp.shape(x))
+  param_shapes = {_alignment.path_name(p): tuple(jnp.shape(x))
                   for p, x in jax.tree.leaves_with_path(params)}
   states = (ScaleByAdaActState, ScaleByActivationRMSState)
   new_counters = {
-      "/".join(filter(None, (matching.path_name(p), "skipped")))
+      "/".join(filter(None, (_alignment.path_name(p), "skipped")))
       for p, node in jax.tree.leaves_with_path(
           template, is_leaf=lambda x: isinstance(x, states)) if isinstance(node, states)}
   used = set()
@@ -685,7 +685,7 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     return max(hits, key=len) if hits else None
 
   def convert(path, t):
-    name = matching.path_name(path)
+    name = _alignment.path_name(path)
     if name not in old:
       if name in new_counters:
         return jnp.zeros(t.shape, t.dtype)
@@ -701,7 +701,7 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     if param is None:
       raise ValueError(f"migrate_state: '{name}' has shape {value.shape} in the old state and "
                        f"{t.shape} in the new one, and is no parameter's second moment")
-    converted = matching.to_keep_rank(value, param_shapes[param], param)
+    converted = _alignment.to_keep_rank(value, param_shapes[param], param)
     if not all(d in (1, n) for d, n in zip(converted.shape, t.shape)):
       raise ValueError(
           f"migrate_state: the 0.1.0 second moment at '{name}' of shape {value.shape} "

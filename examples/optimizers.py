@@ -26,7 +26,6 @@ import jax
 import optax
 
 import adaact_optax
-from adaact_optax import matching
 
 ADAACT_VARIANTS = ("adaact", "adaact-momentum", "adaact-adam")
 OPTIMIZERS = ADAACT_VARIANTS + ("sgd", "adam", "adamw", "adan", "lamb", "adafactor", "muon")
@@ -60,10 +59,10 @@ def matched_labels(params, stats_shapes) -> Any:
   ``stats_shapes``: the tree ``adaact_optax.linen.stats_shapes`` reports,
   matched to ``params`` by path name; a missing leaf, ``None`` or the
   zero-size uncaptured marker ``(0,)`` means no statistics
-  (``adaact_optax.matching.with_statistics``).
+  (``adaact_optax.layout.with_statistics``).
   """
   return jax.tree.map(lambda has: "adaact" if has else "unmatched",
-                      matching.with_statistics(params, stats_shapes))
+                      adaact_optax.layout.with_statistics(params, stats_shapes))
 
 
 def adaact_with_unmatched_optimizer(adaact_tx, unmatched_tx, stats_shapes):
@@ -90,7 +89,7 @@ def muon_dimension_numbers(params) -> Any:
   Embedding tables, position embeddings, norm scales and biases use Adam.
   """
   def dims(path, p):
-    names = [matching._key_name(k) for k in path]
+    names = jax.tree_util.keystr(path, simple=True, separator='/').split('/')
     if names[-1] != "kernel" or p.ndim < 2:
       return None
     if len(names) > 1 and names[-2] in ("query", "key", "value"):

@@ -24,7 +24,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import adaact_optax
-from adaact_optax import matching
+from adaact_optax import _alignment as matching
 from adaact_optax import nnx as aa_nnx
 from conftest import linen_loss_grads_and_stats
 

@@ -76,7 +76,7 @@ def test_preconditioner_divides_by_v_hat_and_passes_the_rest():
   updates = {"w": jnp.full((3, 2), 2.0), "b": jnp.array([1.0, -1.0]),
              "norm": jnp.array([3.0, 4.0]), "quant": jnp.full((2, 2), 5.0)}
   stats = {"w": jnp.array([[4.0], [1.0], [0.25]]), "b": jnp.ones((1,)),
-           "quant": jnp.zeros(adaact_optax.matching.UNCAPTURED_SHAPE)}
+           "quant": jnp.zeros(adaact_optax.layout.UNCAPTURED_SHAPE)}
   tx = adaact_optax.scale_by_activation_rms(b2=0.5, eps=0.01)
   state = tx.init(params)
   assert jax.tree.map(jnp.shape, state.nu) == jax.tree.map(

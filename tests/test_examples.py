@@ -9,7 +9,7 @@ import pytest
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from adaact_optax import matching
+from adaact_optax import _alignment as matching
 from examples import data as data_lib
 from examples import models
 from examples import train
@@ -121,7 +121,7 @@ SMALL_VIT = dict(dim=16, depth=2, heads=2, mlp_dim=32)
 
 def _expected_stats_shape(path, kernel_shape):
   """Keep-rank statistics: the kernel's input axes, 1 on its output axes."""
-  names = [matching._key_name(k) for k in path]
+  names = jax.tree_util.keystr(path, simple=True, separator='/').split('/')
   if any(n.startswith("MultiHeadDotProductAttention") for n in names):
     # DenseGeneral: query/key/value (in, heads, head_dim) read (in,); out
     # (heads, head_dim, out) reads (heads, head_dim).
@@ -144,7 +144,7 @@ def test_model_forward_and_statistics_tree(name, input_shape):
   stats = {matching.path_name(p): s.shape
            for p, s in jax.tree_util.tree_flatten_with_path(mutated[aa_linen.COLLECTION])[0]}
   kernels = [(p, k.shape) for p, k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
-             if matching._key_name(p[-1]) == "kernel"]
+             if jax.tree_util.keystr(p[-1:], simple=True) == "kernel"]
   assert kernels
   for path, shape in kernels:
     assert stats.get(matching.path_name(path)) == _expected_stats_shape(path, shape), path

@@ -32,7 +32,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from adaact_optax import matching, moments
+from adaact_optax import _alignment as matching, moments
 from adaact_optax import nnx as aa_nnx
 from adaact_optax import sharding as aa_sharding
 from conftest import linen_train_step

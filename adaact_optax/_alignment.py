@@ -1,7 +1,8 @@
-"""Aligns a statistics tree with a params tree: paths, shapes, broadcasting.
+"""Internal: aligns a statistics tree with a params tree (paths, shapes, broadcasting).
 
 This module is the one place that knows the statistics layout (version 0.2,
-"keep-rank"); docs/statistics.md states it for users:
+"keep-rank"); its public helpers are re-exported by ``adaact_optax.layout``, and
+docs/statistics.md states the layout for users:
 
 * A statistics leaf sits at the path of the parameter it scales; any pytree
   whose paths name the same keys works (dict, FrozenDict, ``nnx.State``,
@@ -75,8 +76,8 @@ def is_uncaptured(x) -> bool:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from adaact_optax import matching
-    >>> matching.is_uncaptured(jnp.zeros((0,))), matching.is_uncaptured(jnp.ones((3, 1)))
+    >>> from adaact_optax import layout
+    >>> layout.is_uncaptured(jnp.zeros((0,))), layout.is_uncaptured(jnp.ones((3, 1)))
     (True, False)
   """
   return x is not None and _shape_of(x) == UNCAPTURED_SHAPE
@@ -125,10 +126,10 @@ def keep_rank_shape(stat_shape, param_shape, name: str) -> tuple[int, ...]:
     ValueError: naming the path and both shapes when no form applies.
 
   Examples:
-    >>> from adaact_optax import matching
-    >>> matching.keep_rank_shape((3,), (3, 2), "Dense_0/kernel")          # 0.1.0 prefix
+    >>> from adaact_optax import layout
+    >>> layout.keep_rank_shape((3,), (3, 2), "Dense_0/kernel")          # 0.1.0 prefix
     (3, 1)
-    >>> matching.keep_rank_shape((3, 3, 4), (3, 3, 2, 8), "Conv_0/kernel")  # 0.1.0 grouped
+    >>> _alignment.keep_rank_shape((3, 3, 4), (3, 3, 2, 8), "Conv_0/kernel")  # 0.1.0 grouped
     (3, 3, 2, 2)
   """
   s, k = _shape_of(stat_shape), tuple(param_shape)
@@ -164,9 +165,9 @@ def to_keep_rank(a: jax.Array, param_shape, name: str) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from adaact_optax import matching
+    >>> from adaact_optax import layout
     >>> old = jnp.arange(4.0).reshape(1, 1, 4)     # channels 0..3 of a 2-group conv
-    >>> matching.to_keep_rank(old, (1, 1, 2, 4), "Conv_0/kernel")[0, 0].tolist()
+    >>> layout.to_keep_rank(old, (1, 1, 2, 4), "Conv_0/kernel")[0, 0].tolist()
     [[0.0, 2.0], [1.0, 3.0]]
   """
   a = jnp.asarray(a, jnp.float32)
@@ -254,7 +255,15 @@ def moment_zeros(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
 def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
   """A bool tree like ``params``: True where ``stats_shapes`` has statistics.
 
-  Absent entries, ``None`` and the UNCAPTURED marker are False.
+  Absent entries, ``None`` and the UNCAPTURED marker are False. A label tree
+  for ``optax.partition`` / ``optax.masked`` (which parameters AdaAct scales).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import layout
+    >>> params = {"w": jnp.ones((3, 2)), "scale": jnp.ones(2)}
+    >>> layout.with_statistics(params, {"w": (3, 1)})
+    {'scale': False, 'w': True}
   """
   entries = stats_leaves(stats_shapes)
   extra = _drop_masked(entries.keys() - set(param_names(params)), params)

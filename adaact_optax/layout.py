@@ -1,0 +1,14 @@
+"""The keep-rank statistics layout: helpers for code that builds or reads statistics.
+
+A statistics leaf for a parameter of shape ``K`` is float32 with ``K``'s rank;
+along each axis its size is ``K[ax]`` (an input axis), 1 (an output axis) or a
+divisor of ``K[ax]`` (blocks of consecutive elements: grouped convolutions,
+fused projections). A ``(0,)``-shaped leaf (``UNCAPTURED_SHAPE``) marks a
+weight a capture saw but could not record. See docs/statistics.md.
+"""
+
+from adaact_optax._alignment import (UNCAPTURED_SHAPE, is_uncaptured, keep_rank_shape,
+                                     to_keep_rank, with_statistics)
+
+__all__ = ["UNCAPTURED_SHAPE", "is_uncaptured", "keep_rank_shape", "to_keep_rank",
+           "with_statistics"]
