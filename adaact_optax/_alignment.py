@@ -129,7 +129,7 @@ def keep_rank_shape(stat_shape, param_shape, name: str) -> tuple[int, ...]:
     >>> from adaact_optax import layout
     >>> layout.keep_rank_shape((3,), (3, 2), "Dense_0/kernel")          # 0.1.0 prefix
     (3, 1)
-    >>> _alignment.keep_rank_shape((3, 3, 4), (3, 3, 2, 8), "Conv_0/kernel")  # 0.1.0 grouped
+    >>> layout.keep_rank_shape((3, 3, 4), (3, 3, 2, 8), "Conv_0/kernel")  # 0.1.0 grouped
     (3, 3, 2, 2)
   """
   s, k = _shape_of(stat_shape), tuple(param_shape)

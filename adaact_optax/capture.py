@@ -1191,13 +1191,11 @@ class CoverageReport(NamedTuple):
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> import adaact_optax
-    >>> def loss(params, x):
-    ...   return params["scale"] * jnp.mean(jnp.tanh(x @ params["w"] + params["b"]) ** 2)
-    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "scale": jnp.ones(())}
-    >>> report = adaact_optax.coverage(loss, params, jnp.ones((4, 3)))
-    >>> report.matched, report.unmatched, report.other
-    ({'b': (1,), 'w': (3, 1)}, {}, ('scale',))
+    >>> from adaact_optax import coverage
+    >>> masked = lambda p, x: jnp.sum(x @ (p["w"] * 0.5)) + jnp.sum(x @ p["v"] * p["g"])
+    >>> p = {"w": jnp.ones((3, 2)), "v": jnp.ones((3, 2)), "g": jnp.ones(2)}
+    >>> coverage(masked, p, jnp.ones((4, 3)))._asdict()
+    {'matched': {'v': (3, 1)}, 'unmatched': {'w': 'it passes through `mul`, which is not a layout op, before its `dot_general`'}, 'other': ('g',)}
   """
 
   matched: dict

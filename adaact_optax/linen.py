@@ -181,16 +181,14 @@ def capture(embeddings: bool | float = False):
     ValueError: if ``embeddings`` is neither a bool nor a float >= 0.
 
   Examples:
-    >>> import flax.linen as nn
-    >>> import jax
-    >>> import jax.numpy as jnp
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from adaact_optax import linen as aa_linen
-    >>> model, x = nn.Dense(2), jnp.ones((4, 3))
-    >>> variables = model.init(jax.random.key(0), x)
-    >>> with aa_linen.capture():
-    ...   y, mutated = model.apply(variables, x, mutable=[aa_linen.COLLECTION])
-    >>> jax.tree.map(jnp.shape, mutated[aa_linen.COLLECTION])   # the 0.1.0 layout
-    {'bias': (), 'kernel': (3,)}
+    >>> dense = nn.Dense(2)
+    >>> variables = dense.init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> with aa_linen.capture():   # inside your own jitted function, around model.apply
+    ...   _, mutated = dense.apply(variables, jnp.ones((4, 3)), mutable=[aa_linen.COLLECTION])
+    >>> {k: v.shape for k, v in mutated[aa_linen.COLLECTION].items()}   # the 0.1.0 layout
+    {'kernel': (3,), 'bias': ()}
   """
   token = _rows_seen.set({})
   floor_token = _embedding_floor.set(embedding_floor(embeddings))

@@ -15,9 +15,7 @@ class TrainState(train_state.TrainState):
   to carry more fields (``batch_stats``, ...), as with Flax's.
 
   Examples:
-    >>> import flax.linen as nn
-    >>> import jax
-    >>> import jax.numpy as jnp
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> import adaact_optax
     >>> from adaact_optax import linen as aa_linen
     >>> model = nn.Dense(2)

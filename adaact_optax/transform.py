@@ -180,6 +180,17 @@ def _step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.A
   return 1 / ((root + eps) * bc1)
 
 
+def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name):
+  """The checks every statistics-taking ``update`` makes, then the aligned statistics."""
+  if not isinstance(state, state_type):
+    raise _not_a_state_error(state, name)
+  if activation_stats is None:
+    raise _missing_stats_error()
+  if axis_name is not None:  # one mean over the devices' rows
+    activation_stats = jax.lax.pmean(activation_stats, axis_name)
+  return _alignment.align(activation_stats, updates, state.nu)
+
+
 def scale_by_adaact(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
@@ -295,13 +306,8 @@ def scale_by_adaact(
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
     del params, extra_args
-    if not isinstance(state, ScaleByAdaActState):
-      raise _not_a_state_error(state, "scale_by_adaact")
-    if activation_stats is None:
-      raise _missing_stats_error()
-    if axis_name is not None:
-      activation_stats = jax.lax.pmean(activation_stats, axis_name)
-    stats = _alignment.align(activation_stats, updates, state.nu)
+    stats = _aligned_stats(state, ScaleByAdaActState, "scale_by_adaact", updates,
+                           activation_stats, axis_name)
     if unmatched == "error":
       # Only parameters this transform owns (optax.masked/partition drop the rest).
       owned = set(_alignment.param_names(updates))
@@ -435,13 +441,8 @@ def scale_by_activation_rms(
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
     del params, extra_args
-    if not isinstance(state, ScaleByActivationRMSState):
-      raise _not_a_state_error(state, "scale_by_activation_rms")
-    if activation_stats is None:
-      raise _missing_stats_error()
-    if axis_name is not None:
-      activation_stats = jax.lax.pmean(activation_stats, axis_name)
-    stats = _alignment.align(activation_stats, updates, state.nu)
+    stats = _aligned_stats(state, ScaleByActivationRMSState, "scale_by_activation_rms",
+                           updates, activation_stats, axis_name)
     count = optax.safe_increment(state.count)
     b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b2, eps))
     bc2 = 1 - b2_ ** count.astype(jnp.float32)
