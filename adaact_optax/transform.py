@@ -663,10 +663,19 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     ValueError: a leaf of the new state the old one lacks (or the reverse),
       or a shape that no 0.1.0 rule converts, naming the path.
 
-  Example::
+  With a checkpoint: ``raw = ocp.StandardCheckpointer().restore(path)``,
+  then ``migrate_state(raw["opt_state"], tx, params)``.
 
-    raw = ocp.StandardCheckpointer().restore(path)  # written by 0.1.0
-    opt_state = adaact_optax.migrate_state(raw["opt_state"], tx, params)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    >>> tx = adaact_optax.adaact(0.1)
+    >>> old = [{"count": jnp.array(4), "mu": {"w": jnp.ones((3, 2)), "b": jnp.ones(2)},
+    ...         "nu": {"w": jnp.full(3, 0.5), "b": jnp.array(1.0)}}, {}, {}]
+    >>> new = adaact_optax.migrate_state(old, tx, params)   # the 0.1.0 layout, as restored
+    >>> new[0].nu["w"].shape, new[0].nu["b"].shape, int(new[0].skipped)
+    ((3, 1), (1,), 0)
   """
   template = jax.eval_shape(tx.init, params)
   old = {_alignment.path_name(p): leaf
