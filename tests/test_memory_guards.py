@@ -115,7 +115,7 @@ def test_linen_capture_never_builds_patches():
 
   compiled = jax.jit(stats).lower(variables, x).compile()
   assert jax.tree.map(jnp.shape, jax.eval_shape(stats, variables, x)) == {
-      "Conv_0": {"kernel": (3, 3, 16), "bias": ()}, "Conv_1": {"kernel": (3, 3, 16)}}
+      "Conv_0": {"kernel": (3, 3, 16, 1), "bias": (1,)}, "Conv_1": {"kernel": (3, 3, 16, 1)}}
   assert largest_buffer(compiled) < patch_elements
   # Capture adds no patch-sized temporaries to the forward pass it rides on.
   plain = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile()

@@ -350,7 +350,9 @@ def test_collective_bytes_benchmark_attributes_statistics():
   for name, kwargs in (("mlp", {"hidden": (32,)}), ("cnn", {"features": (8, 16), "hidden": 16})):
     r = bench.report(name, 16, mesh, shape=(8, 8, 3), **kwargs)
     assert r["gradient_allreduce_bytes"] == r["param_bytes"], r
-    assert r["stats_tree_bytes"] <= r["stats_allreduce_bytes"] <= 1.5 * r["stats_tree_bytes"], r
+    # Biases' statistics are the constant 1 (a few bytes XLA need not reduce); the
+    # rest is reduced once, never as (H, W, C) sums.
+    assert 0.9 * r["stats_tree_bytes"] <= r["stats_allreduce_bytes"] <= 1.5 * r["stats_tree_bytes"], r
 
 
 def test_conv_statistics_under_data_parallel_jit_equal_one_device():
