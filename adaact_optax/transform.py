@@ -652,7 +652,7 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     old_state: the 0.1.0 optimizer state (or its restored tree).
     tx: the optimizer, built as the checkpoint's was (same hyperparameters,
       wrappers and ``stats_shapes``).
-    params: the parameters (or their ``jax.ShapeDtypeStruct``s).
+    params: the parameters (or their ``jax.ShapeDtypeStruct`` shapes).
 
   Returns:
     A state with the structure, shapes and dtypes of ``tx.init(params)``:
@@ -663,8 +663,8 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     ValueError: a leaf of the new state the old one lacks (or the reverse),
       or a shape that no 0.1.0 rule converts, naming the path.
 
-  With a checkpoint: ``raw = ocp.StandardCheckpointer().restore(path)``,
-  then ``migrate_state(raw["opt_state"], tx, params)``.
+  With a checkpoint, pass the optimizer-state entry of a restore made
+  without a target (Orbax's ``StandardCheckpointer().restore(path)``).
 
   Examples:
     >>> import jax.numpy as jnp
