@@ -109,16 +109,22 @@ class ResNet(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm transformer block: x + MHA(LN(x)); x + MLP(LN(x))."""
+  """Pre-norm transformer block: x + MHA(LN(x)); x + MLP(LN(x)). ``x``: (B, T, dim).
+
+  ``causal``: each position attends to itself and earlier ones only (a decoder block).
+  """
 
   dim: int
   heads: int
   mlp_dim: int
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm()(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.dim)(y, y)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32)) if self.causal else None
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.dim)(
+        y, y, mask=mask)
     y = nn.LayerNorm()(x)
     y = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.mlp_dim)(y)))
     return x + y
@@ -189,24 +195,6 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int], **kwargs:
   return builders[name](num_classes=num_classes, **kwargs)
 
 
-class CausalBlock(nn.Module):
-  """Pre-norm decoder block: x + causal MHA(LN(x)); x + MLP(LN(x)). ``x``: (B, T, dim)."""
-
-  dim: int
-  heads: int
-  mlp_dim: int
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.LayerNorm()(x)
-    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))      # (B, 1, T, T)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.dim)(
-        y, y, mask=mask)
-    y = nn.LayerNorm()(x)
-    y = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.mlp_dim)(y)))
-    return x + y
-
-
 class ByteGPT(nn.Module):
   """GPT-style byte-level language model.
 
@@ -237,7 +225,7 @@ class ByteGPT(nn.Module):
                      name="embed")
     pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.context, self.dim))
     x = embed(tokens) + pos[: tokens.shape[-1]]
-    for _ in range(self.depth):
-      x = CausalBlock(self.dim, self.heads, self.mlp_dim)(x)
+    for i in range(self.depth):
+      x = EncoderBlock(self.dim, self.heads, self.mlp_dim, causal=True, name=f"CausalBlock_{i}")(x)
     x = nn.LayerNorm()(x)
     return embed.attend(x) if self.tied else nn.Dense(self.vocab, name="head")(x)
