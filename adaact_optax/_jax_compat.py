@@ -22,6 +22,7 @@ from jax.extend import core as jex_core
 TESTED_JAX = ((0, 10), (0, 10))
 
 Literal = jex_core.Literal
+Var = jex_core.Var
 ClosedJaxpr = jex_core.ClosedJaxpr
 Jaxpr = jex_core.Jaxpr
 
@@ -62,6 +63,41 @@ def bind(eqn, invals: Sequence[Any]) -> list[Any]:
   with eqn.ctx.manager:
     ans = eqn.primitive.bind(*subfuns, *invals, **params)
   return list(ans) if eqn.primitive.multiple_results else [ans]
+
+
+def with_outputs(jaxpr: Jaxpr, extra: Sequence[Any]) -> Jaxpr:
+  """``jaxpr`` with its constvars made leading invars and ``extra`` vars added as outputs.
+
+  ``DebugInfo`` must name one argument per input and one path per output.
+  """
+  info = jaxpr.debug_info
+  if info is not None and info.result_paths is not None:
+    info = info._replace(result_paths=tuple(info.result_paths)
+                         + tuple(f"activation[{i}]" for i in range(len(extra))))
+  if info is not None and info.arg_names is not None:
+    info = info._replace(arg_names=tuple(f"const[{i}]" for i in range(len(jaxpr.constvars)))
+                         + tuple(info.arg_names))
+  return Jaxpr((), list(jaxpr.constvars) + list(jaxpr.invars),
+               list(jaxpr.outvars) + list(extra), jaxpr.eqns, jaxpr.effects, info)
+
+
+def call_inline(jaxpr: Jaxpr, args: Sequence[Any], name: str) -> list[Any]:
+  """Evaluates ``jaxpr`` (no constvars) on ``args`` as one inlined ``jit`` equation.
+
+  Under a trace this copies the equations into it, far cheaper than
+  re-binding them one by one; called on arrays it compiles ``jaxpr`` once.
+  The ``jit`` equation's params are those of a traced identity ``jit``,
+  resized to ``jaxpr``'s inputs and outputs.
+  """
+  template = jax.make_jaxpr(jax.jit(lambda x: x))(0.0).eqns[0]
+  params = dict(template.params)
+  n_in, n_out = len(jaxpr.invars), len(jaxpr.outvars)
+  for key in ("in_shardings", "in_layouts", "donated_invars"):
+    params[key] = tuple(params[key][:1]) * n_in
+  for key in ("out_shardings", "out_layouts"):
+    params[key] = tuple(params[key][:1]) * n_out
+  params.update(jaxpr=ClosedJaxpr(jaxpr, ()), name=name, inline=True)
+  return list(template.primitive.bind(*args, **params))
 
 
 def literal_value(atom) -> Any:

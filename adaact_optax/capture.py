@@ -4,11 +4,20 @@ AdaAct needs, for every weight that multiplies an activation, the mean of the
 squared input elements it multiplies. That is a property of the computation,
 not of a layer library: in a jaxpr, each ``dot_general`` or
 ``conv_general_dilated`` whose operand is (a view of) a parameter says exactly
-which input elements meet which weight elements. This module traces the
-user's function once (``jax.make_jaxpr``), then re-evaluates the jaxpr
-equation by equation on the real inputs (so gradients flow as usual) and, at
-each contraction with a parameter, adds the input's squared sums to that
-parameter's statistics.
+which input elements meet which weight elements.
+
+Two routes read them. ``value_grad_and_stats`` traces
+``jax.value_and_grad(fun)`` as JAX does, walks the forward part of that jaxpr
+without binding anything, then evaluates the jaxpr once (inlined) with the
+contractions' inputs as extra outputs and adds their squared sums to each
+parameter's statistics: the forward runs once and the tracing costs little
+more than JAX's own. Where a parameter enters a higher-order primitive
+(``scan``, ``while``, ``cond``, a non-inlined ``jit``, ``custom_jvp``/``vjp``)
+it falls back to the evaluating route, which ``capture_call`` (and so
+``linen.apply``/``nnx.apply``) always takes: trace ``fun`` once
+(``jax.make_jaxpr``), re-evaluate the jaxpr equation by equation on the real
+inputs (so gradients flow as usual) and record the statistics on the way,
+rebuilding the higher-order primitives around it.
 
 Parameters are followed through layout ops symbolically: each value derived
 from a parameter by transpose / reshape / slice / split / concatenate /
@@ -152,6 +161,10 @@ class _Mixed:
 
 class _Unsupported(Exception):
   pass
+
+
+class _NeedsEvaluation(Exception):
+  """The deferred pass met a parameter inside a higher-order primitive."""
 
 
 def _is_data(kind) -> bool:
@@ -436,6 +449,44 @@ def _squares(x) -> jax.Array:
   return jnp.square(x.astype(jnp.float32))
 
 
+# Row counts are known at trace time unless a row mask weighs the rows. A
+# static count is one number per contribution (a numpy float32 scalar), so its
+# bookkeeping (placing, padding, pooling) costs nothing in the traced program
+# and no memory; a traced count is an array shaped like the sums. Sums are
+# traced, except a bias's constant ones (numpy). The helpers take either kind.
+
+
+def _xp(a):
+  return np if isinstance(a, (np.ndarray, np.generic)) else jnp
+
+
+def _is_static(a) -> bool:
+  return isinstance(a, (np.ndarray, np.generic))
+
+
+def _filled(value, shape) -> Any:
+  """A row count: a static scalar, or traced ``value`` broadcast to ``shape``."""
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return np.float32(value)
+  return jnp.broadcast_to(jnp.asarray(value, jnp.float32), shape)
+
+
+def _materialize(counts, shape) -> jax.Array:
+  """Counts as a traced array of ``shape`` (to pass through ``scan``, ``cond``...)."""
+  return jnp.broadcast_to(jnp.asarray(counts, jnp.float32), shape)
+
+
+def _slice_axis(a, lo: int, hi: int, axis: int):
+  return (a[(slice(None),) * axis + (slice(lo, hi),)] if _xp(a) is np
+          else lax.slice_in_dim(a, lo, hi, axis=axis))
+
+
+def _pad_zeros(a, pads):
+  if _xp(a) is np:
+    return np.pad(a, [(lo, hi) for lo, hi, _ in pads])
+  return lax.pad(a, jnp.zeros((), a.dtype), pads)
+
+
 def _row_weights(mask, tags, shape, free: Sequence[int]):
   """``mask`` laid over an activation whose axes carry ``tags`` (mask axis or None).
 
@@ -465,7 +516,7 @@ def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
     sq = sq * weights[0]
     count = weights[1]
   else:
-    count = jnp.float32(math.prod(a.shape[ax] for ax in free))
+    count = math.prod(a.shape[ax] for ax in free)
   sums = jnp.sum(sq, axis=tuple(free)) if free else sq
   kept = [ax for ax in range(a.ndim) if ax not in free]
   order, shape = [], []
@@ -480,7 +531,7 @@ def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
     order.append(kept.index(a_ax))
     shape.append(a.shape[a_ax])
   sums = jnp.transpose(sums, order).reshape(shape)
-  return sums, jnp.broadcast_to(count, sums.shape).astype(jnp.float32)
+  return sums, _filled(count, sums.shape)
 
 
 def _conv_sums(lhs, rhs_shape, cp, mask, tags):
@@ -509,7 +560,7 @@ def _conv_sums(lhs, rhs_shape, cp, mask, tags):
   src = {rhs_spec[0]: len(kernel), rhs_spec[1]: len(kernel) + 1}
   src.update({d: i for i, d in enumerate(rhs_spec[2:])})
   sums = jnp.transpose(sums, [src[d] for d in range(len(rhs_shape))])
-  return sums, jnp.broadcast_to(jnp.asarray(rows, jnp.float32), sums.shape)
+  return sums, _filled(rows, sums.shape)
 
 
 def _restrict(piece: _Piece, shape, sums, counts):
@@ -519,8 +570,8 @@ def _restrict(piece: _Piece, shape, sums, counts):
       continue
     if sums.shape[axis] != shape[axis]:
       raise _Unsupported("grouped statistics of a concatenated weight")
-    sums = lax.slice_in_dim(sums, lo, hi, axis=axis)
-    counts = lax.slice_in_dim(counts, lo, hi, axis=axis)
+    sums = _slice_axis(sums, lo, hi, axis)
+    counts = counts if np.ndim(counts) == 0 else _slice_axis(counts, lo, hi, axis)
   return sums, counts
 
 
@@ -607,13 +658,48 @@ class _Trace:
 class _Interpreter:
   """Evaluates jaxprs while collecting contributions; ``depth`` = enclosing scans."""
 
-  def __init__(self, trace: _Trace, depth: int = 0, mask=None):
+  def __init__(self, trace: _Trace, depth: int = 0, mask=None, deferred: bool = False):
     self.trace = trace
     self.depth = depth
     self.contributions: list[_Contribution] = []
+    # Deferred: walk an already differentiated jaxpr without binding anything;
+    # each statistic waits in `pending` for the value it is computed from
+    # (see `_resolve`).
+    self.deferred = deferred
+    self.pending: list = []
     # With a row mask: which mask axis each axis of an activation is (by Var).
     self.mask = mask
     self.tags: dict = {}
+
+  def _bind(self, eqn, invals):
+    return list(eqn.outvars) if self.deferred else jc.bind(eqn, invals)
+
+  def _stat(self, view: _View, fn, value, lookup=False, key=None):
+    """Records ``fn(value) -> (sums, counts)`` for ``view``, now or once resolved.
+
+    ``key`` names what ``fn`` computes from ``value``; deferred statistics
+    with the same value and key are computed once (q, k and v projections
+    of one input).
+    """
+    if self.deferred:
+      self.pending.append((view, fn, value, lookup, key))
+    else:
+      self._record(view, *fn(value), lookup=lookup)
+
+  def _resolve(self, env: dict):
+    """Computes the deferred statistics; ``env`` maps the jaxpr's vars to values."""
+    done = {}
+    for view, fn, value, lookup, key in self.pending:
+      is_var = isinstance(value, jc.Var)
+      memo = (value, key) if is_var and key is not None else None
+      if memo not in done:
+        result = fn(env[value] if is_var else value)
+        if memo is None:
+          self._record(view, *result, lookup=lookup)
+          continue
+        done[memo] = result
+      self._record(view, *done[memo], lookup=lookup)
+    self.pending = []
 
   def tag(self, atom):
     return None if jc.is_literal(atom) else self.tags.get(atom)
@@ -667,7 +753,7 @@ class _Interpreter:
     n_out = len(eqn.outvars)
     if not any(_is_param(k) for k in inkinds) and (
         not any(isinstance(k, _Mixed) for k in inkinds) or name not in (jc.DOT, jc.CONV)):
-      outs = jc.bind(eqn, invals)
+      outs = self._bind(eqn, invals)
       if name in (jc.DOT, jc.CONV, jc.GATHER) or jc.has_subjaxpr(eqn):
         kind = _DATA if any(_is_data(k) for k in inkinds) else _CONST
       else:
@@ -675,7 +761,9 @@ class _Interpreter:
       passes_mm = bool(in_mm) and in_mm[0] and (name in jc.IDENTITY or name in (
           "reshape", "transpose", "broadcast_in_dim", "squeeze"))
       return outs, [kind] * n_out, [passes_mm] * n_out
-    handler = getattr(self, "_" + name.replace("-", "_"), None)
+    if self.deferred and (name in jc.CALLS or name in jc.REMAT or name in jc.CUSTOM_JVP
+                          or name in jc.CUSTOM_VJP or name in (jc.SCAN, jc.WHILE, jc.COND)):
+      raise _NeedsEvaluation(name)
     if name in jc.CALLS:
       return self._call(eqn, invals, inkinds)
     if name in jc.REMAT:
@@ -688,7 +776,7 @@ class _Interpreter:
       return self._while(eqn, invals, inkinds)
     if name == jc.COND:
       return self._cond(eqn, invals, inkinds)
-    outs = jc.bind(eqn, invals)
+    outs = self._bind(eqn, invals)
     if name == jc.DOT:
       kind, recorded = self._dot(eqn, invals, inkinds)
       return outs, [kind], [recorded]
@@ -807,11 +895,10 @@ class _Interpreter:
     w, kind = self._weight_and_input(inkinds, "dot_general", batched=bool(lb))
     if w is None:
       return kind, False
-    a = invals[1 - w]
     a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
-    sums, counts = _dot_sums(a, a_c, a_b, w_c, w_b, invals[w].ndim, self.mask,
-                             self.tag(eqn.invars[1 - w]))
-    self._record(inkinds[w], sums, counts)
+    w_ndim, mask, tags = eqn.invars[w].aval.ndim, self.mask, self.tag(eqn.invars[1 - w])
+    self._stat(inkinds[w], lambda a: _dot_sums(a, a_c, a_b, w_c, w_b, w_ndim, mask, tags),
+               invals[1 - w], key=(jc.DOT, a_c, a_b, w_c, w_b, w_ndim))
     return _DATA, True
 
   def _conv(self, eqn, invals, inkinds):
@@ -831,8 +918,8 @@ class _Interpreter:
     if cp["batch_groups"] != 1:
       self.trace.miss(_sources([rk]), "a convolution with batch_group_count > 1")
       return _DATA, False
-    sums, counts = _conv_sums(invals[0], invals[1].shape, cp, self.mask, self.tag(eqn.invars[0]))
-    self._record(rk, sums, counts)
+    rhs_shape, mask, tags = eqn.invars[1].aval.shape, self.mask, self.tag(eqn.invars[0])
+    self._stat(rk, lambda lhs: _conv_sums(lhs, rhs_shape, cp, mask, tags), invals[0])
     return _DATA, True
 
   def _gather(self, eqn, invals, inkinds):
@@ -850,12 +937,14 @@ class _Interpreter:
       return _opaque(inkinds, "`gather`")
     if self.trace.embeddings is not None:
       axis = gp["start_index_map"][0]
-      index = lax.stop_gradient(invals[1]).reshape(-1)
-      counts_row = jax.ops.segment_sum(jnp.ones(index.shape, jnp.float32), index,
-                                       num_segments=shape[axis])
-      sums = counts_row.reshape([n if a == axis else 1 for a, n in enumerate(shape)])
-      count = jnp.full(sums.shape, float(max(index.size, 1)), jnp.float32)
-      self._record(table, sums, count, lookup=True)
+
+      def frequencies(ids):
+        index = lax.stop_gradient(ids).reshape(-1)
+        counts_row = jax.ops.segment_sum(jnp.ones(index.shape, jnp.float32), index,
+                                         num_segments=shape[axis])
+        sums = counts_row.reshape([n if a == axis else 1 for a, n in enumerate(shape)])
+        return sums, _filled(float(max(index.size, 1)), sums.shape)
+      self._stat(table, frequencies, invals[1], lookup=True)
     return _DATA
 
   def _add(self, invals, inkinds, in_mm):
@@ -864,8 +953,8 @@ class _Interpreter:
     for b, o in ((0, 1), (1, 0)):
       if isinstance(inkinds[b], _View) and in_mm[o]:
         view = inkinds[b]
-        ones = jnp.ones((1,) * len(view.shape), jnp.float32)
-        self._record(view, ones, ones)
+        ones = np.ones((1,) * len(view.shape), np.float32)
+        self._stat(view, lambda _: (ones, ones), None)
         return _DATA
     return _opaque(inkinds, "`add`")
 
@@ -916,7 +1005,8 @@ class _Interpreter:
       outs, okinds, omm = child.run(jaxpr, consts, args, kinds)
       info.update(contributions=child.contributions, kinds=okinds, mm=omm,
                   tags=[child.tag(v) for v in jaxpr.outvars])
-      return outs, [(c.sums, c.counts) for c in child.contributions]
+      return outs, [(c.sums, _materialize(c.counts, c.sums.shape))
+                    for c in child.contributions]
     return fn, info
 
   def _remat(self, eqn, invals, inkinds):
@@ -1071,7 +1161,10 @@ class _Interpreter:
 def _place(c: _Contribution, rank: int):
   """``(sums, counts, regions)`` over the parameter's axes; region = (lo, n, block)."""
   piece = c.piece
-  arrays = [c.sums, c.counts]
+  # A static count is a scalar: only the axes summed away below change it.
+  static = np.ndim(c.counts) == 0
+  arrays = [c.sums] if static else [c.sums, c.counts]
+  scale = c.counts if static else None
   entries, new_shape = [], []
   for axis, fs in enumerate(piece.axes):
     fs = _norm(fs)
@@ -1108,7 +1201,8 @@ def _place(c: _Contribution, rank: int):
     f, size = entries[k]
     if f.axis == -1:
       arrays = ([a.sum(k) for a in arrays] if size > 1 else
-                [jnp.squeeze(a, k) * f.size for a in arrays])
+                [_xp(a).squeeze(a, k) * np.float32(f.size) for a in arrays])
+      scale = None if scale is None else scale * np.float32(size if size > 1 else f.size)
       del entries[k]
   order, regions = [], []
   groups = []
@@ -1117,7 +1211,7 @@ def _place(c: _Contribution, rank: int):
                  key=lambda k: -abs(entries[k][0].stride))
     groups.append(idx)
     order += idx
-  arrays = [jnp.transpose(a, order) for a in arrays]
+  arrays = [_xp(a).transpose(a, order) for a in arrays]
   pos = {k: i for i, k in enumerate(order)}
   shape_out = []
   pinned_offset = list(piece.offset)
@@ -1138,12 +1232,12 @@ def _place(c: _Contribution, rank: int):
     lo = pinned_offset[p] + sum(min(0, (f.size - 1) * f.stride) for f in fs)
     if fs[0].stride < 0:
       flip = [pos[k] for k, c in zip(idx, cs) if c > 1]
-      arrays = [jnp.flip(a, flip) if flip else a for a in arrays]
+      arrays = [_xp(a).flip(a, flip) if flip else a for a in arrays]
     last = max([i for i, c in enumerate(cs) if c > 1], default=-1)
     block = math.prod(f.size for f in fs[last + 1:])
     for i in range(last + 1):
       if cs[i] == 1:
-        arrays = [jnp.repeat(a, fs[i].size, axis=pos[idx[i]]) for a in arrays]
+        arrays = [_xp(a).repeat(a, fs[i].size, axis=pos[idx[i]]) for a in arrays]
     regions.append((lo, n, block))
     shape_out.append((idx, n // block))
   # Merge each parameter axis's group into one axis (they are adjacent now).
@@ -1151,7 +1245,7 @@ def _place(c: _Contribution, rank: int):
   for p in range(rank):
     final_shape.append(1 if shape_out[p] is None else shape_out[p][1])
   arrays = [a.reshape(final_shape) for a in arrays]
-  return arrays[0], arrays[1], regions
+  return arrays[0], (scale if static else arrays[1]), regions
 
 
 def _assemble(placed, shape):
@@ -1163,19 +1257,28 @@ def _assemble(placed, shape):
       q[p] = math.gcd(q[p], lo, block, n)
   total_s = total_n = None
   for s, n, regions in placed:
+    static = np.ndim(n) == 0
     pads = []
     for p, (lo, size, block) in enumerate(regions):
-      if block // q[p] > 1:
-        s = lax.broadcast_in_dim(s, s.shape[:p + 1] + (block // q[p],) + s.shape[p + 1:],
-                                 [a if a <= p else a + 1 for a in range(s.ndim)])
-        n = lax.broadcast_in_dim(n, s.shape, [a if a <= p else a + 1 for a in range(n.ndim)])
-        s, n = (x.reshape(x.shape[:p] + (-1,) + x.shape[p + 2:]) for x in (s, n))
+      if block // q[p] > 1:  # each element repeated block // q[p] times along axis p
+        new = s.shape[:p + 1] + (block // q[p],) + s.shape[p + 1:]
+        for_each = (s,) if static else (s, n)
+        out = [_xp(x).broadcast_to(_xp(x).expand_dims(x, p + 1), new) for x in for_each]
+        out = [x.reshape(x.shape[:p] + (-1,) + x.shape[p + 2:]) for x in out]
+        s, n = (out[0], n) if static else out
       pads.append((lo // q[p], (shape[p] - lo - size) // q[p], 0))
+    if static:  # the count over its region, size 1 along the axes it covers whole
+      small = [shape[p] // q[p] if lo or hi else 1 for p, (lo, hi, _) in enumerate(pads)]
+      region = np.zeros(small, np.float32)
+      region[tuple(slice(lo, k - hi) for k, (lo, hi, _) in zip(small, pads))] = n
+      n = region
     if any(lo or hi for lo, hi, _ in pads):  # a part of the parameter: zeros elsewhere
-      s, n = lax.pad(s, 0.0, pads), lax.pad(n, 0.0, pads)
+      s = _pad_zeros(s, pads)
+      n = n if static else _pad_zeros(n, pads)
     total_s = s if total_s is None else total_s + s
     total_n = n if total_n is None else total_n + n
-  return total_s / jnp.where(total_n > 0, total_n, 1.0)
+  denominator = _xp(total_n).where(total_n > 0, total_n, np.float32(1))
+  return jnp.asarray(total_s / denominator, jnp.float32)
 
 
 class CoverageReport(NamedTuple):
@@ -1340,17 +1443,104 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(p_leaves, dyn_vals)
   shapes = [x.shape for x in p_leaves]
   trace = _Trace(shapes, floor)
-  interp = _Interpreter(trace, mask=None if row_mask is None else jnp.asarray(row_mask))
-  if row_mask is not None:  # the inputs' leading axes are the mask's axes
-    m = jnp.shape(row_mask)
-    for var in closed.jaxpr.invars[len(p_leaves):]:
-      if tuple(var.aval.shape[:len(m)]) == tuple(m):
-        interp.tags[var] = tuple(range(len(m))) + (None,) * (len(var.aval.shape) - len(m))
+  interp = _interpreter(trace, row_mask, closed.jaxpr.invars[len(p_leaves):])
   kinds = [_identity_view(i, s) for i, s in enumerate(shapes)] + [_DATA] * len(dyn_vals)
   outs, _, _ = interp.run(closed.jaxpr, closed.consts, p_leaves + dyn_vals, kinds)
   out = tree_util.tree_unflatten(tree_util.tree_structure(out_shape), outs)
   stats, report = _finalize(trace, interp.contributions, paths, shapes)
   return out, stats, report
+
+
+def _interpreter(trace: _Trace, row_mask, data_vars, deferred=False) -> _Interpreter:
+  """The top-level interpreter; with a row mask, the data inputs' leading axes
+  that match the mask's shape are its axes."""
+  interp = _Interpreter(trace, mask=None if row_mask is None else jnp.asarray(row_mask),
+                        deferred=deferred)
+  if row_mask is not None:
+    m = tuple(jnp.shape(row_mask))
+    for var in data_vars:
+      if tuple(var.aval.shape[:len(m)]) == m:
+        interp.tags[var] = tuple(range(len(m))) + (None,) * (len(var.aval.shape) - len(m))
+  return interp
+
+
+class _ForwardPart(NamedTuple):
+  """The equations of a differentiated jaxpr that compute its primal outputs."""
+
+  constvars: list
+  invars: list
+  eqns: list
+  outvars: list
+
+
+def _forward_part(jaxpr, n_primal: int) -> _ForwardPart:
+  """The equations the first ``n_primal`` outputs depend on, in order.
+
+  In ``make_jaxpr(value_and_grad(f))`` these are ``f``'s forward pass; the
+  backward pass only feeds the gradient outputs.
+  """
+  live = {v for v in jaxpr.outvars[:n_primal] if isinstance(v, jc.Var)}
+  eqns = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in live for v in eqn.outvars):
+      eqns.append(eqn)
+      live.update(v for v in eqn.invars if isinstance(v, jc.Var))
+  return _ForwardPart(jaxpr.constvars, jaxpr.invars, eqns[::-1], jaxpr.outvars[:n_primal])
+
+
+def _capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask):
+  """``value_grad_and_stats`` on a jaxpr that JAX has already differentiated.
+
+  Traces ``value_and_grad(fun)`` as JAX does (its cached rules for nested
+  ``jit``s make this far cheaper than differentiating the engine's
+  equation-by-equation re-evaluation), reads the forward pass's equations
+  without binding them, then evaluates the whole jaxpr as one inlined call
+  that also returns the contractions' inputs, from which the statistics are
+  computed. Returns ``None`` when a parameter enters a higher-order primitive
+  (``scan``, ``cond``, ``checkpoint``, a non-inlined ``jit``, ...): those need
+  the evaluating engine.
+
+  Returns:
+    ``(value, grad_leaves, stats_leaves, report)`` or ``None``.
+  """
+  _check_version()
+  flat, treedef = tree_util.tree_flatten_with_path(params)
+  paths = [_alignment.path_name(p) for p, _ in flat]
+  p_leaves = [jnp.asarray(x) for _, x in flat]
+  dyn_vals, rebuild = _split_dynamic(args, kwargs)
+
+  def value_and_grad(p, d):
+    def loss(q):
+      a, kw = rebuild(d)
+      return fun(tree_util.tree_unflatten(treedef, q), *a, **kw)
+    return jax.value_and_grad(loss, has_aux=has_aux)(p)
+
+  closed, out_shape = jax.make_jaxpr(value_and_grad, return_shape=True)(p_leaves, dyn_vals)
+  jaxpr = closed.jaxpr
+  if jaxpr.effects:
+    return None
+  value_tree = tree_util.tree_structure(out_shape[0])
+  n_value = value_tree.num_leaves
+  shapes = [x.shape for x in p_leaves]
+  trace = _Trace(shapes, floor)
+  interp = _interpreter(trace, row_mask, jaxpr.invars[len(p_leaves):], deferred=True)
+  kinds = [_identity_view(i, s) for i, s in enumerate(shapes)] + [_DATA] * len(dyn_vals)
+  try:
+    interp.run(_forward_part(jaxpr, n_value), jaxpr.constvars, jaxpr.invars, kinds)
+  except _NeedsEvaluation:
+    return None
+  inputs = set(jaxpr.constvars) | set(jaxpr.invars)
+  needed = list(dict.fromkeys(v for _, _, v, _, _ in interp.pending
+                              if isinstance(v, jc.Var) and v not in inputs))
+  args_in = list(closed.consts) + p_leaves + dyn_vals
+  outs = jc.call_inline(jc.with_outputs(jaxpr, needed), args_in, "value_grad_and_stats")
+  n_out = len(jaxpr.outvars)
+  env = dict(zip(list(jaxpr.constvars) + list(jaxpr.invars), args_in))
+  env.update(zip(needed, outs[n_out:]))
+  interp._resolve(env)  # pylint: disable=protected-access
+  stats, report = _finalize(trace, interp.contributions, paths, shapes)
+  value = tree_util.tree_unflatten(value_tree, outs[:n_value])
+  return value, outs[n_value:n_out], stats, report
 
 
 def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
@@ -1361,7 +1551,9 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
   is the parameter pytree (Flax ``variables['params']``, the ``nnx.Param``
   state of ``nnx.split``, an ``eqx.filter``-ed model, Haiku params, a dict)
   and that returns a scalar loss (or ``(loss, aux)`` with ``has_aux``). The
-  returned function runs one forward pass and is jittable.
+  returned function runs one forward pass and is jittable. Its jaxpr is
+  ``jax.value_and_grad(fun)``'s plus a few equations per weight (see the
+  module docstring for the fallback route).
 
   Statistics are read from the computation (see ``adaact_optax.capture``):
   every parameter that meets an activation in a ``dot_general`` or
@@ -1402,6 +1594,14 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
   """
   def g(params, *args, row_mask=None, **kwargs):
     treedef = jax.tree.structure(params)
+    shapes = {_alignment.path_name(k): jnp.shape(v)
+              for k, v in tree_util.tree_flatten_with_path(params)[0]}
+    done = _capture_differentiated(fun, has_aux, params, args, kwargs,
+                                   _embedding_floor(embeddings), row_mask)
+    if done is not None:
+      value, grads, stats, report = done
+      _warn_uncaptured(report, shapes)
+      return value, treedef.unflatten(grads), treedef.unflatten(stats)
     box = {}
 
     def inner(p):
@@ -1412,8 +1612,6 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
       return loss, (aux, stats)
 
     (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
-    shapes = {_alignment.path_name(k): jnp.shape(v)
-              for k, v in tree_util.tree_flatten_with_path(params)[0]}
     _warn_uncaptured(box["report"], shapes)
     value = (loss, aux) if has_aux else loss
     return value, grads, treedef.unflatten(stats)

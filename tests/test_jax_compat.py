@@ -157,3 +157,26 @@ def test_unknown_higher_order_primitive_is_detected():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert not jc.has_subjaxpr(_eqns(lambda w: w * 2, W)[0])
+
+
+def test_a_jaxpr_with_extra_outputs_is_called_as_one_inlined_jit():
+  c = jnp.arange(3.0)  # a constant captured by the jaxpr (a constvar)
+
+  def f(w, x):
+    h = jnp.tanh(x @ w + c[0])
+    return jnp.sum(h ** 2)
+  closed = jax.make_jaxpr(jax.value_and_grad(f))(W, X)
+  hidden = closed.jaxpr.eqns[0].outvars[0]  # x @ w, an intermediate value
+  jaxpr = jc.with_outputs(closed.jaxpr, [hidden])
+  assert not jaxpr.constvars and len(jaxpr.invars) == len(closed.consts) + 2
+  args = list(closed.consts) + [W, X]
+  # On arrays: the original outputs, then the intermediate.
+  value, grad, extra = jc.call_inline(jaxpr, args, "check")
+  ref_value, ref_grad = jax.value_and_grad(f)(W, X)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-6)
+  np.testing.assert_allclose(extra, X @ W, rtol=1e-6)
+  # Under a trace: the equations are copied in (no nested jit), none re-bound one by one.
+  outer = jax.make_jaxpr(lambda *a: jc.call_inline(jaxpr, a, "check"))(*args)
+  assert [e.primitive.name for e in outer.jaxpr.eqns] == [
+      e.primitive.name for e in closed.jaxpr.eqns]
