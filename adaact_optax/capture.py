@@ -12,8 +12,8 @@ without binding anything, then evaluates the jaxpr once (inlined) with the
 contractions' inputs as extra outputs and adds their squared sums to each
 parameter's statistics: the forward runs once and the tracing costs little
 more than JAX's own. Where a parameter enters a higher-order primitive
-(``scan``, ``while``, ``cond``, a non-inlined ``jit``, ``custom_jvp``/``vjp``)
-it falls back to the evaluating route, which ``capture_call`` (and so
+(``scan``, ``while``, ``cond``, a non-inlined ``jit``, ``custom_jvp``) it
+falls back to the evaluating route, which ``capture_call`` (and so
 ``linen.apply``/``nnx.apply``) always takes: trace ``fun`` once
 (``jax.make_jaxpr``), re-evaluate the jaxpr equation by equation on the real
 inputs (so gradients flow as usual) and record the statistics on the way,
@@ -1497,8 +1497,10 @@ def _capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask)
   without binding them, then evaluates the whole jaxpr as one inlined call
   that also returns the contractions' inputs, from which the statistics are
   computed. Returns ``None`` when a parameter enters a higher-order primitive
-  (``scan``, ``cond``, ``checkpoint``, a non-inlined ``jit``, ...): those need
-  the evaluating engine.
+  of the differentiated jaxpr (``scan``, ``while``, ``cond``, a non-inlined
+  ``jit``, ``custom_jvp``): those need the evaluating engine. (A
+  ``checkpoint``'s forward and a ``custom_vjp``'s ``fwd`` are staged inline
+  when differentiated, so they stay on this route.)
 
   Returns:
     ``(value, grad_leaves, stats_leaves, report)`` or ``None``.

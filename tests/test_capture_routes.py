@@ -114,7 +114,29 @@ def _checkpointed_layer():  # the forward of a checkpoint is staged inline when 
   return loss, p, (jax.random.normal(k[1], (5, 4)),), {}
 
 
-MODELS = {"mlp_with_aux": _mlp, "checkpointed_layer": _checkpointed_layer, "fused_attention": _fused_attention,
+def _custom_vjp_layer():  # its fwd is staged inline when differentiated
+  k = _keys(3)
+  p = {"w": jax.random.normal(k[0], (4, 3))}
+
+  @jax.custom_vjp
+  def linear(x, w):
+    return x @ w
+
+  def fwd(x, w):
+    return x @ w, (x, w)
+
+  def bwd(res, g):
+    x, w = res
+    return g @ w.T, x.T @ g
+  linear.defvjp(fwd, bwd)
+
+  def loss(p, x):
+    return jnp.mean(jnp.tanh(linear(x, p["w"])) ** 2)
+  return loss, p, (jax.random.normal(k[1], (5, 4)),), {}
+
+
+MODELS = {"mlp_with_aux": _mlp, "checkpointed_layer": _checkpointed_layer,
+          "custom_vjp_layer": _custom_vjp_layer, "fused_attention": _fused_attention,
           "split_before_matmul": _split_before_matmul, "conv_and_shared_dense": _conv_and_shared_dense,
           "tied_embedding": _tied_embedding, "masked_rows": _masked_rows}
 
