@@ -664,7 +664,7 @@ class _Interpreter:
     self.contributions: list[_Contribution] = []
     # Deferred: walk an already differentiated jaxpr without binding anything;
     # each statistic waits in `pending` for the value it is computed from
-    # (see `_resolve`).
+    # (see `resolve`).
     self.deferred = deferred
     self.pending: list = []
     # With a row mask: which mask axis each axis of an activation is (by Var).
@@ -686,7 +686,7 @@ class _Interpreter:
     else:
       self._record(view, *fn(value), lookup=lookup)
 
-  def _resolve(self, env: dict):
+  def resolve(self, env: dict):
     """Computes the deferred statistics; ``env`` maps the jaxpr's vars to values."""
     done = {}
     for view, fn, value, lookup, key in self.pending:
@@ -1539,7 +1539,7 @@ def _capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask)
   n_out = len(jaxpr.outvars)
   env = dict(zip(list(jaxpr.constvars) + list(jaxpr.invars), args_in))
   env.update(zip(needed, outs[n_out:]))
-  interp._resolve(env)  # pylint: disable=protected-access
+  interp.resolve(env)
   stats, report = _finalize(trace, interp.contributions, paths, shapes)
   value = tree_util.tree_unflatten(value_tree, outs[:n_value])
   return value, outs[n_value:n_out], stats, report
