@@ -98,11 +98,6 @@ def corpus_and_splits(corpus_dir: str | None, corpus_mb: float):
   return corpus, lm_data.split(corpus.data)
 
 
-def make_model(cfg: Config) -> models.ByteGPT:
-  return models.ByteGPT(context=cfg.context, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
-                        mlp_dim=cfg.mlp_dim, tied=cfg.tied)
-
-
 def make_steps(model, use_adaact: bool, embeddings: bool):
   """Jitted ``train_step(state, x, y) -> (state, loss)`` and ``eval_step(params, x, y) ->
   summed loss`` (nats), for int32 ``x, y`` of shape ``(B, T)``."""
@@ -126,12 +121,23 @@ def make_steps(model, use_adaact: bool, embeddings: bool):
   return jax.jit(train_step), jax.jit(eval_step)
 
 
+@functools.lru_cache(maxsize=8)
+def _model_functions(context: int, dim: int, depth: int, heads: int, mlp_dim: int, tied: bool):
+  """Model, jitted ``init(key)`` and jitted ``eval_step`` for one architecture
+  (cached: every optimizer on that model shares their compilation)."""
+  model = models.ByteGPT(context=context, dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                         tied=tied)
+  x = jnp.zeros((1, context), jnp.int32)
+  return model, jax.jit(lambda key: model.init(key, x)), make_steps(model, False, False)[1]
+
+
 @functools.lru_cache(maxsize=16)
 def _build(spec: str):
   """Model, optimizer, init and jitted steps for a JSON ``spec`` (cached: a
   learning-rate grid and the seeds share one compilation)."""
   cfg = Config(**json.loads(spec))
-  model = make_model(cfg)
+  model, init, eval_step = _model_functions(cfg.context, cfg.dim, cfg.depth, cfg.heads,
+                                            cfg.mlp_dim, cfg.tied)
   x = jnp.zeros((1, cfg.context), jnp.int32)
   stats_shapes = None
   if cfg.uses_adaact:
@@ -142,8 +148,7 @@ def _build(spec: str):
   peak = optax.inject_hyperparams(optax.scale)(step_size=1.0)
   tx = optax.with_extra_args_support(optimizers.build(
       cfg.optimizer, unit, cfg.hyper, power=cfg.power, stats_shapes=stats_shapes, peak=peak))
-  train_step, eval_step = make_steps(model, cfg.uses_adaact, cfg.embeddings)
-  init = jax.jit(lambda key: model.init(key, x))
+  train_step, _ = make_steps(model, cfg.uses_adaact, cfg.embeddings)
   return model, tx, unit, init, train_step, eval_step
 
 
@@ -308,6 +313,8 @@ def add_model_args(p, batch_size: bool = True) -> None:
   p.add_argument("--mlp-dim", type=int, default=512)
   p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
                  help="output logits via the byte embedding (Embed.attend)")
+  p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                 help="learning rate after the warmup: cosine decay to 0, or constant")
   p.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of the steps)")
   p.add_argument("--corpus-mb", type=float, default=lm_data.DEFAULT_MB,
                  help="corpus size: the first N MiB of the standard library's .py files")
@@ -320,7 +327,7 @@ def add_model_args(p, batch_size: bool = True) -> None:
 def model_kwargs(a) -> dict:
   return dict(steps=a.steps, batch_size=a.batch_size, context=a.context, dim=a.dim,
               depth=a.depth, heads=a.heads, mlp_dim=a.mlp_dim, tied=a.tied,
-              warmup_steps=a.warmup_steps, corpus_mb=a.corpus_mb, corpus_dir=a.corpus_dir,
+              schedule=a.schedule, warmup_steps=a.warmup_steps, corpus_mb=a.corpus_mb, corpus_dir=a.corpus_dir,
               eval_windows=a.eval_windows, evals=a.evals)
 
 
@@ -337,7 +344,6 @@ def parse_args(argv=None) -> Config:
   p.add_argument("--power", type=float, default=0.5, help="AdaAct's exponent p in V^p")
   p.add_argument("--embeddings", action="store_true",
                  help="AdaAct: statistics (token frequencies) for the embedding too")
-  p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
   p.add_argument("--seed", type=int, default=0)
   add_model_args(p)
   p.add_argument("--out-dir", default="runs", help="where the default metrics/plot paths go")
@@ -349,7 +355,7 @@ def parse_args(argv=None) -> Config:
   out = pathlib.Path(a.out_dir)
   return Config(optimizer=a.optimizer, seed=a.seed, lr=a.lr, weight_decay=a.weight_decay,
                 b1=a.b1, b2=a.b2, eps=a.eps, momentum=a.momentum, power=a.power,
-                embeddings=a.embeddings, schedule=a.schedule,
+                embeddings=a.embeddings,
                 metrics=a.metrics or str(out / f"{name}.jsonl"),
                 plot=a.plot or str(out / f"{name}.png"), progress=not a.no_progress,
                 **model_kwargs(a))

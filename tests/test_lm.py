@@ -1,6 +1,5 @@
 """The language-model example: corpus, model, statistics, optimizers, learning-rate choice."""
 
-import functools
 import hashlib
 import json
 import math
@@ -136,24 +135,10 @@ def test_model_forward_and_statistics_tree(tied):
                    variables["params"], mutated[aa_linen.COLLECTION])
 
 
-def test_model_is_causal():
-  model = models.ByteGPT(**SMALL)
-  x = jnp.arange(8)[None] % 7
-  params = jax.jit(model.init)(jax.random.key(0), x)
-  apply = jax.jit(model.apply)
-  changed = x.at[0, 5].set(100)
-  a, b = apply(params, x), apply(params, changed)
-  np.testing.assert_array_equal(a[0, :5], b[0, :5])      # earlier positions cannot see byte 5
-  assert not np.allclose(a[0, 5:], b[0, 5:])
-  with pytest.raises(ValueError, match="more than its context 8"):
-    apply(params, jnp.zeros((1, 9), jnp.int32))
-
-
-# --- optimizers -----------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _lm_setup():
+@pytest.fixture(scope="module")
+def lm_setup():
+  """One small model, its parameters and statistics layout, shared by the tests
+  below (initialised once: jit compiles once per test file, not per test)."""
   model = models.ByteGPT(**SMALL)
   x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 8)), jnp.int32)
   variables = jax.jit(model.init)(jax.random.key(0), x)
@@ -161,8 +146,23 @@ def _lm_setup():
   return model, x, variables["params"], shapes
 
 
-def test_matched_labels_follow_the_statistics():
-  _, _, params, shapes = _lm_setup()
+def test_model_is_causal(lm_setup):
+  model, _, params, _ = lm_setup
+  x = jnp.arange(8)[None] % 7
+  apply = jax.jit(model.apply)
+  changed = x.at[0, 5].set(100)
+  a, b = apply({"params": params}, x), apply({"params": params}, changed)
+  np.testing.assert_array_equal(a[0, :5], b[0, :5])      # earlier positions cannot see byte 5
+  assert not np.allclose(a[0, 5:], b[0, 5:])
+  with pytest.raises(ValueError, match="more than its context 8"):
+    apply({"params": params}, jnp.zeros((1, 9), jnp.int32))
+
+
+# --- optimizers -----------------------------------------------------------------
+
+
+def test_matched_labels_follow_the_statistics(lm_setup):
+  _, _, params, shapes = lm_setup
   labels = {matching.path_name(p): l
             for p, l in jax.tree_util.tree_flatten_with_path(
                 optimizers.matched_labels(params, shapes))[0]}
@@ -178,9 +178,9 @@ def test_matched_labels_follow_the_statistics():
       "pos_embed": "unmatched"}
 
 
-def test_adaact_adam_is_adaact_plus_adamw_on_the_rest():
-  model, x, params, shapes = _lm_setup()
-  _, mutated = aa_linen.apply(model, {"params": params}, x)
+def test_adaact_adam_is_adaact_plus_adamw_on_the_rest(lm_setup):
+  model, x, params, shapes = lm_setup
+  _, mutated = jax.jit(lambda p: aa_linen.apply(model, {"params": p}, x))(params)
   stats = mutated[aa_linen.COLLECTION]
   grads = jax.tree.map(lambda p: jnp.cos(p * 3.0) + 0.5, params)
   hyper = lambda k: optimizers.DEFAULTS["adaact-adam"][k]
@@ -195,24 +195,27 @@ def test_adaact_adam_is_adaact_plus_adamw_on_the_rest():
   adam_state = state.inner_states["unmatched"].inner_state
   adam_arrays = [a for a in jax.tree.leaves(adam_state) if a.ndim > 0]
   assert sum(a.size for a in adam_arrays) == 2 * sum(p.size for p in unmatched)
-  updates, _ = tx.update(grads, state, params, activation_stats=stats)
+
+  def first_update(tx, **extra):   # one compiled update from a fresh state
+    return jax.jit(lambda g, p: tx.update(g, tx.init(p), p, **extra)[0])(grads, params)
+
+  updates = first_update(tx, activation_stats=stats)
   # Reference: AdaAct (lr 0.7, its decay) and AdamW (3e-3, decay 0.1) run separately.
-  ref_adaact = adaact_optax.adaact(0.7, weight_decay=2e-3, stats_shapes=shapes)
-  ref_adam = optax.adamw(3e-3, weight_decay=0.1)
-  u_adaact, _ = ref_adaact.update(grads, ref_adaact.init(params), params, activation_stats=stats)
-  u_adam, _ = ref_adam.update(grads, ref_adam.init(params), params)
+  u_adaact = first_update(adaact_optax.adaact(0.7, weight_decay=2e-3, stats_shapes=shapes),
+                          activation_stats=stats)
+  u_adam = first_update(optax.adamw(3e-3, weight_decay=0.1))
   for got, a, b, label in zip(*(jax.tree.leaves(t) for t in (updates, u_adaact, u_adam, labels))):
     np.testing.assert_array_equal(got, a if label == "adaact" else b)
   # The same as the library's own packaging of it.
-  library = adaact_optax.adaact(0.7, unmatched=optax.adamw(3e-3, weight_decay=0.1),
-                                stats_shapes=shapes)
-  u_library, _ = library.update(grads, library.init(params), params, activation_stats=stats)
+  u_library = first_update(adaact_optax.adaact(
+      0.7, unmatched=optax.adamw(3e-3, weight_decay=0.1), stats_shapes=shapes),
+      activation_stats=stats)
   for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(u_library)):
     np.testing.assert_array_equal(got, want)
 
 
-def test_muon_treats_matrices_only():
-  _, _, params, _ = _lm_setup()
+def test_muon_treats_matrices_only(lm_setup):
+  _, _, params, _ = lm_setup
   dims = optimizers.muon_dimension_numbers(params)
   assert dims["CausalBlock_0"]["Dense_0"]["kernel"] == optax.contrib.MuonDimensionNumbers((0,), 1)
   attention = dims["CausalBlock_0"]["MultiHeadDotProductAttention_0"]
@@ -230,15 +233,24 @@ def test_build_errors():
                      lambda k: optimizers.DEFAULTS["adaact-adam"][k])
 
 
+# Every LM run below (the per-optimizer steps, the CLI, compare.py and the
+# divergence check) uses these shapes and the constant schedule, so each
+# optimizer's training step compiles once for the whole file.
 TINY = dict(steps=12, batch_size=8, context=16, dim=16, depth=1, heads=2, mlp_dim=32,
-            corpus_mb=0.05, eval_windows=8, evals=1, warmup_steps=0, progress=False)
+            corpus_mb=0.05, eval_windows=8, evals=1, warmup_steps=0, schedule="constant",
+            progress=False)
+TINY_FLAGS = ["--steps", "12", "--batch-size", "8", "--context", "16", "--dim", "16",
+              "--depth", "1", "--heads", "2", "--mlp-dim", "32", "--corpus-mb", "0.05",
+              "--eval-windows", "8", "--warmup-steps", "0", "--schedule", "constant"]
 
 
-@pytest.mark.parametrize("optimizer", optimizers.OPTIMIZERS)
-def test_a_few_lm_steps_lower_the_loss(optimizer):
+@pytest.mark.parametrize("variant", optimizers.OPTIMIZERS + ("adaact-adam+emb+untied",))
+def test_a_few_lm_steps_lower_the_loss(variant):
   # lr 3x the default: a dozen steps must show the loss falling for every optimizer.
+  overrides = compare.parse_variant(variant)
+  optimizer = overrides["optimizer"]
   lr = 3 * optimizers.DEFAULTS[optimizer]["lr"]
-  result = lm.run(lm.Config(optimizer=optimizer, lr=lr, schedule="constant", **TINY))
+  result = lm.run(lm.Config(lr=lr, **overrides, **TINY))
   s = result["summary"]
   assert s["train_loss"] < s["initial_loss"] and not s["diverged"], s
   assert s["val_bpb"] < 8.0 and math.isfinite(s["test_bpb"])
@@ -250,17 +262,16 @@ def test_a_few_lm_steps_lower_the_loss(optimizer):
 
 
 def test_cli_records_python_version_and_corpus_hash(tmp_path, capsys):
-  result = lm.main(["--optimizer", "adaact-adam", "--embeddings", "--steps", "6",
-                    "--batch-size", "4", "--context", "8", "--dim", "8", "--depth", "1",
-                    "--heads", "2", "--mlp-dim", "16", "--corpus-mb", "0.05",
-                    "--eval-windows", "4", "--evals", "2", "--out-dir", str(tmp_path),
-                    "--no-progress"])
+  result = lm.main(["--optimizer", "adaact-adam", "--embeddings", "--no-tied", *TINY_FLAGS,
+                    "--evals", "2", "--out-dir", str(tmp_path), "--no-progress"])
   corpus, _ = lm.corpus_and_splits(None, 0.05)
   lines = [json.loads(l) for l in (tmp_path / "lm_adaact-adam_emb_seed0.jsonl").read_text()
            .splitlines()]
-  assert [l["step"] for l in lines] == [3, 6, 6] and lines[-1]["final"]
+  assert [l["step"] for l in lines] == [6, 12, 12] and lines[-1]["final"]
   assert all(l["python_version"] == platform.python_version()
-             and l["corpus_sha256"] == corpus.sha256 and l["embeddings"] for l in lines)
+             and l["corpus_sha256"] == corpus.sha256 and l["embeddings"]
+             and l["tied"] is False for l in lines)
+  assert result["config"]["schedule"] == "constant" and result["config"]["warmup_steps"] == 0
   assert (tmp_path / "lm_adaact-adam_emb_seed0.png").stat().st_size > 0
   out = capsys.readouterr().out
   assert f"corpus_sha256={corpus.sha256}" in out and "val_bpb=" in out
@@ -324,26 +335,25 @@ def test_all_diverged_extends_downwards_then_gives_up():
 
 
 def test_lm_summary_marks_a_run_whose_loss_rose_as_diverged():
-  s = lm.run(lm.Config(optimizer="sgd", lr=300.0, schedule="constant", **TINY))["summary"]
+  s = lm.run(lm.Config(optimizer="sgd", lr=300.0, **TINY))["summary"]
   assert s["diverged"]
   assert not (math.isfinite(s["train_loss"]) and s["train_loss"] <= s["initial_loss"])
 
 
 def test_compare_lm_reports_per_lr_and_ratios(tmp_path, capsys, monkeypatch):
   results = compare.main(argv := [
-      "--task", "lm", "--optimizers", "adamw,adaact-adam+emb", "--lr-grid", "adamw=0.001,0.01",
-      "--lr-grid", "adaact-adam+emb=0.3,1", "--steps", "6", "--batch-size", "4",
-      "--context", "8", "--dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim", "16",
-      "--corpus-mb", "0.05", "--eval-windows", "4", "--evals", "1", "--timing-steps", "2",
-      "--timing-rounds", "1", "--out-dir", str(tmp_path)])
+      "--task", "lm", "--optimizers", "adamw,adaact-adam+emb+untied",
+      "--lr-grid", "adamw=0.001,0.01", "--lr-grid", "adaact-adam+emb+untied=0.3,1", *TINY_FLAGS,
+      "--evals", "1", "--timing-steps", "2", "--timing-rounds", "1", "--out-dir", str(tmp_path)])
   report = (tmp_path / "results.md").read_text()
   assert report in capsys.readouterr().out
   corpus, _ = lm.corpus_and_splits(None, 0.05)
   assert corpus.sha256 in report and f"Python {platform.python_version()}" in report
   rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| ")}
-  assert set(rows) == {"run", "adamw", "adaact-adam+emb"}
+  assert set(rows) == {"run", "adamw", "adaact-adam+emb+untied"}
   assert rows["adamw"].split(" | ")[-2:] == ["1.00", "1.00 |"]       # the reference
   for label, r in results.items():
+    assert r["config"].schedule == "constant" and r["config"].warmup_steps == 0
     sel = r["selection"]
     assert len(sel.runs) == 3 and sel.extended is not None   # a 2-point grid: always an edge
     assert all(len(runs) == 2 for runs in sel.runs.values())
