@@ -1385,6 +1385,14 @@ def _split_dynamic(args, kwargs):
   return [leaves[i] for i in idx], rebuild
 
 
+def _flat_inputs(params, args, kwargs):
+  """``(treedef, paths, parameter leaves, array args, rebuild)`` for both capture routes."""
+  flat, treedef = tree_util.tree_flatten_with_path(params)
+  paths = [_alignment.path_name(p) for p, _ in flat]
+  dyn_vals, rebuild = _split_dynamic(args, kwargs)
+  return treedef, paths, [jnp.asarray(x) for _, x in flat], dyn_vals, rebuild
+
+
 _version_warned = []
 
 
@@ -1431,10 +1439,7 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   _check_version()
   kwargs = kwargs or {}
   floor = _embedding_floor(embeddings)
-  flat, treedef = tree_util.tree_flatten_with_path(params)
-  paths = [_alignment.path_name(p) for p, _ in flat]
-  p_leaves = [jnp.asarray(x) for _, x in flat]
-  dyn_vals, rebuild = _split_dynamic(args, kwargs)
+  treedef, paths, p_leaves, dyn_vals, rebuild = _flat_inputs(params, args, kwargs)
 
   def flat_fun(p, d):
     a, kw = rebuild(d)
@@ -1506,10 +1511,7 @@ def _capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask)
     ``(value, grad_leaves, stats_leaves, report)`` or ``None``.
   """
   _check_version()
-  flat, treedef = tree_util.tree_flatten_with_path(params)
-  paths = [_alignment.path_name(p) for p, _ in flat]
-  p_leaves = [jnp.asarray(x) for _, x in flat]
-  dyn_vals, rebuild = _split_dynamic(args, kwargs)
+  treedef, paths, p_leaves, dyn_vals, rebuild = _flat_inputs(params, args, kwargs)
 
   def value_and_grad(p, d):
     def loss(q):
