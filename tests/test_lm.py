@@ -261,6 +261,16 @@ def test_a_few_lm_steps_lower_the_loss(variant):
     assert len(scale) == 1 and int(scale[0].count) == TINY["steps"]
 
 
+def test_cli_defaults_to_the_recommended_text_configuration():
+  # docs/lm.md recommends adaact-adam at lr 0.9 on text; the example runs it by default.
+  cfg = lm.parse_args([])
+  assert (cfg.optimizer, cfg.hyper("lr")) == ("adaact-adam", 0.9)
+  assert cfg.hyper("unmatched_lr") == 3e-3 and cfg.hyper("weight_decay") == 2e-3
+  assert lm.parse_args(["--optimizer", "adaact"]).hyper("lr") == 0.9
+  assert lm.parse_args(["--optimizer", "adamw"]).hyper("lr") == optimizers.DEFAULTS["adamw"]["lr"]
+  assert lm.parse_args(["--lr", "0.3"]).hyper("lr") == 0.3
+
+
 def test_cli_records_python_version_and_corpus_hash(tmp_path, capsys):
   result = lm.main(["--optimizer", "adaact-adam", "--embeddings", "--no-tied", *TINY_FLAGS,
                     "--evals", "2", "--out-dir", str(tmp_path), "--no-progress"])
