@@ -59,7 +59,8 @@ from adaact_optax import _alignment
 from adaact_optax import moments
 
 
-# The statistics leaf of a weight that was seen but could not be captured.
+#: The shape, ``(0,)``, of the float32 statistics leaf that marks a weight the capture saw
+#: multiplying an activation but could not record (see ``coverage``, ``UncapturedWeightWarning``).
 UNCAPTURED_SHAPE = _alignment.UNCAPTURED_SHAPE
 
 

@@ -7,8 +7,12 @@ fused projections). A ``(0,)``-shaped leaf (``UNCAPTURED_SHAPE``) marks a
 weight a capture saw but could not record. See docs/statistics.md.
 """
 
-from adaact_optax._alignment import (UNCAPTURED_SHAPE, is_uncaptured, keep_rank_shape,
-                                     to_keep_rank, with_statistics)
+from adaact_optax import _alignment
+from adaact_optax._alignment import is_uncaptured, keep_rank_shape, to_keep_rank, with_statistics
+
+#: The shape, ``(0,)``, of the float32 statistics leaf that marks a weight a capture saw but
+#: could not record (the same object as ``adaact_optax.capture.UNCAPTURED_SHAPE``).
+UNCAPTURED_SHAPE = _alignment.UNCAPTURED_SHAPE
 
 __all__ = ["UNCAPTURED_SHAPE", "is_uncaptured", "keep_rank_shape", "to_keep_rank",
            "with_statistics"]

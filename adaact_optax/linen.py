@@ -29,6 +29,8 @@ import jax
 from adaact_optax import capture as _capture
 from adaact_optax import _alignment, moments
 
+#: The Flax variable collection, ``"adaact_stats"``, in which ``apply`` returns the statistics.
+#: ``mutated[COLLECTION]`` is the statistics tree, keyed like the params.
 COLLECTION = "adaact_stats"
 
 # Rows already pooled per (scope, leaf) in the current capture, so a layer

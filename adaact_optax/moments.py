@@ -381,9 +381,9 @@ def constant_moments(rows: int = 1) -> InputMoments:
   return InputMoments(jnp.ones((), jnp.float32), rows)
 
 
-# Default floor added to a token's frequency: with power 0.5 no embedding row
-# gets more than 1/sqrt(0.01) = 10x the step of an input feature whose second
-# moment is 1, however rare its token.
+#: The default floor that ``token_moments`` adds to a token's frequency. With power 0.5 no
+#: embedding row gets more than 1/sqrt(0.01) = 10x the step of an input feature whose second
+#: moment is 1, however rare its token.
 EMBEDDING_FLOOR = 1e-2
 
 

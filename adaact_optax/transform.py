@@ -244,7 +244,7 @@ def scale_by_adaact(
     unmatched: ``"sgd"`` or ``"momentum"``, see above; ``"error"`` is
       ``"sgd"`` for parameters without statistics, but raises a ValueError
       (at trace time, naming the paths) for parameters the capture marked
-      uncaptured (``_alignment.UNCAPTURED_SHAPE`` leaves).
+      uncaptured (``adaact_optax.layout.UNCAPTURED_SHAPE`` leaves).
     stats_shapes: optional tree of statistics shapes keyed like the params
       (keep-rank or 0.1.0 forms, see ``adaact_optax.layout``), for layers
       whose statistics are not the default ``K[:-1] + (1,)`` (grouped
