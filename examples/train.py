@@ -20,6 +20,7 @@ import json
 import math
 import pathlib
 import sys
+import textwrap
 import time
 from typing import Any, Callable
 
@@ -291,7 +292,8 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, title: str = "") -
     epochs = np.arange(1, n + 1)
     for ax, field in zip(axes, ("train_loss", "test_acc")):
       values = np.array([[r[field] for r in h[:n]] for h in histories])
-      line, = ax.plot(epochs, values.mean(0), label=label)
+      # Markers: a one-epoch run is a single point, which a line alone does not draw.
+      line, = ax.plot(epochs, values.mean(0), label=label, marker="o", markersize=3)
       if len(histories) > 1:
         ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
   axes[0].set(xlabel="epoch", ylabel="train loss", yscale="log", title="train loss")
@@ -311,33 +313,68 @@ def _model_kwarg(text: str):
   return key, json.loads(value)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+  """Appends ``(default: X)`` to each flag's help, except where there is no value to show
+  (``None``, switches): those flags say their default in their help text."""
+
+  def _get_help_string(self, action):
+    default = action.default
+    if default is None or default is argparse.SUPPRESS or action.nargs == 0 or default == []:
+      return action.help
+    return f"{action.help} (default: %(default)s)"
+
+  def _split_lines(self, text, width):
+    # Optimizer names (adaact-momentum) stay whole.
+    return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+def optimizer_defaults(name: str) -> str:
+  """``"default: the optimizer's (adaact, sgd: 0.1; ...)"``: ``DEFAULTS[*][name]`` for
+  the optimizers that have it, those with equal values grouped."""
+  groups: dict[float, list[str]] = {}
+  for optimizer, hyper in DEFAULTS.items():
+    if name in hyper:
+      groups.setdefault(hyper[name], []).append(optimizer)
+  return "default: the optimizer's (" + "; ".join(
+      f"{', '.join(names)}: {value:g}" for value, names in groups.items()) + ")"
+
+
 def parse_args(argv=None) -> Config:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--dataset", default="digits", choices=data_lib.DATASETS)
-  p.add_argument("--data-dir", help="for cifar10: the folder holding cifar-10-batches-bin/")
-  p.add_argument("--model", default="mlp", choices=models.MODELS)
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+  p.add_argument("--dataset", default="digits", choices=data_lib.DATASETS,
+                 help="digits and mnist1d are generated locally; cifar10 needs --data-dir")
+  p.add_argument("--data-dir", help="the folder holding cifar-10-batches-bin/; default: none, "
+                 "which cifar10 refuses (digits and mnist1d need no files)")
+  p.add_argument("--model", default="mlp", choices=models.MODELS, help="examples/models.py")
   p.add_argument("--model-arg", action="append", type=_model_kwarg, default=[],
-                 metavar="KEY=JSON", help="override a model field, e.g. depth=2 (repeatable)")
-  p.add_argument("--optimizer", default="adaact", choices=OPTIMIZERS)
-  p.add_argument("--lr", type=float, help="peak learning rate (default: the optimizer's)")
-  p.add_argument("--weight-decay", type=float, help="default: the optimizer's")
-  p.add_argument("--b1", type=float, help="adaact/adam/adamw beta1")
-  p.add_argument("--b2", type=float, help="adaact/adam/adamw beta2")
-  p.add_argument("--eps", type=float, help="adaact/adam/adamw epsilon")
-  p.add_argument("--momentum", type=float, help="sgd momentum (default 0.9)")
+                 metavar="KEY=JSON", help="override a model field, e.g. depth=2 (repeatable); "
+                 "default: the model's own fields (examples/models.py)")
+  p.add_argument("--optimizer", default="adaact", choices=OPTIMIZERS,
+                 help="each with its published defaults, see examples/optimizers.py")
+  p.add_argument("--lr", type=float, help="peak learning rate; " + optimizer_defaults("lr"))
+  p.add_argument("--weight-decay", type=float, help=optimizer_defaults("weight_decay"))
+  p.add_argument("--b1", type=float, help="beta1; " + optimizer_defaults("b1"))
+  p.add_argument("--b2", type=float, help="beta2; " + optimizer_defaults("b2"))
+  p.add_argument("--eps", type=float, help="epsilon; " + optimizer_defaults("eps"))
+  p.add_argument("--momentum", type=float, help="momentum of sgd and muon; "
+                 + optimizer_defaults("momentum"))
   p.add_argument("--power", type=float, default=0.5, help="AdaAct's exponent p in V^p")
-  p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
-  p.add_argument("--warmup-epochs", type=float, default=0.0)
-  p.add_argument("--epochs", type=int, default=10)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                 help="learning-rate schedule after the warmup")
+  p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup")
+  p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+  p.add_argument("--batch-size", type=int, default=128,
+                 help="examples per step, at most the training set")
+  p.add_argument("--steps-per-epoch", type=int,
+                 help="cap on steps per epoch, for quick runs; default: no cap (one pass)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="initialization, batch order and augmentation")
   p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                 help="random crop (pad 4) + horizontal flip; default: on for cifar10")
+                 help="random crop (pad 4) + horizontal flip; default: on for cifar10 only")
   p.add_argument("--out-dir", default="runs", help="where the default metrics/plot paths go")
-  p.add_argument("--metrics", help="JSON-lines file (default: OUT_DIR/NAME.jsonl)")
-  p.add_argument("--plot", help="PNG of the curves (default: OUT_DIR/NAME.png)")
+  p.add_argument("--metrics", help="JSON-lines file; default: OUT_DIR/NAME.jsonl, NAME = "
+                 "DATASET_MODEL_OPTIMIZER_seedSEED")
+  p.add_argument("--plot", help="PNG of the curves; default: OUT_DIR/NAME.png")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   a = p.parse_args(argv)
   name = f"{a.dataset}_{a.model}_{a.optimizer}_seed{a.seed}"

@@ -1,6 +1,7 @@
 """The examples: dataset loaders, models and their statistics trees, the training CLI."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +186,56 @@ def test_published_defaults_and_overrides():
   assert train.Config(optimizer="sgd").hyper("momentum") == 0.9
   cfg = train.parse_args(["--optimizer", "sgd", "--lr", "0.3", "--power", "0.25"])
   assert cfg.hyper("lr") == 0.3 and cfg.power == 0.25
+
+
+def _help_entries(text: str) -> dict[str, str]:
+  """``--help``'s options section: each flag's help, unwrapped."""
+  entries, flag = {}, None
+  for line in text.split("options:")[1].splitlines():
+    match = re.match(r"  (-[\w-]+)", line)
+    if match:
+      flag = match.group(1)
+      entries[flag] = ""
+      line = re.sub(r"^  -[\w-]+( [{}\w,=-]+)?(, --[\w-]+)?", "", line)
+    if flag:
+      entries[flag] = " ".join((entries[flag] + " " + line).split())
+  return entries
+
+
+def test_help_shows_every_flags_real_default(capsys):
+  with pytest.raises(SystemExit):
+    train.parse_args(["--help"])
+  entries = _help_entries(capsys.readouterr().out)
+  assert "--epochs" in entries and "--no-progress" in entries
+  for flag, default in [("--dataset", "digits"), ("--model", "mlp"), ("--optimizer", "adaact"),
+                        ("--epochs", "10"), ("--batch-size", "128"), ("--seed", "0"),
+                        ("--power", "0.5"), ("--warmup-epochs", "0.0"), ("--out-dir", "runs"),
+                        ("--schedule", "cosine")]:
+    assert entries[flag].endswith(f"(default: {default})"), (flag, entries[flag])
+  # Flags whose default is the optimizer's list each optimizer's published value.
+  for flag, name in [("--lr", "lr"), ("--weight-decay", "weight_decay"), ("--b1", "b1"),
+                     ("--b2", "b2"), ("--eps", "eps"), ("--momentum", "momentum")]:
+    groups = re.search(r"default: the optimizer's \((.*)\)$", entries[flag]).group(1)
+    shown = {optimizer: value for group in groups.split("; ")
+             for value in [group.rpartition(": ")[2]]
+             for optimizer in group.rpartition(": ")[0].split(", ")}
+    assert shown == {optimizer: f"{hyper[name]:g}" for optimizer, hyper in train.DEFAULTS.items()
+                     if name in hyper}, flag
+  # The others say theirs in words; none shows argparse's "(default: None)".
+  for flag, text in entries.items():
+    if flag not in ("-h", "--no-progress"):
+      assert "default: " in text and "(default: None)" not in text, (flag, text)
+
+
+def test_plot_of_a_one_epoch_run_shows_its_point(tmp_path):
+  import matplotlib.image
+  history = [dict(train_loss=1.5, test_acc=0.6)]       # one epoch: a single point per panel
+  train.plot_curves({"adaact": [history]}, str(tmp_path / "one.png"))
+  image = matplotlib.image.imread(tmp_path / "one.png")[..., :3]
+  blue = np.abs(image - np.array([0x1f, 0x77, 0xb4]) / 255).max(-1) < 0.1   # the first line colour
+  left, right = blue[:, :blue.shape[1] // 2], blue[:, blue.shape[1] // 2:]
+  assert left.sum() > 5                            # train loss: only the marker can be blue there
+  assert right.sum() > left.sum()                  # test accuracy: the marker and the legend
 
 
 def test_cosine_schedule_with_warmup_scaled_by_the_learning_rate():
