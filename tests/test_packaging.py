@@ -1,5 +1,7 @@
 """Packaging metadata: the license file matches pyproject, and the package is marked typed."""
 
+import re
+
 try:
   import tomllib
 except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
@@ -21,11 +23,14 @@ def test_py_typed_marker_is_package_data():
   assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"]["adaact_optax"]
 
 
-def test_docs_tooling_is_in_the_test_extra():
-  # tests/test_docs.py builds the site; the README's test command installs this extra.
-  extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
-  for package in ("sphinx", "myst-nb", "myst-parser", "sphinx-book-theme"):
-    assert package in extra, package
+def test_docs_tooling_is_the_docs_extra_and_in_the_test_extra():
+  # tests/test_docs.py builds the site; the README's test command installs the test extra.
+  extras = PYPROJECT["project"]["optional-dependencies"]
+  docs = {re.split(r"[<>=\[]", requirement)[0] for requirement in extras["docs"]}
+  for package in ("sphinx", "myst-nb", "myst-parser", "sphinx-book-theme",
+                  "sphinx-mathjax-offline", "ipykernel"):
+    assert package in docs, package
+  assert any(re.fullmatch(r"adaact-optax\[.*\bdocs\b.*\]", r) for r in extras["test"]), extras["test"]
 
 
 def test_chex_is_a_test_dependency_only():
