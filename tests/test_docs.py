@@ -4,12 +4,19 @@
   namespace per file. Blocks are found by their fence info: exactly ```python is
   executed; other fences (```bash, ```text, ...) are shown, not run.
 - The package's docstring examples (doctests) pass.
-- ``sphinx-build -W --keep-going -b html docs <tmp>`` succeeds (warnings are errors), offline.
+- ``sphinx-build -W --keep-going -b html docs <tmp>`` succeeds (warnings are errors), offline,
+  and the site it builds reads offline: no page loads a script, stylesheet or font from the
+  network, math is rendered by the MathJax copied into the site, the notebook page shows its
+  executed outputs, the API page names public types and the constants' own docs.
+- README links work outside the repository (no relative links).
 """
 
 import doctest
+import html
+import html.parser
 import importlib
 import inspect
+import pathlib
 import pkgutil
 import re
 import subprocess
@@ -58,14 +65,132 @@ def test_docstring_examples(name):
   assert result.failed == 0, f"{result.failed} doctest failure(s) in {name} (output above)"
 
 
-def test_sphinx_build_has_no_warnings(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+  """The HTML site, built once as the README says: ``sphinx-build -W --keep-going``, offline."""
+  out = tmp_path_factory.mktemp("docs")
   # A fresh process: Sphinx imports the package itself, as a docs build would.
   result = subprocess.run(
       [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-       "-d", str(tmp_path / "doctrees"), str(ROOT / "docs"), str(tmp_path / "html")],
-      capture_output=True, text=True, timeout=600, cwd=ROOT)
+       "-d", str(out / "doctrees"), str(ROOT / "docs"), str(out / "html")],
+      capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-  assert (tmp_path / "html" / "api.html").exists()
+  return out / "html"
+
+
+def test_sphinx_build_has_no_warnings(site):
+  assert (site / "api.html").exists()
+
+
+class _Assets(html.parser.HTMLParser):
+  """The scripts and stylesheets a page loads (``<script src>``, ``<link href>``: a
+  stylesheet, a preloaded font or script) and its inline ``<style>`` text."""
+
+  def __init__(self):
+    super().__init__()
+    self.urls, self.styles, self._in_style = [], [], False
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "script" and attrs.get("src"):
+      self.urls.append(attrs["src"])
+    elif tag == "link" and attrs.get("href"):
+      self.urls.append(attrs["href"])
+    self._in_style = tag == "style"
+
+  def handle_endtag(self, tag):
+    self._in_style = False
+
+  def handle_data(self, data):
+    if self._in_style:
+      self.styles.append(data)
+
+
+def _path(url: str) -> str:
+  """A local URL without its query (``?v=...``, Sphinx's cache busting) or fragment."""
+  return re.split(r"[?#]", url)[0]
+
+
+def _assets(page: pathlib.Path) -> _Assets:
+  parser = _Assets()
+  parser.feed(page.read_text())
+  return parser
+
+
+_REMOTE = re.compile(r"^\s*(https?:)?//", re.I)
+# url(...) and @import in CSS that reach the network: fonts (@font-face) and stylesheets.
+_REMOTE_CSS = re.compile(r"(url\(\s*['\"]?|@import\s+['\"])\s*(https?:)?//", re.I)
+
+
+def test_site_loads_no_script_stylesheet_or_font_from_the_network(site):
+  pages = sorted(site.rglob("*.html"))
+  assert len(pages) > 20
+  remote = [(p.name, url) for p in pages for url in _assets(p).urls if _REMOTE.match(url)]
+  assert not remote, f"pages load from the network: {remote[:10]}"
+  inline = [p.name for p in pages if any(_REMOTE_CSS.search(s) for s in _assets(p).styles)]
+  assert not inline, f"inline <style> loading from the network: {inline}"
+  css = [str(c.relative_to(site)) for c in site.rglob("*.css") if _REMOTE_CSS.search(c.read_text())]
+  assert not css, f"stylesheets loading fonts or styles from the network: {css}"
+  # Every local script and stylesheet a page names is in the build.
+  missing = {(p.name, url) for p in pages for url in _assets(p).urls
+             if _path(url).endswith((".js", ".css")) and not (p.parent / _path(url)).exists()}
+  assert not missing, f"pages name assets the build lacks: {sorted(missing)[:10]}"
+
+
+def test_math_is_rendered_by_the_mathjax_shipped_with_the_site(site):
+  page = site / "rule.html"
+  text = page.read_text()
+  assert r"\hat V_t" in text                     # the rule's formulas are on the page, as TeX
+  mathjax = [_path(url) for url in _assets(page).urls if "mathjax" in url.lower()]
+  assert mathjax == ["_static/mathjax/tex-chtml.js"], mathjax
+  script = site / mathjax[0]
+  assert "MathJax" in script.read_text()
+  # MathJax's CommonHTML output loads its fonts from beside the script.
+  fonts = script.parent / "output" / "chtml" / "fonts" / "woff-v2"
+  assert (fonts / "MathJax_Main-Regular.woff").exists() and (fonts / "MathJax_Math-Italic.woff").exists()
+
+
+def test_notebook_page_shows_its_outputs(site):
+  # The notebook is committed without outputs (tests/test_notebook.py); the build executes it.
+  text = (site / "quickstart.html").read_text()
+  acc = re.findall(r"test accuracy (\d\.\d+)", text)
+  assert len(acc) == 1 and float(acc[0]) > 0.8, acc
+  images = re.findall(r'<img [^>]*src="([^"]+\.png)"', text)
+  assert len(images) == 1 and (site / images[0]).stat().st_size > 10_000, images  # the 2 panels
+
+
+def test_wide_tables_use_the_site_stylesheet(site):
+  assert "_static/tables.css" in map(_path, _assets(site / "lm.html").urls)
+  css = (site / "_static" / "tables.css").read_text()
+  assert "white-space: nowrap" in css and ":has(" in css
+
+
+def test_api_page_shows_public_type_names_and_the_constants_own_docs(site):
+  text = html.unescape(re.sub(r"<[^>]+>", "", (site / "api.html").read_text()))
+  for private in ("TypeAliasForwardRef", "optax._src", "_alignment", "jaxlib._jax"):
+    assert private not in text, private
+  assert "mu_dtype (jax.typing.DTypeLike | None)" in text
+  assert "optax.GradientTransformation)" in text
+  # Constants carry their own docs, not those of their type (str, tuple, float).
+  for builtin_doc in ("Create a new string object", "Built-in immutable sequence",
+                      "Convert a string or number to a floating point number"):
+    assert builtin_doc not in text, builtin_doc
+  for name, doc in [("linen.COLLECTION", "The Flax variable collection"),
+                    ("capture.UNCAPTURED_SHAPE = (0,)", "The shape, (0,), of the float32"),
+                    ("layout.UNCAPTURED_SHAPE = (0,)", "The shape, (0,), of the float32"),
+                    ("moments.EMBEDDING_FLOOR = 0.01", "The default floor")]:
+    assert re.search(re.escape(f"adaact_optax.{name}#") + r"\s+" + re.escape(doc), text), name
+
+
+def test_docs_build_command_keeps_its_outputs_in_ignored_folders():
+  # myst-nb writes the executed notebook to <outdir>/../jupyter_execute: building into
+  # docs/_build/html keeps it in docs/_build, which git ignores.
+  commands = re.findall(r"sphinx-build (.*)", (ROOT / "README.md").read_text())
+  assert commands
+  for command in commands:
+    outdir = command.split("#")[0].split()[-1]
+    assert outdir.startswith("docs/_build/") and outdir.strip("/") != "docs/_build", command
+  assert "docs/_build/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 _AUTODOC = re.compile(r"^\.\. auto(?:function|class|exception|data|module):: ([\w.]+)", re.M)
@@ -131,3 +256,15 @@ def test_every_documented_function_and_class_has_a_doctested_example():
   missing = [name for name, obj in _documented_objects()
              if not any(t.examples for t in finder.find(obj, name))]
   assert not missing, f"docstrings without a >>> example: {missing}"
+
+
+_MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)[^)]*\)")
+
+
+def test_readme_has_no_relative_links():
+  # README.md is the package's long description (PyPI shows it): relative links break there.
+  links = _MD_LINK.findall((ROOT / "README.md").read_text())
+  links += re.findall(r'(?:src|href)="([^"]+)"', (ROOT / "README.md").read_text())
+  assert links, "the link finder found nothing"
+  relative = [url for url in links if not re.match(r"(https?|mailto):", url)]
+  assert not relative, f"relative links in README.md: {relative}"
