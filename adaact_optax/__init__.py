@@ -1,13 +1,47 @@
-"""AdaAct for Optax and Flax: per-input-neuron learning rates from activation statistics."""
+"""AdaAct for Optax and Flax: per-input-neuron learning rates from activation statistics.
 
-from adaact_optax import capture, layout, linen, moments, nnx, sharding
+``import adaact_optax`` loads no Flax module: the Flax adapters
+(``adaact_optax.linen``, ``adaact_optax.nnx``) and ``TrainState`` are
+imported on first access, so Equinox, Haiku and plain-JAX users need only
+jax and optax.
+"""
+
+import importlib as _importlib
+from typing import TYPE_CHECKING
+
+from adaact_optax import capture, layout, moments, sharding
 from adaact_optax.capture import (
     CoverageReport, UncapturedWeightWarning, coverage, stats_shapes, value_grad_and_stats)
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
 from adaact_optax.diagnostics import activation_summary
-from adaact_optax.train_state import TrainState
 from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
                                     migrate_state, scale_by_activation_rms, scale_by_adaact)
+
+if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers
+  from adaact_optax import linen, nnx
+  from adaact_optax.train_state import TrainState
+
+# Public attribute -> (module, attribute or None for the module itself), imported on first use.
+_LAZY = {
+    "linen": ("adaact_optax.linen", None),
+    "nnx": ("adaact_optax.nnx", None),
+    "TrainState": ("adaact_optax.train_state", "TrainState"),
+}
+
+
+def __getattr__(name: str):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'adaact_optax' has no attribute {name!r}")
+  module_name, attribute = _LAZY[name]
+  module = _importlib.import_module(module_name)
+  value = module if attribute is None else getattr(module, attribute)
+  globals()[name] = value  # later lookups skip __getattr__
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CoverageReport",

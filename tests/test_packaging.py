@@ -1,11 +1,10 @@
 """Packaging metadata: the license file matches pyproject, and the package is marked typed."""
 
 import re
-
-try:
-  import tomllib
-except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
-  import tomli as tomllib
+import subprocess
+import sys
+import tarfile
+import tomllib
 
 from conftest import ROOT
 
@@ -13,7 +12,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def test_license_file_matches_pyproject():
-  assert PYPROJECT["project"]["license"] == {"text": "Apache-2.0"}
+  assert PYPROJECT["project"]["license"] == "Apache-2.0"   # an SPDX expression (PEP 639)
+  assert PYPROJECT["project"]["license-files"] == ["LICENSE"]
   text = (ROOT / "LICENSE").read_text()
   assert "Apache License" in text and "Version 2.0, January 2004" in text
 
@@ -40,3 +40,23 @@ def test_chex_is_a_test_dependency_only():
   assert "chex" in " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
   for source in (ROOT / "adaact_optax").glob("*.py"):
     assert "chex" not in source.read_text(), source.name
+
+
+def test_requires_python_is_what_jax_needs():
+  # jax 0.10 supports Python >= 3.11; the classifiers name the versions the suite runs on.
+  assert PYPROJECT["project"]["requires-python"] == ">=3.11"
+  assert sys.version_info >= (3, 11)
+  assert f"Programming Language :: Python :: {sys.version_info.major}.{sys.version_info.minor}" \
+      in PYPROJECT["project"]["classifiers"]
+
+
+def test_sdist_ships_the_library_without_a_partial_test_suite(tmp_path):
+  # The tests need fixtures, shared/ and the examples: the sdist ships none of them.
+  subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir",
+                  str(tmp_path), str(ROOT)], check=True, capture_output=True)
+  (sdist,) = tmp_path.glob("*.tar.gz")
+  with tarfile.open(sdist) as tar:
+    names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
+  assert "adaact_optax/__init__.py" in names and "adaact_optax/py.typed" in names
+  assert "LICENSE" in names and "README.md" in names
+  assert not [n for n in names if n.startswith(("tests/", "docs/", "examples/"))], names
