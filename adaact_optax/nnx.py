@@ -111,9 +111,12 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
       plus a floor (see ``moments.token_moments``).
     row_mask: optional weights of the inputs' leading (batch, or batch x
       time) axes; rows with weight 0 do not count (padding).
-    wrt: the parameters to capture, as ``nnx.Optimizer``'s ``wrt``
-      (``nnx.LoRAParam`` for LoRA fine-tuning: the frozen base kernels then
-      get no statistics and no error).
+    wrt: the parameters to capture (a filter, as ``nnx.Optimizer``'s
+      ``wrt``). It need not match the optimizer's: AdaAct ignores the
+      statistics of parameters outside the tree it updates, so with
+      ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` the default captures
+      the frozen base kernels too, and ``wrt=nnx.LoRAParam`` only skips that
+      work.
 
   Returns:
     ``(output, activation_stats)``.
