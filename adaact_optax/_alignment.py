@@ -391,6 +391,13 @@ def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
                 "axis): build the optimizer with stats_shapes=adaact_optax.linen.stats_shapes("
                 "model, variables, x) (or adaact_optax.nnx.stats_shapes(model, x)) so its "
                 "state has the statistics' shape.")
+      elif state_shape == default_moment_shape(k):
+        hint = (" The state has the default shape (every axis but the last an input axis); "
+                "these statistics vary along other axes (an Embed.attend table: (1, d), an "
+                "(out, in) weight: (1, in)). Build the optimizer with stats_shapes= from the "
+                "capture (adaact_optax.linen.stats_shapes(model, variables, x), "
+                "adaact_optax.nnx.stats_shapes(model, x) or adaact_optax.stats_shapes(loss, "
+                "params, x)) so its state has the statistics' shape.")
       raise ValueError(f"AdaAct statistics at '{name}' have shape {tuple(jnp.shape(by_name[name]))}"
                        f" (keep-rank {tuple(a.shape)}), but the optimizer state for the "
                        f"parameter of shape {k} has shape {state_shape}.{hint}")
