@@ -108,7 +108,9 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
     **kwargs: the model's keyword arguments.
     embeddings: ``nnx.Embed`` tables used only for lookups get no statistics
       by default; ``True`` (or a float floor) gives them token frequencies
-      plus a floor (see ``moments.token_moments``).
+      plus a floor (see ``moments.token_moments``). A table also used by
+      ``Embed.attend`` (tied) gets attend's ``(1, features)`` statistics
+      whatever ``embeddings`` is: its lookups are not counted.
     row_mask: optional weights of the inputs' leading (batch, or batch x
       time) axes; rows with weight 0 do not count (padding).
     wrt: the parameters to capture (a filter, as ``nnx.Optimizer``'s
