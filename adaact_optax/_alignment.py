@@ -7,7 +7,9 @@ docs/statistics.md states the layout for users:
 * A statistics leaf sits at the path of the parameter it scales; any pytree
   whose paths name the same keys works (dict, FrozenDict, ``nnx.State``,
   Equinox modules, flat dicts ``{'Dense_0/kernel': ...}``). Parameters
-  without a leaf (or with ``None``) are *unmatched*.
+  without a leaf (or with ``None``) are *unmatched*. Leaves at paths outside
+  the params tree (parameters the optimizer does not update) are ignored; a
+  tree none of whose leaves is at a parameter path is an error.
 * For a parameter of shape ``K`` a statistics leaf is float32 with the same
   rank as ``K``. Along each axis its size ``s`` divides ``K[ax]``:
   ``s == K[ax]`` (statistics vary along that axis: an input axis),
@@ -203,8 +205,40 @@ def param_names(params: PyTree) -> list[str]:
 
 def _unknown_paths_error(what: str, extra, shapes, params: PyTree) -> ValueError:
   names = param_names(params)
-  return ValueError(f"{what} has entries at {extra} (shapes {shapes}) that are not parameter "
-                    f"paths; parameters: {names[:8]}{'...' if len(names) > 8 else ''}")
+  more = lambda xs: f"{xs[:8]}{'...' if len(xs) > 8 else ''}"
+  return ValueError(
+      f"{what} matches no parameter of the tree the optimizer was given: its entries at "
+      f"{more(extra)} (shapes {more(shapes)}) are not parameter paths; parameters: "
+      f"{more(names)}. Entries for parameters outside the tree (frozen, outside "
+      "nnx.Optimizer's wrt=, in another optax.partition branch) are ignored, but none "
+      f"matching means {what} is not keyed like the params: pass the statistics "
+      "collection itself (mutated[adaact_optax.linen.COLLECTION], not mutated), without an "
+      "extra top-level key such as 'params', captured from the model whose parameters "
+      "the optimizer updates (the same paths, not a submodule's)")
+
+
+def _check_overlap(what: str, entries: dict, tree: PyTree) -> None:
+  """Refuses a statistics (or shapes) tree that has no entry at a parameter of ``tree``.
+
+  Entries at paths outside ``tree`` are statistics of parameters this
+  transform does not update (frozen ones, those outside ``nnx.Optimizer``'s
+  ``wrt=``, another ``optax.partition`` branch's, which sit under an
+  ``optax.MaskedNode``): ignored. The transform cannot tell those from a
+  misspelled path, and ignoring a misspelled entry only leaves its parameter
+  unmatched, as a missing entry does. But when no entry is at a parameter
+  path of ``tree`` (or under its masked nodes) the tree is not keyed like
+  the params at all (the whole ``mutated`` dict, an extra top-level key, a
+  submodule's optimizer): a ``ValueError`` naming the paths and shapes.
+  A tree with no leaves (``optax.tree_map_params``' placeholders) is not
+  checked.
+  """
+  names = set(param_names(tree))
+  outside = sorted(entries.keys() - names)
+  if not outside or not jax.tree.leaves(tree):
+    return
+  unmasked = _drop_masked(outside, tree)
+  if len(unmasked) == len(entries):  # nothing in the tree, nothing masked
+    raise _unknown_paths_error(what, unmasked, [_shape_of(entries[e]) for e in unmasked], tree)
 
 
 def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
@@ -219,16 +253,12 @@ def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
       ``(0,)`` (no state); paths it lacks keep the default.
 
   Raises:
-    ValueError: an entry at a path that is no parameter, or a shape that
-      cannot scale its parameter (naming the path and the shapes).
+    ValueError: no entry at a parameter path (entries outside ``params``
+      are otherwise ignored, see ``_check_overlap``), or a shape that cannot
+      scale its parameter (naming the path and the shapes).
   """
   overrides = stats_leaves(stats_shapes)
-  # optax.tree_map_params initialises with leafless placeholder params: no paths to check.
-  if overrides and jax.tree.leaves(params):
-    extra = _drop_masked(overrides.keys() - set(param_names(params)), params)
-    if extra:
-      raise _unknown_paths_error("stats_shapes", extra,
-                                 [_shape_of(overrides[e]) for e in extra], params)
+  _check_overlap("stats_shapes", overrides, params)
 
   def shape_for(path, p):
     name = path_name(path)
@@ -255,8 +285,10 @@ def moment_zeros(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
 def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
   """A bool tree like ``params``: True where ``stats_shapes`` has statistics.
 
-  Absent entries, ``None`` and the UNCAPTURED marker are False. A label tree
-  for ``optax.partition`` / ``optax.masked`` (which parameters AdaAct scales).
+  Absent entries, ``None`` and the UNCAPTURED marker are False; entries at
+  paths outside ``params`` are ignored, and a ``stats_shapes`` with no entry
+  at a path of ``params`` is a ``ValueError``. A label tree for
+  ``optax.partition`` / ``optax.masked`` (which parameters AdaAct scales).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -266,10 +298,7 @@ def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
     {'scale': False, 'w': True}
   """
   entries = stats_leaves(stats_shapes)
-  extra = _drop_masked(entries.keys() - set(param_names(params)), params)
-  if extra and jax.tree.leaves(params):  # leafless: optax.tree_map_params' placeholders
-    raise _unknown_paths_error("stats_shapes", extra, [_shape_of(entries[e]) for e in extra],
-                               params)
+  _check_overlap("stats_shapes", entries, params)
   return tree_util.tree_map_with_path(
       lambda path, _: path_name(path) in entries and not is_uncaptured(entries[path_name(path)]),
       params)
@@ -335,18 +364,19 @@ def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
     ``None``, UNCAPTURED marker).
 
   Raises:
-    ValueError (at trace time) for a path that is not a parameter or a
-    shape that cannot be matched, naming the path and the shapes.
+    ValueError (at trace time) when no leaf of ``stats`` is at a
+    parameter path of ``updates`` (leaves outside it are otherwise ignored,
+    see ``_check_overlap``) or a shape cannot be matched, naming the path
+    and the shapes.
   """
   by_name = stats_leaves(stats)
-  seen = set()
+  _check_overlap("activation_stats", by_name, updates)
 
   def place(path, g, v):
     name = path_name(path)
     a = by_name.get(name)
     if a is None:
       return None
-    seen.add(name)
     if is_uncaptured(a):
       return None
     k, state_shape = tuple(jnp.shape(g)), tuple(v.shape)
@@ -361,15 +391,16 @@ def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
                 "axis): build the optimizer with stats_shapes=adaact_optax.linen.stats_shapes("
                 "model, variables, x) (or adaact_optax.nnx.stats_shapes(model, x)) so its "
                 "state has the statistics' shape.")
+      elif state_shape == default_moment_shape(k):
+        hint = (" The state has the default shape (every axis but the last an input axis); "
+                "these statistics vary along other axes (an Embed.attend table: (1, d), an "
+                "(out, in) weight: (1, in)). Build the optimizer with stats_shapes= from the "
+                "capture (adaact_optax.linen.stats_shapes(model, variables, x), "
+                "adaact_optax.nnx.stats_shapes(model, x) or adaact_optax.stats_shapes(loss, "
+                "params, x)) so its state has the statistics' shape.")
       raise ValueError(f"AdaAct statistics at '{name}' have shape {tuple(jnp.shape(by_name[name]))}"
                        f" (keep-rank {tuple(a.shape)}), but the optimizer state for the "
                        f"parameter of shape {k} has shape {state_shape}.{hint}")
     return a if a.shape == state_shape else jnp.broadcast_to(a, state_shape)
 
-  placed = tree_util.tree_map_with_path(place, updates, nu)
-  # Statistics of parameters masked out of this transform are not errors.
-  extra = _drop_masked(by_name.keys() - seen, updates)
-  if extra:
-    raise _unknown_paths_error("activation_stats", extra,
-                               [_shape_of(by_name[e]) for e in extra], updates)
-  return placed
+  return tree_util.tree_map_with_path(place, updates, nu)

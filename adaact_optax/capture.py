@@ -1575,7 +1575,10 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
     has_aux: whether ``fun`` returns ``(loss, aux)``.
     embeddings: ``False``: lookup-only tables get no statistics; ``True``
       or a float floor: token frequencies plus the floor (see
-      ``adaact_optax.moments.token_moments``).
+      ``adaact_optax.moments.token_moments``). A table that also multiplies
+      an activation (``Embed.attend``, a tied output ``h @ table.T``) gets
+      that product's statistics (``(1, d)`` for attend) whatever
+      ``embeddings`` is: its lookups are not counted.
 
   Returns:
     ``g(params, *args, row_mask=None, **kwargs) -> (value, grads, stats)``:

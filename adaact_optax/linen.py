@@ -9,7 +9,7 @@ collection ``COLLECTION`` at the parameters' paths, in the keep-rank layout.
 No ``variable_axes`` entry for ``COLLECTION`` is needed under ``nn.scan``.
 
 ``capture()`` is the older interception-based capture (Dense, DenseGeneral,
-Conv, Embed only, 0.1.0 layout) for code that calls ``model.apply`` itself;
+Conv, Embed lookups and attend only, 0.1.0 layout) for code that calls ``model.apply`` itself;
 it warns about layers with parameters it cannot see into. ``sow_input`` is
 the hatch for a custom layer whose weight no capture can see (a quantized
 kernel, a weight computed before its matmul).
@@ -137,13 +137,29 @@ def _record(module: nn.Module, name: str, stat: moments.InputMoments, seen: dict
   module.put_variable(COLLECTION, name, stat.mean)
 
 
+def _record_attend(module: nn.Embed, query: jax.Array, seen: dict):
+  """``Embed.attend(query)`` is ``query @ table.T``: the table's input axis is its last
+  (features), so its statistic is the keep-rank ``(1, features)`` mean of ``query**2``.
+  As in ``apply``, it replaces the table's lookup frequencies (``embeddings=``)."""
+  if ("attend", module.scope.path) not in seen:  # the first attend: lookups recorded so far go
+    seen[("attend", module.scope.path)] = 0
+    seen.pop((module.scope.path, "embedding"), None)
+  stat = moments.dense_moments(query)
+  _record(module, "embedding", moments.InputMoments(stat.mean[None, :], stat.rows), seen)
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   seen = _rows_seen.get()
   floor = _embedding_floor.get()
   layers = (nn.Dense, nn.DenseGeneral, nn.Conv) + ((nn.Embed,) if floor is not None else ())
-  if (seen is None or context.method_name != "__call__"
-      or module.is_initializing() or not module.is_mutable_collection(COLLECTION)):
+  if (seen is None or module.is_initializing() or not module.is_mutable_collection(COLLECTION)):
+    return next_fun(*args, **kwargs)
+  if isinstance(module, nn.Embed) and context.method_name == "attend":
+    out = next_fun(*args, **kwargs)
+    _record_attend(module, args[0] if args else kwargs["query"], seen)
+    return out
+  if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
   if not isinstance(module, layers):
     out = next_fun(*args, **kwargs)
@@ -160,6 +176,8 @@ def _interceptor(next_fun, args, kwargs, context):
     return out
   x = args[0] if args else kwargs["inputs"]
   out = next_fun(*args, **kwargs)
+  if isinstance(module, nn.Embed) and ("attend", module.scope.path) in seen:
+    return out  # a tied table: its attend statistics win over the lookups
   embeddings = False if floor is None else floor
   for name, stat in layer_moments(module, x, embeddings=embeddings).items():
     _record(module, name, stat, seen)
@@ -171,9 +189,12 @@ def capture(embeddings: bool | float = False):
   """Context manager: supported layers write statistics into ``COLLECTION``.
 
   Only while ``COLLECTION`` is mutable (``model.apply(..., mutable=[COLLECTION])``);
-  enter it inside the traced (jitted) function. ``nn.Embed`` tables are
+  enter it inside the traced (jitted) function. ``nn.Embed`` lookups are
   unmatched unless ``embeddings``: ``True`` records token frequencies plus
   ``moments.EMBEDDING_FLOOR``, a float sets the floor (``moments.token_moments``).
+  ``Embed.attend`` records the mean of its query's square, keep-rank
+  ``(1, features)`` (no 0.1.0 form), and a table it uses gets those
+  statistics alone, whatever ``embeddings`` is, as with ``apply``.
   The older path: ``apply`` sees every weight and returns the keep-rank layout.
 
   Args:
@@ -253,7 +274,9 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
     mutable: as for ``model.apply``.
     embeddings: ``nn.Embed`` tables used only for lookups get no statistics
       by default; ``True`` (or a float floor) gives them token frequencies
-      plus a floor (``moments.token_moments``).
+      plus a floor (``moments.token_moments``). A table also used by
+      ``Embed.attend`` (tied) gets attend's ``(1, features)`` statistics
+      whatever ``embeddings`` is: its lookups are not counted.
     row_mask: optional weights (e.g. 0/1 padding mask) of shape equal to the
       leading axes of the model's inputs (batch, or batch x time); rows with
       weight 0 do not count in the statistics of layers whose input carries

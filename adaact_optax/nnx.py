@@ -108,12 +108,17 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
     **kwargs: the model's keyword arguments.
     embeddings: ``nnx.Embed`` tables used only for lookups get no statistics
       by default; ``True`` (or a float floor) gives them token frequencies
-      plus a floor (see ``moments.token_moments``).
+      plus a floor (see ``moments.token_moments``). A table also used by
+      ``Embed.attend`` (tied) gets attend's ``(1, features)`` statistics
+      whatever ``embeddings`` is: its lookups are not counted.
     row_mask: optional weights of the inputs' leading (batch, or batch x
       time) axes; rows with weight 0 do not count (padding).
-    wrt: the parameters to capture, as ``nnx.Optimizer``'s ``wrt``
-      (``nnx.LoRAParam`` for LoRA fine-tuning: the frozen base kernels then
-      get no statistics and no error).
+    wrt: the parameters to capture (a filter, as ``nnx.Optimizer``'s
+      ``wrt``). It need not match the optimizer's: AdaAct ignores the
+      statistics of parameters outside the tree it updates, so with
+      ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` the default captures
+      the frozen base kernels too, and ``wrt=nnx.LoRAParam`` only skips that
+      work.
 
   Returns:
     ``(output, activation_stats)``.

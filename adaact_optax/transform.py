@@ -256,18 +256,22 @@ def scale_by_adaact(
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ScaleByAdaActState` and whose
     ``update(updates, state, params=None, *, activation_stats)`` needs the
-    statistics tree, keyed like the params (``docs/statistics.md``).
+    statistics tree, keyed like the params (``docs/statistics.md``). Its
+    entries for parameters outside ``updates`` (frozen ones, those outside
+    ``nnx.Optimizer``'s ``wrt=``, another ``optax.partition`` branch's) are
+    ignored, so the statistics of the whole model can be passed.
 
   Raises:
     ValueError: at construction, a concrete hyperparameter out of range
       (Python, numpy or jax scalars; traced values are not checked), a
       string, an integer/bool ``mu_dtype`` or an unknown ``unmatched``; at
-      ``init``, a complex parameter with a real ``mu_dtype``, a ``stats_shapes`` entry that is
-      not a parameter path or cannot scale its parameter (or an uncaptured
-      marker with ``unmatched="error"``); at trace time in ``update``,
-      missing ``activation_stats``, a statistics leaf at no parameter's path
-      or of a shape that cannot scale its parameter (naming the path and
-      the shapes), or an uncaptured marker with ``unmatched="error"``.
+      ``init``, a complex parameter with a real ``mu_dtype``, a ``stats_shapes`` with no
+      entry at a parameter path, an entry that cannot scale its parameter
+      (or an uncaptured marker with ``unmatched="error"``); at trace time
+      in ``update``, missing ``activation_stats``, statistics with no leaf at
+      a parameter path (not keyed like the params) or a leaf of a shape that
+      cannot scale its parameter (naming the path and the shapes), or an
+      uncaptured marker with ``unmatched="error"``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -115,3 +115,77 @@ def test_floor_bounds_the_step_of_a_rare_token():
   np.testing.assert_allclose(unfloored, np.sqrt(1 / ((0.999 * 0.001 / 272) / (1 - 0.999 ** 2))),
                              rtol=1e-3)
   assert np.all(unfloored > bound)
+
+
+# --- a tied table (lookup and attend): attend's statistics on every route -----
+
+class _TiedLinen(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(12, 4)
+    h = jnp.tanh(nn.Dense(4)(embed(ids)))
+    # A lookup after the first attend, and a second attend: both attends' rows pool.
+    return embed.attend(h) + embed.attend(embed(ids[:, :1]))
+
+
+class _TiedNNX(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(12, 4, rngs=rngs)
+    self.dense = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, ids):
+    h = jnp.tanh(self.dense(self.embed(ids)))
+    return self.embed.attend(h) + self.embed.attend(self.embed(ids[:, :1]))
+
+
+def _tied_loss(p, ids):
+  table = p["embed"]["embedding"]
+  h = jnp.tanh(table[ids] @ p["dense"]["kernel"] + p["dense"]["bias"])
+  return jnp.sum((h @ table.T + table[ids[:, :1]] @ table.T) ** 2)
+
+
+def _tied_reference(table, kernel, bias):
+  """numpy: attend multiplies its query's d features; the queries of both attends pooled."""
+  table, ids = np.asarray(table, np.float64), np.asarray(IDS)
+  h = np.tanh(table[ids] @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64))
+  queries = np.concatenate([h.reshape(-1, 4), table[ids[:, :1]].reshape(-1, 4)])
+  return np.mean(queries ** 2, 0)[None, :]                    # (1, d)
+
+
+@pytest.mark.parametrize("embeddings", [False, True, 0.25])
+def test_tied_table_gets_attend_statistics_on_every_route(embeddings):
+  linen = _TiedLinen()
+  variables = linen.init(jax.random.key(0), IDS)
+  p = variables["params"]
+  expected = _tied_reference(p["Embed_0"]["embedding"], p["Dense_0"]["kernel"], p["Dense_0"]["bias"])
+  got = {"linen.apply": aa_linen.apply(linen, variables, IDS, embeddings=embeddings)[1][
+      aa_linen.COLLECTION]["Embed_0"]["embedding"]}
+  with aa_linen.capture(embeddings=embeddings):
+    _, mutated = linen.apply(variables, IDS, mutable=[aa_linen.COLLECTION])
+  got["linen.capture"] = mutated[aa_linen.COLLECTION]["Embed_0"]["embedding"]
+  for route, stat in got.items():
+    assert stat.shape == (1, 4), route
+    np.testing.assert_allclose(stat, expected, rtol=1e-5, err_msg=route)
+
+  model = _TiedNNX(nnx.Rngs(1))
+  expected = _tied_reference(model.embed.embedding[...], model.dense.kernel[...],
+                             model.dense.bias[...])
+  stat = aa_nnx.apply(model, IDS, embeddings=embeddings)[1]["embed"]["embedding"][...]
+  assert stat.shape == (1, 4) and aa_nnx.stats_shapes(model, IDS, embeddings=embeddings)[
+      "embed"]["embedding"].shape == (1, 4)
+  np.testing.assert_allclose(stat, expected, rtol=1e-5, err_msg="nnx.apply")
+
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))       # the same weights, pure JAX
+  _, grads, stats = adaact_optax.value_grad_and_stats(_tied_loss, embeddings=embeddings)(params, IDS)
+  np.testing.assert_allclose(stats["embed"]["embedding"], expected, rtol=1e-5,
+                             err_msg="value_grad_and_stats")
+  shapes = adaact_optax.stats_shapes(_tied_loss, params, IDS, embeddings=embeddings)
+  assert shapes["embed"]["embedding"].shape == (1, 4)
+  report = adaact_optax.coverage(_tied_loss, params, IDS, embeddings=embeddings)
+  assert report.matched["embed/embedding"] == (1, 4)
+  # The default state of a (vocab, d) table is (vocab, 1): the error says to pass stats_shapes.
+  tx = adaact_optax.adaact(0.1)
+  with pytest.raises(ValueError, match=r"'embed/embedding'.*Embed.attend.*stats_shapes="):
+    tx.update(grads, tx.init(params), params, activation_stats=stats)
+  tx = adaact_optax.adaact(0.1, stats_shapes=shapes)
+  tx.update(grads, tx.init(params), params, activation_stats=stats)

@@ -246,6 +246,130 @@ def test_wrt_lora_params_only():
                              rtol=1e-5)
 
 
+
+# --- training part of the model: statistics of the others are ignored --------
+
+class _LoRAMLP(nnx.Module):
+  def __init__(self, rngs):
+    b_init = nnx.initializers.normal(0.5)   # nonzero lora_b: lora_a gets a gradient at step 1
+    self.hidden = nnx.LoRALinear(5, 6, lora_rank=2, b_initializer=b_init, rngs=rngs)
+    self.head = nnx.LoRALinear(6, 3, lora_rank=2, b_initializer=b_init, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.hidden(x)))
+
+
+def _lora_reference_stats(model, x):
+  """numpy, float64: lora_a multiplies the layer's input h, lora_b multiplies h @ lora_a."""
+  w = {k: np.asarray(v, np.float64) for k, v in _flat(nnx.state(model, nnx.Param)).items()}
+  layer = lambda name, h: (h @ w[f"{name}/kernel"] + w[f"{name}/bias"]
+                           + h @ w[f"{name}/lora/lora_a"] @ w[f"{name}/lora/lora_b"])
+  h0 = np.asarray(x, np.float64)
+  h1 = np.tanh(layer("hidden", h0))
+  out = {}
+  for name, h in (("hidden", h0), ("head", h1)):
+    out[f"{name}/lora/lora_a"] = np.mean(h ** 2, 0)[:, None]
+    out[f"{name}/lora/lora_b"] = np.mean((h @ w[f"{name}/lora/lora_a"]) ** 2, 0)[:, None]
+  return out
+
+
+def test_lora_optimizer_ignores_the_frozen_kernels_statistics():
+  model = _LoRAMLP(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(20), (16, 5))
+  y = jax.random.normal(jax.random.key(21), (16, 3))
+  frozen = _flat(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+  optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1), wrt=nnx.LoRAParam)
+
+  def loss_fn(model):
+    out, stats = aa_nnx.apply(model, x)       # no wrt: every nnx.Param's statistics
+    return jnp.mean((out - y) ** 2), stats
+
+  @nnx.jit
+  def step(model, optimizer):
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    (loss, stats), grads = grad_fn(model)
+    optimizer.update(model, grads, activation_stats=stats)
+    return loss, stats, grads
+
+  expected = _lora_reference_stats(model, x)
+  before = _flat(nnx.state(model, nnx.LoRAParam))
+  loss0, stats, grads = step(model, optimizer)
+  stats, grads = _flat(stats), _flat(grads)
+  assert {"hidden/kernel", "head/bias"} <= stats.keys()   # the frozen ones' are there...
+  assert set(grads) == set(expected)                       # ... but not in the optimizer's tree
+  after = _flat(nnx.state(model, nnx.LoRAParam))
+  for path, a in expected.items():
+    np.testing.assert_allclose(stats[path], a, rtol=1e-5, err_msg=path)
+    # Step 1: M_hat = g, V_hat = A: theta - lr (g / (sqrt(A) + eps) + wd theta).
+    step1 = before[path] - 0.1 * (grads[path] / (np.sqrt(a) + 1e-8) + 2e-3 * before[path])
+    np.testing.assert_allclose(after[path], step1, rtol=1e-5, atol=1e-7, err_msg=path)
+  losses = [float(loss0)] + [float(step(model, optimizer)[0]) for _ in range(15)]
+  assert losses[-1] < 0.9 * losses[0]
+  now = _flat(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+  assert all(np.array_equal(frozen[k], now[k]) for k in frozen)  # the base weights never moved
+
+
+def test_diffstate_trains_one_submodule_with_the_whole_models_statistics():
+  model = _Net(nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(22), (8, 4))
+  head = nnx.All(nnx.Param, nnx.PathContains("blocks"), nnx.PathContains(1))
+  before = _flat(nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1), wrt=head)
+
+  def loss_fn(model):
+    out, stats = aa_nnx.apply(model, x)
+    return jnp.mean(out ** 2), stats
+
+  (_, stats), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, head),
+                                         has_aux=True)(model)
+  assert set(_flat(grads)) == {"blocks/1/kernel", "blocks/1/bias"} < set(_flat(stats))
+  optimizer.update(model, grads, activation_stats=stats)
+  after, g = _flat(nnx.state(model, nnx.Param)), _flat(grads)
+  assert all(np.array_equal(before[k], after[k]) for k in before if not k.startswith("blocks/1"))
+  # The head's input: blocks[0](norm(alias(x))), its statistic the mean of its square.
+  h = np.asarray(model.blocks[0](model.norm(model.alias(x))), np.float64)
+  a = np.mean(h ** 2, 0)[:, None]
+  np.testing.assert_allclose(stats["blocks"][1]["kernel"], a, rtol=1e-5)
+  k = "blocks/1/kernel"
+  np.testing.assert_allclose(after[k], before[k] - 0.1 * (g[k] / (np.sqrt(a) + 1e-8)
+                                                          + 2e-3 * before[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_keyed_unlike_the_optimizers_tree_are_an_error():
+  model = _LoRAMLP(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(23), (4, 5))
+  # The optimizer of a submodule: its paths ('lora/lora_a') are not the model's ('head/lora/...').
+  optimizer = nnx.Optimizer(model.head, adaact_optax.adaact(0.1), wrt=nnx.LoRAParam)
+  _, stats = aa_nnx.apply(model, x)
+  grads = nnx.state(model.head, nnx.LoRAParam)
+  with pytest.raises(ValueError, match=r"matches no parameter.*'head/lora/lora_a'.*"
+                                       r"parameters: \['lora/lora_a', 'lora/lora_b'\]"):
+    optimizer.update(model.head, grads, activation_stats=stats)
+  # A statistic at a trained parameter's path that cannot scale it stays an error, named.
+  optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1), wrt=nnx.LoRAParam)
+  bad = nnx.to_pure_dict(stats)
+  bad["head"]["lora"]["lora_b"] = jnp.ones((5, 1))
+  with pytest.raises(ValueError, match=r"\(5, 1\).*'head/lora/lora_b'.*\(2, 3\)"):
+    optimizer.update(model, nnx.state(model, nnx.LoRAParam), activation_stats=bad)
+
+
+def test_stats_shapes_of_the_whole_model_size_a_lora_optimizer():
+  model = nnx.Sequential(nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)),
+                         lambda h: h.mean(axis=(1, 2)),
+                         nnx.LoRALinear(6, 2, lora_rank=3, rngs=nnx.Rngs(1)))
+  x = jnp.ones((2, 5, 5, 4))
+  shapes = aa_nnx.stats_shapes(model, x)                  # every nnx.Param, the conv's too
+  assert shapes["layers"][0]["kernel"].shape == (3, 3, 2, 2)
+  optimizer = nnx.Optimizer(model, adaact_optax.adaact(0.1, stats_shapes=shapes),
+                            wrt=nnx.LoRAParam)
+  nu = _flat(nnx.as_pure(optimizer.opt_state)[0].nu)
+  assert {k: v.shape for k, v in nu.items()} == {"layers/2/lora/lora_a": (6, 1),
+                                                 "layers/2/lora/lora_b": (3, 1)}
+  with pytest.raises(ValueError, match=r"stats_shapes matches no parameter.*'conv/kernel'"):
+    adaact_optax.adaact(0.1, stats_shapes={"conv": {"kernel": (3, 3, 2, 2)}}).init(
+        nnx.as_pure(nnx.state(model, nnx.LoRAParam)))
+
+
 # --- parity with the authors' trajectories, through nnx.Optimizer -----------
 
 class ParityMLP(nnx.Module):

@@ -172,10 +172,55 @@ def test_partition_with_prefix_labels_and_a_wrong_statistics_path():
   grads, stats = _grads_and_stats(params, _batch(1))
   _, state = tx.update(grads, state, params, activation_stats=stats)
   assert float(jnp.min(state.inner_states["adaact"].inner_state[0].nu["Dense_0"]["kernel"])) > 0
-  # A path that is no parameter at all is still an error, named.
-  bad = dict(stats, Nope={"kernel": jnp.ones(3)})
-  with pytest.raises(ValueError, match="Nope/kernel"):
-    tx.update(grads, state, params, activation_stats=bad)
+  # A path outside the params is a parameter this optimizer does not train: ignored.
+  extra, _ = tx.update(grads, state, params, activation_stats=dict(stats, Nope={"kernel": jnp.ones(3)}))
+  plain, _ = tx.update(grads, state, params, activation_stats=stats)
+  _assert_trees_equal(extra, plain)
+  # Statistics with no path of the params at all are not keyed like them: an error, named.
+  with pytest.raises(ValueError, match=r"matches no parameter.*adaact_stats/Dense_0/kernel"):
+    tx.update(grads, state, params, activation_stats={aa_linen.COLLECTION: stats})
+
+
+def test_frozen_backbone_statistics_are_ignored_with_or_without_a_partition():
+  """Dense_0, the Embed and the LayerNorm are a frozen backbone; only Dense_1 trains."""
+  labels = {"Dense_0": "frozen", "Dense_1": "train", "Embed_0": "frozen", "LayerNorm_0": "frozen"}
+  partitioned = optax.partition({"train": adaact_optax.adaact(0.1), "frozen": optax.set_to_zero()},
+                                labels)
+  head_only = adaact_optax.adaact(0.1)      # an optimizer that never sees the backbone
+  params = _init()
+  s_part, s_head = partitioned.init(params), head_only.init({"Dense_1": params["Dense_1"]})
+  head = params["Dense_1"]
+
+  @jax.jit
+  def step(params, head, s_part, s_head, batch):
+    grads, stats = _grads_and_stats(params, batch)       # statistics of every layer
+    u_part, s_part = partitioned.update(grads, s_part, params, activation_stats=stats)
+    g_head = {"Dense_1": _grads_and_stats({**params, "Dense_1": head}, batch)[0]["Dense_1"]}
+    u_head, s_head = head_only.update(g_head, s_head, {"Dense_1": head}, activation_stats=stats)
+    return (optax.apply_updates(params, u_part), optax.apply_updates({"Dense_1": head}, u_head),
+            s_part, s_head, stats)
+
+  tokens, x, _ = _batch(1)
+  for t in range(3):
+    new_params, new_head, s_part, s_head, stats = step(params, head, s_part, s_head,
+                                                       _batch(1 + t))
+    if t == 0:  # step 1 by hand: Dense_1's input is relu(Dense_0(LayerNorm(h)))
+      p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+      h = np.concatenate([p["Embed_0"]["embedding"][np.asarray(tokens)].mean(1), x], -1)
+      h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+      h = h * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"]
+      a = np.mean(np.maximum(h @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0) ** 2, 0)
+      np.testing.assert_allclose(stats["Dense_1"]["kernel"][:, 0], a, rtol=1e-5)
+      g = _grads_and_stats(params, _batch(1))[0]["Dense_1"]["kernel"]
+      w = params["Dense_1"]["kernel"]
+      np.testing.assert_allclose(
+          new_params["Dense_1"]["kernel"],
+          w - 0.1 * (g / (np.sqrt(a)[:, None] + 1e-8) + 2e-3 * w), rtol=1e-5, atol=1e-7)
+    for module in ("Dense_0", "Embed_0", "LayerNorm_0"):
+      _assert_trees_equal(new_params[module], params[module])   # frozen
+    jax.tree.map(lambda u, r: np.testing.assert_allclose(u, r, rtol=1e-6, atol=1e-7),
+                 new_params["Dense_1"], new_head["Dense_1"])
+    params, head = new_params, new_head["Dense_1"]
 
 
 def test_masked_adaact_ignores_the_statistics_of_masked_parameters():
