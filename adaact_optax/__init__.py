@@ -13,7 +13,7 @@ from adaact_optax import capture, layout, moments, sharding
 from adaact_optax.capture import (
     CoverageReport, UncapturedWeightWarning, coverage, stats_shapes, value_grad_and_stats)
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
-from adaact_optax.diagnostics import activation_summary
+from adaact_optax.diagnostics import activation_summary, scaling_summary
 from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
                                     migrate_state, scale_by_activation_rms, scale_by_adaact)
 
@@ -64,6 +64,7 @@ __all__ = [
     "nnx",
     "scale_by_activation_rms",
     "scale_by_adaact",
+    "scaling_summary",
     "sharding",
 ]
 __version__ = "0.2.0"

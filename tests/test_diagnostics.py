@@ -1,4 +1,5 @@
-"""activation_summary against hand-computed values, through every state wrapper."""
+"""activation_summary and scaling_summary against hand-computed values and brute-force numpy
+references, under jit and through every state wrapper."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from flax import nnx
 
 import adaact_optax
 from adaact_optax import nnx as aa_nnx
-from adaact_optax.diagnostics import activation_summary
+from adaact_optax.diagnostics import activation_summary, scaling_summary
 
 
 def _hand_state():
@@ -134,4 +135,162 @@ def test_default_hyperparameters_agree_with_adaact_and_scale_by_adaact():
   from adaact_optax import diagnostics
   for fn in (adaact_optax.adaact, adaact_optax.scale_by_adaact):
     params = inspect.signature(fn).parameters
-    assert diagnostics._DEFAULTS == {k: params[k].default for k in ("b2", "eps", "power")}, fn
+    assert diagnostics._DEFAULTS == {k: params[k].default
+                                     for k in ("b1", "b2", "eps", "power")}, fn
+
+
+# scaling_summary: a Dense kernel (in 5, out 3), a conv kernel (3x3 window, 2 channels in,
+# 4 out), an attention query kernel (in 6, 2 heads, head_dim 3) and a bias (one entry: left
+# out). Statistics in the keep-rank layout, one value per input feature.
+SCALING_PARAMS = {"dense": {"kernel": jnp.zeros((5, 3)), "bias": jnp.zeros(3)},
+                  "conv": {"kernel": jnp.zeros((3, 3, 2, 4))},
+                  "query": {"kernel": jnp.zeros((6, 2, 3))}}
+STAT_SHAPES = {"dense/kernel": (5, 1), "dense/bias": (1,), "conv/kernel": (3, 3, 2, 1),
+               "query/kernel": (6, 1, 1)}
+
+
+def _random_history(steps, seed=0):
+  """Per step: gradients (param-shaped) and mean-square statistics (keep-rank, > 0),
+  float32, with input features of very different scales."""
+  rng = np.random.default_rng(seed)
+  history = []
+  for _ in range(steps):
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), SCALING_PARAMS)
+    stats = {"dense": {"kernel": None, "bias": np.ones((1,), np.float32)},
+             "conv": {"kernel": None}, "query": {"kernel": None}}
+    for name, shape in STAT_SHAPES.items():
+      layer, leaf = name.split("/")
+      if leaf == "kernel":
+        stats[layer][leaf] = (rng.uniform(0.5, 2, size=shape) * 10.0 ** rng.integers(
+            -2, 2, size=shape)).astype(np.float32)
+    history.append((grads, stats))
+  return history
+
+
+def _train(tx, history):
+  params, state = SCALING_PARAMS, tx.init(SCALING_PARAMS)
+  for grads, stats in history:
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    params = optax.apply_updates(params, updates)
+  return params, updates, state
+
+
+def _numpy_scaling(history, params_before, lr, b1, b2, eps, power, weight_decay):
+  """float64 loops over the steps: ``d = V_hat**power + eps``, its CV and max/min over the
+  input features, and the RMS of ``M_hat / d`` and of the last update
+  ``-lr (M_hat / d + weight_decay * params_before)``."""
+  out = {}
+  t = len(history)
+  for name in ("dense/kernel", "conv/kernel", "query/kernel"):
+    layer, leaf = name.split("/")
+    m = v = 0.0
+    for grads, stats in history:
+      m = b1 * m + (1 - b1) * np.asarray(grads[layer][leaf], np.float64)
+      v = b2 * v + (1 - b2) * np.asarray(stats[layer][leaf], np.float64)
+    d = (v / (1 - b2 ** t)) ** power + eps
+    direction = (m / (1 - b1 ** t)) / d          # d broadcasts over the output axes
+    update = -lr * (direction + weight_decay * np.asarray(params_before[layer][leaf]))
+    out[name] = dict(denom_cv=d.std() / d.mean(), denom_max_over_min=d.max() / d.min(),
+                     direction_rms=np.sqrt(np.mean(direction ** 2)),
+                     update_rms=np.sqrt(np.mean(update ** 2)))
+  return out
+
+
+def _check_scaling(summary, reference, rms_key, rtol):
+  assert set(summary) == {f"{n}/{s}" for n in reference
+                          for s in ("denom_cv", "denom_max_over_min", "update_rms")}
+  for name, ref in reference.items():
+    for stat, ref_key in (("denom_cv", "denom_cv"), ("denom_max_over_min", "denom_max_over_min"),
+                          ("update_rms", rms_key)):
+      value = summary[f"{name}/{stat}"]
+      assert value.shape == () and value.dtype == jnp.float32, (name, stat)
+      np.testing.assert_allclose(value, ref[ref_key], rtol=rtol, err_msg=f"{name}/{stat}")
+
+
+# float32 against float64 after a few EMA steps and a power: ~100 float32 eps.
+SCALING_RTOL = 2e-5
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_scaling_summary_against_numpy_under_jit(power):
+  history = _random_history(4)
+  lr, b1, b2, eps, wd = 0.3, 0.8, 0.9, 1e-3, 0.01
+  tx = adaact_optax.adaact(lr, b1, b2, eps, wd, power=power)
+  params, updates, state = _train(tx, history)
+  params_before = jax.tree.map(lambda p, u: p - u, params, updates)
+  reference = _numpy_scaling(history, params_before, lr, b1, b2, eps, power, wd)
+  hyper = dict(b1=b1, b2=b2, eps=eps, power=power)
+  # From the state: M_hat / d; from the updates: the step itself.
+  _check_scaling(jax.jit(lambda s: scaling_summary(s, **hyper))(state), reference,
+                 "direction_rms", SCALING_RTOL)
+  jitted = jax.jit(lambda s, u: scaling_summary(s, u, **hyper))(state, updates)
+  _check_scaling(jitted, reference, "update_rms", SCALING_RTOL)
+  _check_scaling(scaling_summary(state, updates, **hyper), reference, "update_rms",
+                 SCALING_RTOL)
+
+
+def test_scaling_summary_inject_hyperparams_and_partition():
+  history = _random_history(3, seed=1)
+  # Hyperparameters read from inject_hyperparams' state, AdaAct inside an optax.partition
+  # (its state holds MaskedNode where AdamW owns the parameters, and so do the updates
+  # of the partition's branch).
+  inner = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.5, b1=0.7, b2=0.95,
+                                                       eps=1e-4, weight_decay=0.0, power=0.5)
+  labels = {"dense": {"kernel": "adaact", "bias": "adam"}, "conv": {"kernel": "adaact"},
+            "query": {"kernel": "adam"}}
+  tx = optax.partition({"adaact": inner, "adam": optax.adam(1e-2)}, labels)
+  _, updates, state = _train(tx, history)
+  reference = _numpy_scaling(history, SCALING_PARAMS, 0.5, 0.7, 0.95, 1e-4, 0.5, 0.0)
+  del reference["query/kernel"]
+  _check_scaling(scaling_summary(state), reference, "direction_rms", SCALING_RTOL)
+  _check_scaling(scaling_summary(state, updates), reference, "update_rms", SCALING_RTOL)
+
+
+def test_scaling_summary_activation_rms_block_and_edge_cases():
+  history = _random_history(2, seed=2)
+  # scale_by_activation_rms has no mu: update_rms only from the updates.
+  tx = adaact_optax.scale_by_activation_rms(b2=0.9)
+  _, updates, state = _train(tx, history)
+  without = scaling_summary(state, b2=0.9)
+  assert set(without) == {f"{n}/{s}" for n in ("dense/kernel", "conv/kernel", "query/kernel")
+                          for s in ("denom_cv", "denom_max_over_min")}
+  with_updates = scaling_summary(state, updates, b2=0.9)
+  grads, _ = history[-1]
+  for name in ("dense/kernel", "conv/kernel", "query/kernel"):
+    layer, leaf = name.split("/")
+    v = sum((1 - 0.9) * 0.9 ** (1 - i) * np.asarray(s[layer][leaf], np.float64)
+            for i, (_, s) in enumerate(history)) / (1 - 0.9 ** 2)
+    expected = np.sqrt(np.mean((np.asarray(grads[layer][leaf]) / (np.sqrt(v) + 1e-8)) ** 2))
+    np.testing.assert_allclose(with_updates[f"{name}/update_rms"], expected, rtol=SCALING_RTOL)
+    np.testing.assert_allclose(with_updates[f"{name}/denom_cv"], without[f"{name}/denom_cv"])
+  # Before the first update d = eps everywhere: uniform (CV 0 up to the float32 rounding of
+  # a mean of equal values). With eps 0 it is 0 everywhere: still uniform, not nan.
+  fresh = adaact_optax.adaact(0.1).init(SCALING_PARAMS)
+  for eps in (1e-8, 0.0):
+    summary = scaling_summary(fresh, eps=eps)
+    for name in ("dense/kernel", "conv/kernel", "query/kernel"):
+      assert 0 <= float(summary[f"{name}/denom_cv"]) < 1e-6
+      assert float(summary[f"{name}/denom_max_over_min"]) == 1
+      assert float(summary[f"{name}/update_rms"]) == 0
+  # A grouped-conv-like block statistic (2 blocks of the 4 input channels): two entries.
+  params = {"w": jnp.zeros((4, 3))}
+  tx = adaact_optax.adaact(1.0, eps=0.0, weight_decay=0.0, stats_shapes={"w": (2, 1)})
+  _, state = tx.update({"w": jnp.ones((4, 3))}, tx.init(params), params,
+                       activation_stats={"w": jnp.array([[1.0], [9.0]])})
+  summary = scaling_summary(state, eps=0.0)
+  np.testing.assert_allclose(summary["w/denom_cv"], 0.5, rtol=1e-6)      # d = 1, 3
+  np.testing.assert_allclose(summary["w/denom_max_over_min"], 3.0, rtol=1e-6)
+  np.testing.assert_allclose(summary["w/update_rms"], np.sqrt((1 + 1 / 9) / 2), rtol=1e-6)
+
+
+def test_scaling_summary_errors_name_the_path():
+  history = _random_history(1)
+  _, updates, state = _train(adaact_optax.adaact(0.1), history)
+  missing = {k: v for k, v in updates.items() if k != "conv"}
+  with pytest.raises(ValueError, match=r"no leaf at 'conv/kernel'.*\(3, 3, 2, 4\)"):
+    scaling_summary(state, missing)
+  wrong = dict(updates, conv={"kernel": jnp.zeros((3, 3, 2))})
+  with pytest.raises(ValueError, match=r"shape \(3, 3, 2\) at 'conv/kernel'"):
+    scaling_summary(state, wrong)
+  with pytest.raises(ValueError, match="scaling_summary: no ScaleByAdaActState"):
+    scaling_summary(optax.adam(1e-3).init({"w": jnp.ones(2)}))
