@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from adaact_optax import _jax_compat as jc
+from adaact_optax._src.capture import jax_internals as jc
 
 
 def _eqns(fun, *args):

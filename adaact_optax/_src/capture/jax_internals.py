@@ -1,6 +1,6 @@
 """The JAX internals the capture engine reads, in one place.
 
-The engine (``adaact_optax.capture``) walks a jaxpr. It relies on primitive
+The engine (``adaact_optax._src.capture``) walks a jaxpr. It relies on primitive
 names, on the parameters of a few primitives and on how an equation is
 re-bound. Those are not public API and have moved between JAX releases
 (``pjit`` became ``jit``; ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``;
