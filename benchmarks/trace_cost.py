@@ -132,15 +132,13 @@ def traced(mode, heads):
   """The function ``make_jaxpr`` traces in ``mode``."""
   import jax  # pylint: disable=import-outside-toplevel
   import adaact_optax  # pylint: disable=import-outside-toplevel
-  from adaact_optax import capture  # pylint: disable=import-outside-toplevel
+  from adaact_optax._src.capture import api  # pylint: disable=import-outside-toplevel
   loss = make_loss(heads)
   if mode == "engine":
     return adaact_optax.value_grad_and_stats(loss)
   if mode == "evaluating":
-    def with_stats(params, x):
-      out, stats, _ = capture.capture_call(loss, params, (x,))
-      return out, jax.tree.structure(params).unflatten(stats)
-    return jax.value_and_grad(with_stats, has_aux=True)
+    return lambda params, x: api.evaluate_differentiated(loss, False, params, (x,), {}, False,
+                                                         None)[:3]
   return jax.value_and_grad(loss)
 
 

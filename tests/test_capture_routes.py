@@ -18,19 +18,14 @@ import numpy as np
 import pytest
 
 import adaact_optax
-from adaact_optax import capture
 from adaact_optax._src.capture import api as capture_api
 
 
 def _evaluating_engine(fun, params, *args, has_aux=False, embeddings=False, row_mask=None):
   """The fallback route, run explicitly: value_and_grad over capture_call."""
-  def inner(p):
-    out, stats, _ = capture.capture_call(fun, p, args, embeddings=embeddings, row_mask=row_mask)
-    loss, aux = out if has_aux else (out, None)
-    return loss, (aux, stats)
-
-  (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
-  return ((loss, aux) if has_aux else loss), grads, jax.tree.structure(params).unflatten(stats)
+  value, grads, stats, _ = capture_api.evaluate_differentiated(
+      fun, has_aux, params, args, {}, embeddings, row_mask)
+  return value, grads, jax.tree.structure(params).unflatten(stats)
 
 
 def _keys(n):

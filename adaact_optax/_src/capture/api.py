@@ -16,7 +16,8 @@ from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture.assemble import finalize
 from adaact_optax._src.capture.kinds import DATA, NeedsEvaluation, identity_view
 from adaact_optax._src.capture.report import CoverageReport, warn_uncaptured
-from adaact_optax._src.capture.walker import Trace, forward_part, top_interpreter
+from adaact_optax._src.capture.walker import (Interpreter, Reader, Trace, forward_part,
+                                               top_interpreter)
 
 
 def embedding_floor(embeddings) -> float | None:
@@ -108,7 +109,8 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(p_leaves, dyn_vals)
   shapes = [x.shape for x in p_leaves]
   trace = Trace(shapes, floor)
-  interp = top_interpreter(trace, row_mask, closed.jaxpr.invars[len(p_leaves):])
+  interp = top_interpreter(trace, row_mask, closed.jaxpr.invars[len(p_leaves):],
+                           walker=Interpreter)
   kinds = [identity_view(i, s) for i, s in enumerate(shapes)] + [DATA] * len(dyn_vals)
   outs, _, _ = interp.run(closed.jaxpr, closed.consts, p_leaves + dyn_vals, kinds)
   out = tree_util.tree_unflatten(tree_util.tree_structure(out_shape), outs)
@@ -116,25 +118,29 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   return out, stats, report
 
 
-
-def capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask):
-  """``value_grad_and_stats`` on a jaxpr that JAX has already differentiated.
+def capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask):
+  """The fast route: ``value_grad_and_stats`` on a jaxpr JAX has already differentiated.
 
   Traces ``value_and_grad(fun)`` as JAX does (its cached rules for nested
   ``jit``s make this far cheaper than differentiating the engine's
   equation-by-equation re-evaluation), reads the forward pass's equations
-  without binding them, then evaluates the whole jaxpr as one inlined call
-  that also returns the contractions' inputs, from which the statistics are
-  computed. Returns ``None`` when a parameter enters a higher-order primitive
-  of the differentiated jaxpr (``scan``, ``while``, ``cond``, a non-inlined
-  ``jit``, ``custom_jvp``): those need the evaluating engine. (A
-  ``checkpoint``'s forward and a ``custom_vjp``'s ``fwd`` are staged inline
-  when differentiated, so they stay on this route.)
+  with a ``Reader`` (binding nothing), then evaluates the whole jaxpr as one
+  inlined call that also returns the contractions' inputs, from which the
+  statistics are computed. Returns ``None`` when a parameter enters a
+  higher-order primitive of the differentiated jaxpr (``scan``, ``while``,
+  ``cond``, a non-inlined ``jit``, ``custom_jvp``): those need
+  ``evaluate_differentiated``. (A ``checkpoint``'s forward and a
+  ``custom_vjp``'s ``fwd`` are staged inline when differentiated, so they
+  stay on this route.)
+
+  Args:
+    embeddings: the ``embeddings=`` flag or its floor (``embedding_floor``).
 
   Returns:
-    ``(value, grad_leaves, stats_leaves, report)`` or ``None``.
+    ``(value, grads, stats_leaves, report)`` or ``None``.
   """
   check_version()
+  floor = embedding_floor(embeddings)
   treedef, paths, p_leaves, dyn_vals, rebuild = flat_inputs(params, args, kwargs)
 
   def value_and_grad(p, d):
@@ -151,24 +157,48 @@ def capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask):
   n_value = value_tree.num_leaves
   shapes = [x.shape for x in p_leaves]
   trace = Trace(shapes, floor)
-  interp = top_interpreter(trace, row_mask, jaxpr.invars[len(p_leaves):], deferred=True)
+  reader = top_interpreter(trace, row_mask, jaxpr.invars[len(p_leaves):], walker=Reader)
   kinds = [identity_view(i, s) for i, s in enumerate(shapes)] + [DATA] * len(dyn_vals)
   try:
-    interp.run(forward_part(jaxpr, n_value), jaxpr.constvars, jaxpr.invars, kinds)
+    reader.run(forward_part(jaxpr, n_value), jaxpr.constvars, jaxpr.invars, kinds)
   except NeedsEvaluation:
     return None
   inputs = set(jaxpr.constvars) | set(jaxpr.invars)
-  needed = list(dict.fromkeys(v for _, _, v, _, _ in interp.pending
+  needed = list(dict.fromkeys(v for _, _, v, _, _ in reader.pending
                               if isinstance(v, jc.Var) and v not in inputs))
   args_in = list(closed.consts) + p_leaves + dyn_vals
   outs = jc.call_inline(jc.with_outputs(jaxpr, needed), args_in, "value_grad_and_stats")
   n_out = len(jaxpr.outvars)
   env = dict(zip(list(jaxpr.constvars) + list(jaxpr.invars), args_in))
   env.update(zip(needed, outs[n_out:]))
-  interp.resolve(env)
-  stats, report = finalize(trace, interp.contributions, paths, shapes)
+  reader.resolve(env)
+  stats, report = finalize(trace, reader.contributions, paths, shapes)
   value = tree_util.tree_unflatten(value_tree, outs[:n_value])
-  return value, outs[n_value:n_out], stats, report
+  return value, treedef.unflatten(outs[n_value:n_out]), stats, report
+
+
+def evaluate_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask):
+  """The evaluating route: ``jax.value_and_grad`` over ``capture_call``.
+
+  Every parameter inside a higher-order primitive needs it; ``linen.apply``
+  and ``nnx.apply`` are this route run inside the caller's own
+  ``value_and_grad``.
+
+  Returns:
+    ``(value, grads, stats_leaves, report)``, as ``capture_differentiated``.
+  """
+  reports = []  # the report is not an array: it leaves the trace on the side
+
+  def inner(p):
+    out, stats, report = capture_call(fun, p, args, kwargs, embeddings=embeddings,
+                                      row_mask=row_mask)
+    reports.append(report)
+    loss, aux = out if has_aux else (out, None)
+    return loss, (aux, stats)
+
+  (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
+  value = (loss, aux) if has_aux else loss
+  return value, grads, stats, reports[-1]
 
 
 def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
@@ -221,42 +251,29 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
     ((3, 1), (1,))
   """
   def g(params, *args, row_mask=None, **kwargs):
-    treedef = jax.tree.structure(params)
     shapes = {_alignment.path_name(k): jnp.shape(v)
               for k, v in tree_util.tree_flatten_with_path(params)[0]}
-    done = capture_differentiated(fun, has_aux, params, args, kwargs,
-                                   embedding_floor(embeddings), row_mask)
-    if done is not None:
-      value, grads, stats, report = done
-      warn_uncaptured(report, shapes)
-      return value, treedef.unflatten(grads), treedef.unflatten(stats)
-    box = {}
-
-    def inner(p):
-      out, stats, report = capture_call(fun, p, args, kwargs, embeddings=embeddings,
-                                        row_mask=row_mask)
-      box["report"] = report
-      loss, aux = out if has_aux else (out, None)
-      return loss, (aux, stats)
-
-    (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
-    warn_uncaptured(box["report"], shapes)
-    value = (loss, aux) if has_aux else loss
-    return value, grads, treedef.unflatten(stats)
+    route = capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask)
+    if route is None:
+      route = evaluate_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask)
+    value, grads, stats, report = route
+    warn_uncaptured(report, shapes)
+    return value, grads, jax.tree.structure(params).unflatten(stats)
   return g
 
 
 def abstract_capture(fun, params, args, kwargs, embeddings):
-  box = {}
+  """``(stats_leaves as ShapeDtypeStructs, report)`` of ``capture_call``, without FLOPs."""
+  reports = []  # the report is not an array: it leaves the trace on the side
   dyn_vals, rebuild = split_dynamic(args, kwargs)
 
   def run(p, d):
     a, kw = rebuild(d)
     _, stats, report = capture_call(fun, p, a, kw, embeddings=embeddings)
-    box["report"] = report
+    reports.append(report)
     return stats
   stats = jax.eval_shape(run, params, dyn_vals)
-  return stats, box["report"]
+  return stats, reports[-1]
 
 
 def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False, **kwargs):

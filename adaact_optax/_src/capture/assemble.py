@@ -143,6 +143,7 @@ def assemble(placed, shape):
   denominator = xp(total_n).where(total_n > 0, total_n, np.float32(1))
   return jnp.asarray(total_s / denominator, jnp.float32)
 
+
 def finalize(trace: Trace, contributions, paths, shapes):
   """Per-parameter statistics (keep-rank array, the uncaptured marker or None) and a report."""
   by_param: dict[int, list] = {}

@@ -1,17 +1,25 @@
-"""The statistics of contractions: ``dot_general`` and ``conv_general_dilated``.
+"""Contractions: the rules that record statistics, and the statistics' math.
 
-Each returns ``(sums, counts)`` of the squared input elements laid over the
-weight operand's axes (size 1 where the statistic does not vary).
+``dot_sums`` / ``conv_sums`` return ``(sums, counts)`` of the squared input
+elements laid over the weight operand's axes (size 1 where the statistic
+does not vary). The rules ``dot``, ``conv``, ``gather`` (embedding lookups)
+and ``bias`` (a parameter added to a contraction's output) decide which
+operand is the weight and record its statistic with the walker.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from adaact_optax import moments
+from adaact_optax._src.capture import jax_internals as jc
+from adaact_optax._src.capture.kinds import (CONST, DATA, Mixed, Opaque, View, is_data, is_param,
+                                              opaque, param_sources)
 from adaact_optax._src.capture.row_mask import row_weights
 from adaact_optax._src.capture.sums import filled, squares
 
@@ -71,3 +79,110 @@ def conv_sums(lhs, rhs_shape, cp, mask, tags):
   sums = jnp.transpose(sums, [src[d] for d in range(len(rhs_shape))])
   return sums, filled(rows, sums.shape)
 
+
+# ----------------------------------------------------------------------------
+# Rules: which operand is a weight, and its statistic recorded with the walker.
+
+
+def weight_and_input(interp, inkinds, eqn_name, batched=False):
+  """Which operand is the weight: ``(weight index, kind of result)`` or None.
+
+  ``batched``: the contraction has batch dimensions (attention scores), so
+  neither operand can be a weight unless it is a view of a parameter.
+  """
+  lk, rk = inkinds
+  if isinstance(lk, View) and isinstance(rk, View):
+    return None, Opaque(param_sources(inkinds), f"`{eqn_name}` with another parameter")
+  if isinstance(lk, Opaque) and isinstance(rk, Opaque):
+    return None, opaque(inkinds, eqn_name)
+  for w, (wk, ak) in ((1, (rk, lk)), (0, (lk, rk))):
+    if isinstance(wk, View):
+      if isinstance(ak, Opaque):
+        interp.trace.miss(ak.sources, f"it passes through {ak.reason}, which is not a layout "
+                          "op, before it multiplies another weight")
+      return w, DATA
+  for k in (lk, rk):
+    if isinstance(k, Opaque):
+      interp.trace.miss(k.sources, f"it passes through {k.reason}, which is not a layout "
+                        f"op, before its `{eqn_name}`")
+  # A parameter combined with data right before a contraction whose other side
+  # is plain data: a weight given as data and scaled (dequantised) by it.
+  mixed = [k for k in (lk, rk) if isinstance(k, Mixed)]
+  if len(mixed) == 1 and not batched and not any(is_param(k) for k in (lk, rk)):
+    interp.trace.miss(mixed[0].sources, f"it is combined with data by {mixed[0].reason} "
+                      f"before a `{eqn_name}` whose other operand is data (a weight passed in "
+                      "as data and scaled by a parameter?)")
+  return None, DATA
+
+
+def dot(interp, eqn, invals, inkinds, in_mm):
+  lc, rc, lb, rb = jc.dot_dimensions(eqn)
+  w, kind = weight_and_input(interp, inkinds, eqn.primitive.name, batched=bool(lb))
+  if w is None:
+    return [kind], [False]
+  a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
+  w_ndim, mask, tags = eqn.invars[w].aval.ndim, interp.mask, interp.tag(eqn.invars[1 - w])
+  interp.stat(inkinds[w], lambda a: dot_sums(a, a_c, a_b, w_c, w_b, w_ndim, mask, tags),
+              invals[1 - w], key=(dot, a_c, a_b, w_c, w_b, w_ndim, tags))
+  return [DATA], [True]
+
+
+def conv(interp, eqn, invals, inkinds, in_mm):
+  name = eqn.primitive.name
+  lk, rk = inkinds
+  if is_param(lk):
+    if is_data(rk):
+      interp.trace.miss(param_sources([lk]), "it is the input (not the kernel) of a convolution")
+      return [DATA], [False]
+    return [opaque(inkinds, f"`{name}`")], [False]
+  if isinstance(rk, (Opaque, Mixed)):
+    interp.trace.miss(rk.sources, f"it passes through {rk.reason}, which is not a layout "
+                      f"op, before its `{name}`")
+    return [DATA], [False]
+  if not isinstance(rk, View):
+    return [DATA if is_data(lk) or is_data(rk) else CONST], [False]
+  cp = jc.conv_params(eqn)
+  if cp["batch_groups"] != 1:
+    interp.trace.miss(param_sources([rk]), "a convolution with batch_group_count > 1")
+    return [DATA], [False]
+  rhs_shape, mask, tags = eqn.invars[1].aval.shape, interp.mask, interp.tag(eqn.invars[0])
+  interp.stat(rk, lambda lhs: conv_sums(lhs, rhs_shape, cp, mask, tags), invals[0])
+  return [DATA], [True]
+
+
+def gather(interp, eqn, invals, inkinds, in_mm):
+  table, ids = inkinds
+  if not isinstance(table, View):
+    return [opaque(inkinds, f"`{eqn.primitive.name}`")], [False]
+  gp = jc.gather_params(eqn)
+  shape = table.shape
+  # An embedding lookup: whole rows along one axis, picked by integer ids.
+  lookup = (len(gp["start_index_map"]) == 1 and gp["collapsed"] == gp["start_index_map"]
+            and not gp["batching"]
+            and all(s == (1 if a in gp["collapsed"] else n)
+                    for a, (s, n) in enumerate(zip(gp["slice_sizes"], shape))))
+  if not lookup:
+    return [opaque(inkinds, f"`{eqn.primitive.name}`")], [False]
+  if interp.trace.embeddings is not None:
+    axis = gp["start_index_map"][0]
+
+    def frequencies(ids):
+      index = lax.stop_gradient(ids).reshape(-1)
+      counts_row = jax.ops.segment_sum(jnp.ones(index.shape, jnp.float32), index,
+                                       num_segments=shape[axis])
+      sums = counts_row.reshape([n if a == axis else 1 for a, n in enumerate(shape)])
+      return sums, filled(float(max(index.size, 1)), sums.shape)
+    interp.stat(table, frequencies, invals[1], lookup=True)
+  return [DATA], [False]
+
+
+def bias(interp, eqn, invals, inkinds, in_mm):
+  # A parameter added to a captured contraction's output is its bias: a
+  # weight on the constant input 1.
+  for b, o in ((0, 1), (1, 0)):
+    if isinstance(inkinds[b], View) and in_mm[o]:
+      view = inkinds[b]
+      ones = np.ones((1,) * len(view.shape), np.float32)
+      interp.stat(view, lambda _: (ones, ones), None)
+      return [DATA], [False]
+  return [opaque(inkinds, f"`{eqn.primitive.name}`")], [False]

@@ -61,6 +61,7 @@ class CoverageReport(NamedTuple):
     lines += [f"  --    {p}" for p in self.other]
     return "\n".join(lines)
 
+
 def warn_uncaptured(report: CoverageReport, shapes: dict | None = None, skip=()):
   """Emits one ``UncapturedWeightWarning`` per uncaptured weight in ``report``."""
   for path, reason in report.unmatched.items():

@@ -72,6 +72,7 @@ def pad_zeros(a, pads):
     return np.pad(a, [(lo, hi) for lo, hi, _ in pads])
   return lax.pad(a, jnp.zeros((), a.dtype), pads)
 
+
 def restrict(piece: Piece, shape, sums, counts):
   """The part of value-shaped ``sums``/``counts`` that ``piece`` covers."""
   for axis, (lo, hi) in enumerate(piece.box):

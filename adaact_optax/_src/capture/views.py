@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from adaact_optax._src.capture.kinds import (Factor, Piece, Unsupported, View,
-                                              broadcast_factors, norm)
+from adaact_optax._src.capture import jax_internals as jc
+from adaact_optax._src.capture.kinds import (Factor, Opaque, Piece, Unsupported, View,
+                                              broadcast_factors, is_data, norm, opaque)
 
 
 def add_offset(offset, deltas) -> tuple:
@@ -217,12 +218,80 @@ def shift_piece(p: Piece, axis: int, by: int) -> Piece:
   return dataclasses.replace(p, box=tuple(box))
 
 
-VIEW_RULES = {
-    "transpose": view_transpose,
-    "reshape": view_reshape,
-    "squeeze": view_squeeze,
-    "broadcast_in_dim": view_broadcast,
-    "slice": view_slice,
-    "rev": view_rev,
-}
+# ----------------------------------------------------------------------------
+# Rules: each ``fn(eqn, inkinds) -> output kinds`` below becomes a table rule
+# with ``layout_rule``; a view it cannot follow makes the outputs opaque.
 
+
+def layout_rule(fn):
+  """The table rule of a layout op given as ``fn(eqn, inkinds) -> kinds``."""
+  def rule(interp, eqn, invals, inkinds, in_mm):
+    n_out = len(eqn.outvars)
+    try:
+      kinds = fn(eqn, inkinds)
+    except Unsupported as e:
+      kinds = [opaque(inkinds, f"`{eqn.primitive.name}` ({e})")] * n_out
+    return kinds, [False] * n_out
+  return rule
+
+
+def single(view_fn):
+  """``fn(eqn, inkinds)`` of a one-operand op: ``view_fn(view, out_shape, **params)``."""
+  def fn(eqn, inkinds):
+    kind = inkinds[0]
+    if not isinstance(kind, View):
+      return [kind]
+    return [view_fn(kind, tuple(eqn.outvars[0].aval.shape), **dict(eqn.params))]
+  return fn
+
+
+def pad(eqn, inkinds):
+  kind = inkinds[0]
+  if not isinstance(kind, View):
+    return [opaque(inkinds, f"`{eqn.primitive.name}`")]
+  return [view_pad(kind, tuple(eqn.outvars[0].aval.shape), eqn.params["padding_config"])]
+
+
+def split(eqn, inkinds):
+  out_shapes = [v.aval.shape for v in eqn.outvars]
+  kind = inkinds[0]
+  if not isinstance(kind, View):
+    return [kind] * len(out_shapes)
+  axis, start, out = eqn.params["axis"], 0, []
+  for size, shape in zip(eqn.params["sizes"], out_shapes):
+    starts = [0] * len(shape)
+    limits = list(kind.shape)
+    starts[axis], limits[axis] = start, start + size
+    out.append(view_slice(kind, tuple(shape), starts, limits))
+    start += size
+  return out
+
+
+def concatenate(eqn, inkinds):
+  """Views (and constants) side by side along one axis."""
+  if any(is_data(k) or isinstance(k, Opaque) for k in inkinds):
+    return [opaque(inkinds, f"`{eqn.primitive.name}`")]
+  axis, start, pieces = eqn.params["dimension"], 0, []
+  for var, kind in zip(eqn.invars, inkinds):
+    if isinstance(kind, View):
+      pieces.extend(shift_piece(p, axis, start) for p in kind.pieces)
+    start += var.aval.shape[axis]
+  return [View(tuple(pieces), tuple(eqn.outvars[0].aval.shape))]
+
+
+def dynamic_slice(eqn, inkinds):
+  """A slice at start indices known at trace time (literals); opaque otherwise."""
+  if not all(jc.is_literal(v) for v in eqn.invars[1:]):
+    return [opaque(inkinds, f"`{eqn.primitive.name}`")]
+  kind = inkinds[0]
+  if not isinstance(kind, View):
+    return [kind]
+  starts = [jc.literal_value(v) for v in eqn.invars[1:]]
+  return [view_slice(kind, tuple(eqn.outvars[0].aval.shape), start_indices=starts,
+                     limit_indices=[s + n for s, n in zip(starts, eqn.params["slice_sizes"])])]
+
+
+def identity(interp, eqn, invals, inkinds, in_mm):
+  """Ops that only move or retype elements: outputs are their inputs."""
+  n_out = len(eqn.outvars)
+  return list(inkinds[:n_out]), list(in_mm[:n_out])
