@@ -31,7 +31,7 @@ def place(c: Contribution, rank: int):
   entries, new_shape = [], []
   for axis, fs in enumerate(piece.axes):
     fs = norm(fs)
-    extent = piece.box[axis][1] - piece.box[axis][0]
+    extent = piece.bounds[axis][1] - piece.bounds[axis][0]
     size = c.sums.shape[axis]
     if size == extent:
       sizes = [f.size for f in fs]

@@ -121,7 +121,7 @@ def scan(interp, eqn, invals, inkinds, in_mm):
       piece = c.piece
       lead = piece.pinned[-1]
       piece = dataclasses.replace(piece, pinned=piece.pinned[:-1],
-                                  box=((0, p["length"]),) + piece.box,
+                                  bounds=((0, p["length"]),) + piece.bounds,
                                   axes=(lead,) + piece.axes)
       interp.contributions.append(c._replace(piece=piece, sums=s, counts=n))
     else:  # the same weight every iteration: pool
@@ -139,9 +139,9 @@ def pin(kind):
     return kind
   pieces = []
   for p in kind.pieces:
-    if p.box[0] != (0, kind.shape[0]):
+    if p.bounds[0] != (0, kind.shape[0]):
       return Opaque(param_sources([kind]), "a `scan` over a concatenated weight")
-    pieces.append(dataclasses.replace(p, box=p.box[1:], axes=p.axes[1:],
+    pieces.append(dataclasses.replace(p, bounds=p.bounds[1:], axes=p.axes[1:],
                                       pinned=p.pinned + (norm(p.axes[0]),)))
   return View(tuple(pieces), kind.shape[1:])
 

@@ -2,8 +2,9 @@
 
 The engine (``adaact_optax._src.capture``) walks a jaxpr. It relies on primitive
 names (those live in ``rules.py``, the engine's one table), on the parameters of
-a few primitives and on how an equation is re-bound. Those are not public API and have moved between JAX releases
-(``pjit`` became ``jit``; ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``;
+a few primitives and on how an equation is re-bound. Those are not public API
+and have moved between JAX releases (``pjit`` became ``jit``;
+``custom_vjp_call_jaxpr`` became ``custom_vjp_call``;
 ``Primitive.get_bind_params`` once returned ``(subfuns, params)``). Each such
 fact lives here, and ``tests/test_jax_compat.py`` checks every one of them
 against the installed JAX, so a release that moves one fails loudly there

@@ -46,15 +46,15 @@ class Factor:
 class Piece:
   """The part of a value that is a view of one parameter.
 
-  ``box`` gives, per value axis, the half-open range this piece covers (the
+  ``bounds`` gives, per value axis, the half-open range this piece covers (the
   whole axis unless the value is a concatenation); ``axes`` the factors of
-  each axis over that range; ``offset`` the parameter index at the box's
+  each axis over that range; ``offset`` the parameter index at the bounds'
   origin; ``pinned`` the factors of leading parameter axes that enclosing
   ``scan``s iterate over (innermost last).
   """
 
   param: int
-  box: tuple
+  bounds: tuple
   axes: tuple
   offset: tuple
   pinned: tuple = ()

@@ -75,7 +75,7 @@ def pad_zeros(a, pads):
 
 def restrict(piece: Piece, shape, sums, counts):
   """The part of value-shaped ``sums``/``counts`` that ``piece`` covers."""
-  for axis, (lo, hi) in enumerate(piece.box):
+  for axis, (lo, hi) in enumerate(piece.bounds):
     if (lo, hi) == (0, shape[axis]) or sums.shape[axis] == 1:
       continue
     if sums.shape[axis] != shape[axis]:

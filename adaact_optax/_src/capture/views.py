@@ -58,7 +58,7 @@ def unravel(index: int, sizes) -> list:
 
 
 def regroup(axes, in_shape, out_shape) -> tuple:
-  """Factors of a reshape's output axes from the input's (full boxes only)."""
+  """Factors of a reshape's output axes from the input's (full bounds only)."""
   seq = []
   for fs, n in zip(axes, in_shape):
     fs = norm(fs)
@@ -87,7 +87,7 @@ def regroup(axes, in_shape, out_shape) -> tuple:
 
 
 def is_whole(piece: Piece, shape, axis: int) -> bool:
-  return piece.box[axis] == (0, shape[axis])
+  return piece.bounds[axis] == (0, shape[axis])
 
 
 # ----------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def map_pieces(view: View, fn, out_shape) -> View:
 def view_transpose(view, out_shape, permutation):
   perm = tuple(permutation)
   return map_pieces(view, lambda p: dataclasses.replace(
-      p, box=tuple(p.box[i] for i in perm), axes=tuple(p.axes[i] for i in perm)), out_shape)
+      p, bounds=tuple(p.bounds[i] for i in perm), axes=tuple(p.axes[i] for i in perm)), out_shape)
 
 
 def view_reshape(view, out_shape, new_sizes, dimensions=None, **_):
@@ -114,15 +114,15 @@ def view_reshape(view, out_shape, new_sizes, dimensions=None, **_):
   unit_only = [view.shape[a] for a in in_axes] == [new_sizes[a] for a in out_axes]
 
   def fn(p):
-    if unit_only:  # only size-1 axes come or go: boxes carry over (concatenations too)
-      box, axes = [(0, 1)] * len(new_sizes), [()] * len(new_sizes)
+    if unit_only:  # only size-1 axes come or go: bounds carry over (concatenations too)
+      bounds, axes = [(0, 1)] * len(new_sizes), [()] * len(new_sizes)
       for i, o in zip(in_axes, out_axes):
-        box[o], axes[o] = p.box[i], p.axes[i]
-      return dataclasses.replace(p, box=tuple(box), axes=tuple(axes))
+        bounds[o], axes[o] = p.bounds[i], p.axes[i]
+      return dataclasses.replace(p, bounds=tuple(bounds), axes=tuple(axes))
     if not all(is_whole(p, view.shape, a) for a in range(len(view.shape))):
       raise Unsupported("a reshape of a concatenated weight")
     axes = regroup(p.axes, view.shape, tuple(new_sizes))
-    return dataclasses.replace(p, box=tuple((0, n) for n in new_sizes), axes=axes)
+    return dataclasses.replace(p, bounds=tuple((0, n) for n in new_sizes), axes=axes)
   return map_pieces(view, fn, out_shape)
 
 
@@ -131,27 +131,27 @@ def view_squeeze(view, out_shape, dimensions):
 
   def fn(p):
     keep = [a for a in range(len(view.shape)) if a not in dims]
-    return dataclasses.replace(p, box=tuple(p.box[a] for a in keep),
+    return dataclasses.replace(p, bounds=tuple(p.bounds[a] for a in keep),
                                axes=tuple(p.axes[a] for a in keep))
   return map_pieces(view, fn, out_shape)
 
 
 def view_broadcast(view, out_shape, shape, broadcast_dimensions, **_):
   def fn(p):
-    box, axes = [(0, n) for n in shape], [broadcast_factors(n) for n in shape]
+    bounds, axes = [(0, n) for n in shape], [broadcast_factors(n) for n in shape]
     for i, j in enumerate(broadcast_dimensions):
       if view.shape[i] == shape[j]:
-        box[j], axes[j] = p.box[i], p.axes[i]
-    return dataclasses.replace(p, box=tuple(box), axes=tuple(axes))
+        bounds[j], axes[j] = p.bounds[i], p.axes[i]
+    return dataclasses.replace(p, bounds=tuple(bounds), axes=tuple(axes))
   return map_pieces(view, fn, out_shape)
 
 
 def slice_piece(p: Piece, shape, axis: int, start: int, limit: int, step: int):
   n_out = max(0, -(-(limit - start) // step))
-  lo, hi = p.box[axis]
+  lo, hi = p.bounds[axis]
   if (lo, hi) == (0, shape[axis]):
     factors, deltas = slice_factors(p.axes[axis], start, n_out, step)
-    new_box = (0, n_out)
+    new_bounds = (0, n_out)
   else:
     if step != 1:
       raise Unsupported("a strided slice of a concatenated weight")
@@ -159,11 +159,11 @@ def slice_piece(p: Piece, shape, axis: int, start: int, limit: int, step: int):
     if a >= b:
       return None
     factors, deltas = slice_factors(p.axes[axis], a - lo, b - a, 1)
-    new_box = (a - start, b - start)
-  box = list(p.box)
+    new_bounds = (a - start, b - start)
+  bounds = list(p.bounds)
   axes = list(p.axes)
-  box[axis], axes[axis] = new_box, factors
-  return dataclasses.replace(p, box=tuple(box), axes=tuple(axes),
+  bounds[axis], axes[axis] = new_bounds, factors
+  return dataclasses.replace(p, bounds=tuple(bounds), axes=tuple(axes),
                              offset=add_offset(p.offset, deltas))
 
 
@@ -185,37 +185,37 @@ def view_slice(view, out_shape, start_indices, limit_indices, strides=None):
 
 def view_rev(view, out_shape, dimensions):
   def fn(p):
-    box, axes, offset = list(p.box), list(p.axes), dict()
+    bounds, axes, offset = list(p.bounds), list(p.axes), dict()
     for d in dimensions:
       n = view.shape[d]
-      lo, hi = box[d]
-      box[d] = (n - hi, n - lo)
+      lo, hi = bounds[d]
+      bounds[d] = (n - hi, n - lo)
       new = []
       for f in axes[d]:
         if f.axis >= 0:
           offset[f.axis] = offset.get(f.axis, 0) + (f.size - 1) * f.stride
         new.append(Factor(f.axis, f.size, -f.stride))
       axes[d] = tuple(new)
-    return dataclasses.replace(p, box=tuple(box), axes=tuple(axes),
+    return dataclasses.replace(p, bounds=tuple(bounds), axes=tuple(axes),
                                offset=add_offset(p.offset, offset))
   return map_pieces(view, fn, out_shape)
 
 
 def view_pad(view, out_shape, padding_config):
   def fn(p):
-    box = list(p.box)
+    bounds = list(p.bounds)
     for d, (lo, hi, interior) in enumerate(padding_config):
       if interior != 0 or lo < 0 or hi < 0:
         raise Unsupported("pad")
-      box[d] = (box[d][0] + lo, box[d][1] + lo)
-    return dataclasses.replace(p, box=tuple(box))
+      bounds[d] = (bounds[d][0] + lo, bounds[d][1] + lo)
+    return dataclasses.replace(p, bounds=tuple(bounds))
   return map_pieces(view, fn, out_shape)
 
 
 def shift_piece(p: Piece, axis: int, by: int) -> Piece:
-  box = list(p.box)
-  box[axis] = (box[axis][0] + by, box[axis][1] + by)
-  return dataclasses.replace(p, box=tuple(box))
+  bounds = list(p.bounds)
+  bounds[axis] = (bounds[axis][0] + by, bounds[axis][1] + by)
+  return dataclasses.replace(p, bounds=tuple(bounds))
 
 
 # ----------------------------------------------------------------------------
