@@ -179,6 +179,18 @@ def test_differentiated_route_runs_the_forward_once():
   assert count(engine.jaxpr, "square") - count(plain.jaxpr, "square") == 2
 
 
+def test_evaluating_route_squares_a_shared_input_once():
+  # Both routes share the rules and compute a statistic once per (input, key):
+  # x feeds two slices of the fused kernel, tanh(x) the third.
+  loss, p, args, _ = _split_before_matmul()
+
+  def squares(fn):
+    return sum(e.primitive.name == "square" for e in jax.make_jaxpr(fn)(p, *args).jaxpr.eqns)
+  evaluating = squares(lambda p, *a: capture_api.evaluate_differentiated(
+      loss, False, p, a, {}, False, None)[:3])
+  assert evaluating - squares(jax.value_and_grad(loss)) == 2
+
+
 def _scan_over_stacked_weights():
   k = _keys(2)
   p = {"w": jax.random.normal(k[0], (3, 4, 4)) / 2}
