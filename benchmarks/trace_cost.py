@@ -137,8 +137,11 @@ def traced(mode, heads):
   if mode == "engine":
     return adaact_optax.value_grad_and_stats(loss)
   if mode == "evaluating":
-    return lambda params, x: api.evaluate_differentiated(loss, False, params, (x,), {}, False,
-                                                         None)[:3]
+    def evaluating(params, x):
+      value, grads, stats, _ = api.evaluate_differentiated(loss, False, params, (x,), {}, False,
+                                                           None)
+      return value, grads, jax.tree.structure(params).unflatten(stats)
+    return evaluating
   return jax.value_and_grad(loss)
 
 
@@ -219,7 +222,7 @@ def worker(args):
   out["eqns_top"] = len(closed.jaxpr.eqns)
   out["eqns_total"] = count_eqns(closed.jaxpr)
   if mode in ("engine", "evaluating"):
-    stats = shape[2] if mode == "engine" else shape[0][1]
+    stats = shape[2]  # both return (value, grads, stats)
     qkv = stats["layers"][0]["attn"]["qkv"]
     out["qkv_stats_shapes"] = {k: list(v.shape) for k, v in qkv.items()}
     out["uncaptured"] = sum(1 for s in jax.tree.leaves(stats) if s.shape == (0,))
