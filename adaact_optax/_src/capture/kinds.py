@@ -89,7 +89,7 @@ class Unsupported(Exception):
 
 
 class NeedsEvaluation(Exception):
-  """The deferred pass met a parameter inside a higher-order primitive."""
+  """The fast route's ``Reader`` met a parameter inside a higher-order primitive."""
 
 
 def is_data(kind) -> bool:
