@@ -26,7 +26,8 @@ import warnings
 import flax.linen as nn
 import jax
 
-from adaact_optax import capture as _capture
+from adaact_optax._src.capture import api as _capture_api
+from adaact_optax._src.capture import report as _capture_report
 from adaact_optax import _alignment, moments
 
 #: The Flax variable collection, ``"adaact_stats"``, in which ``apply`` returns the statistics.
@@ -50,7 +51,7 @@ def _as_tuple(value, rank):
   return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-embedding_floor = _capture._embedding_floor
+embedding_floor = _capture_api.embedding_floor
 
 
 def _padding(padding, rank):
@@ -168,7 +169,7 @@ def _interceptor(next_fun, args, kwargs, context):
         and any(not hasattr(v, "items") for v in own.values())
         and ("warned", module.scope.path) not in seen):
       seen[("warned", module.scope.path)] = 0
-      warnings.warn(_capture.UncapturedWeightWarning(
+      warnings.warn(_capture_report.UncapturedWeightWarning(
           f"adaact_optax.linen.capture() does not see into the {type(module).__name__} at "
           f"'{'/'.join(module.scope.path)}': its parameters get no statistics. Use "
           "adaact_optax.linen.apply(model, variables, x), which captures any layer."),
@@ -314,14 +315,14 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
       _row_mask.reset(mask_token)
       _rows_seen.reset(token)
 
-  (out, mutated), leaves, report = _capture.capture_call(
+  (out, mutated), leaves, report = _capture_api.capture_call(
       fun, params, (rest, *args), kwargs, embeddings=embeddings, row_mask=row_mask)
   mutated = dict(mutated)
   sown = _flat(mutated.get(COLLECTION, {}))
   paths = list(_flat(params))
   stats = {path: leaf for path, leaf in zip(paths, leaves) if leaf is not None}
   stats.update(sown)
-  _capture._warn_uncaptured(report, {p: x.shape for p, x in _flat(params).items()},
+  _capture_report.warn_uncaptured(report, {p: x.shape for p, x in _flat(params).items()},
                            skip=set(sown))
   mutated[COLLECTION] = _nested(stats)
   return out, mutated
@@ -357,8 +358,8 @@ def stats_shapes(model: nn.Module, variables, *args, **kwargs) -> Any:
     >>> tx = adaact_optax.adaact(0.1, stats_shapes=shapes)
   """
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore", _capture.UncapturedWeightWarning)
-    arrays, rebuild = _capture._split_dynamic(args, kwargs)
+    warnings.simplefilter("ignore", _capture_report.UncapturedWeightWarning)
+    arrays, rebuild = _capture_api.split_dynamic(args, kwargs)
 
     def stats(variables, arrays):
       a, kw = rebuild(arrays)

@@ -19,7 +19,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from adaact_optax import capture as _capture
+from adaact_optax._src.capture import api as _capture_api
+from adaact_optax._src.capture import report as _capture_report
 from adaact_optax import _alignment, moments
 
 
@@ -146,7 +147,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
     _, _, new_rest = nnx.split(m, wrt, ...)
     return out, new_rest, recorder.by_path(m, wrt)
 
-  (out, new_rest, sown), leaves, report = _capture.capture_call(
+  (out, new_rest, sown), leaves, report = _capture_api.capture_call(
       fun, params, (rest, *args), kwargs, embeddings=embeddings, row_mask=row_mask)
   nnx.update(model, new_rest)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -160,7 +161,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
       stats[keys] = sown[name]
     elif leaf is not None:
       stats[keys] = leaf
-  _capture._warn_uncaptured(report, shapes, skip=set(sown))
+  _capture_report.warn_uncaptured(report, shapes, skip=set(sown))
   return out, nnx.from_flat_state(stats)
 
 
@@ -194,8 +195,8 @@ def stats_shapes(model: nnx.Module, *args, **kwargs) -> nnx.State:
   """
   graphdef, state = nnx.split(model)
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore", _capture.UncapturedWeightWarning)
-    arrays, rebuild = _capture._split_dynamic(args, kwargs)
+    warnings.simplefilter("ignore", _capture_report.UncapturedWeightWarning)
+    arrays, rebuild = _capture_api.split_dynamic(args, kwargs)
 
     def stats(state, arrays):
       a, kw = rebuild(arrays)

@@ -132,15 +132,16 @@ def traced(mode, heads):
   """The function ``make_jaxpr`` traces in ``mode``."""
   import jax  # pylint: disable=import-outside-toplevel
   import adaact_optax  # pylint: disable=import-outside-toplevel
-  from adaact_optax import capture  # pylint: disable=import-outside-toplevel
+  from adaact_optax._src.capture import api  # pylint: disable=import-outside-toplevel
   loss = make_loss(heads)
   if mode == "engine":
     return adaact_optax.value_grad_and_stats(loss)
   if mode == "evaluating":
-    def with_stats(params, x):
-      out, stats, _ = capture.capture_call(loss, params, (x,))
-      return out, jax.tree.structure(params).unflatten(stats)
-    return jax.value_and_grad(with_stats, has_aux=True)
+    def evaluating(params, x):
+      value, grads, stats, _ = api.evaluate_differentiated(loss, False, params, (x,), {}, False,
+                                                           None)
+      return value, grads, jax.tree.structure(params).unflatten(stats)
+    return evaluating
   return jax.value_and_grad(loss)
 
 
@@ -221,7 +222,7 @@ def worker(args):
   out["eqns_top"] = len(closed.jaxpr.eqns)
   out["eqns_total"] = count_eqns(closed.jaxpr)
   if mode in ("engine", "evaluating"):
-    stats = shape[2] if mode == "engine" else shape[0][1]
+    stats = shape[2]  # both return (value, grads, stats)
     qkv = stats["layers"][0]["attn"]["qkv"]
     out["qkv_stats_shapes"] = {k: list(v.shape) for k, v in qkv.items()}
     out["uncaptured"] = sum(1 for s in jax.tree.leaves(stats) if s.shape == (0,))

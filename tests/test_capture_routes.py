@@ -18,18 +18,14 @@ import numpy as np
 import pytest
 
 import adaact_optax
-from adaact_optax import capture
+from adaact_optax._src.capture import api as capture_api
 
 
 def _evaluating_engine(fun, params, *args, has_aux=False, embeddings=False, row_mask=None):
   """The fallback route, run explicitly: value_and_grad over capture_call."""
-  def inner(p):
-    out, stats, _ = capture.capture_call(fun, p, args, embeddings=embeddings, row_mask=row_mask)
-    loss, aux = out if has_aux else (out, None)
-    return loss, (aux, stats)
-
-  (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
-  return ((loss, aux) if has_aux else loss), grads, jax.tree.structure(params).unflatten(stats)
+  value, grads, stats, _ = capture_api.evaluate_differentiated(
+      fun, has_aux, params, args, {}, embeddings, row_mask)
+  return value, grads, jax.tree.structure(params).unflatten(stats)
 
 
 def _keys(n):
@@ -146,8 +142,8 @@ def test_differentiated_route_is_taken_and_matches_the_evaluating_engine(name):
   loss, p, args, opts = MODELS[name]()
   has_aux, embeddings = opts.get("has_aux", False), opts.get("embeddings", False)
   row_mask = opts.get("row_mask")
-  floor = capture._embedding_floor(embeddings)  # pylint: disable=protected-access
-  assert capture._capture_differentiated(  # pylint: disable=protected-access
+  floor = capture_api.embedding_floor(embeddings)
+  assert capture_api.capture_differentiated(
       loss, has_aux, p, args, {}, floor, row_mask) is not None
   g = adaact_optax.value_grad_and_stats(loss, has_aux=has_aux, embeddings=embeddings)
   value, grads, stats = jax.jit(lambda p, *a: g(p, *a, row_mask=row_mask))(p, *args)
@@ -183,6 +179,18 @@ def test_differentiated_route_runs_the_forward_once():
   assert count(engine.jaxpr, "square") - count(plain.jaxpr, "square") == 2
 
 
+def test_evaluating_route_squares_a_shared_input_once():
+  # Both routes share the rules and compute a statistic once per (input, key):
+  # x feeds two slices of the fused kernel, tanh(x) the third.
+  loss, p, args, _ = _split_before_matmul()
+
+  def squares(fn):
+    return sum(e.primitive.name == "square" for e in jax.make_jaxpr(fn)(p, *args).jaxpr.eqns)
+  evaluating = squares(lambda p, *a: capture_api.evaluate_differentiated(
+      loss, False, p, a, {}, False, None)[:3])
+  assert evaluating - squares(jax.value_and_grad(loss)) == 2
+
+
 def _scan_over_stacked_weights():
   k = _keys(2)
   p = {"w": jax.random.normal(k[0], (3, 4, 4)) / 2}
@@ -216,7 +224,7 @@ def _cond_on_data():
 @pytest.mark.parametrize("make", [_scan_over_stacked_weights, _jitted_layer, _cond_on_data])
 def test_parameters_inside_higher_order_primitives_use_the_evaluating_engine(make):
   loss, p, args = make()
-  assert capture._capture_differentiated(  # pylint: disable=protected-access
+  assert capture_api.capture_differentiated(
       loss, False, p, args, {}, None, None) is None
   value, grads, stats = adaact_optax.value_grad_and_stats(loss)(p, *args)
   ref_value, ref_grads, ref_stats = _evaluating_engine(loss, p, *args)
@@ -233,7 +241,7 @@ def test_uncaptured_weight_warns_once_on_the_differentiated_route():
   def loss(p, x):
     return jnp.mean((x @ (p["w"] * jnp.tril(jnp.ones((3, 3))))) @ p["v"])
   x = jax.random.normal(k[1], (4, 3))
-  assert capture._capture_differentiated(  # pylint: disable=protected-access
+  assert capture_api.capture_differentiated(
       loss, False, p, (x,), {}, None, None) is not None
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

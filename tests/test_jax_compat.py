@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from adaact_optax import _jax_compat as jc
+from adaact_optax._src.capture import jax_internals as jc
+from adaact_optax._src.capture import rules
 
 
 def _eqns(fun, *args):
@@ -34,9 +35,9 @@ def test_installed_jax_is_in_the_tested_range():
 
 
 @pytest.mark.parametrize("fun, expected", [
-    (lambda w, x: jax.jit(lambda a, b: a @ b)(x, w), jc.CALLS),
-    (lambda w, x: jax.checkpoint(lambda a: a @ w)(x), jc.REMAT),
-    (lambda w, x: jax.nn.relu(x @ w), jc.CUSTOM_JVP),
+    (lambda w, x: jax.jit(lambda a, b: a @ b)(x, w), rules.CALLS),
+    (lambda w, x: jax.checkpoint(lambda a: a @ w)(x), rules.REMAT),
+    (lambda w, x: jax.nn.relu(x @ w), rules.CUSTOM_JVP),
 ])
 def test_higher_order_primitive_names(fun, expected):
   names = set(_names(fun, W, X))
@@ -48,10 +49,10 @@ def test_custom_vjp_name_and_body():
   def f(x, w):
     return x @ w
   f.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
-  (eqn,) = [e for e in _eqns(f, X, W) if e.primitive.name in jc.CUSTOM_VJP]
+  (eqn,) = [e for e in _eqns(f, X, W) if e.primitive.name in rules.CUSTOM_VJP]
   body = jc.call_jaxpr(eqn)
   assert isinstance(body, jc.ClosedJaxpr)
-  assert [e.primitive.name for e in body.jaxpr.eqns] == [jc.DOT]
+  assert [e.primitive.name for e in body.jaxpr.eqns] == [rules.DOT]
 
 
 def test_control_flow_params():
@@ -60,18 +61,18 @@ def test_control_flow_params():
     y = lax.cond(x.sum() > 0, lambda a: a @ w[:, :3], lambda a: a, y)
     return lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1]), (0, y))[1]
   eqns = {e.primitive.name: e for e in _eqns(f, W, X)}
-  scan = jc.scan_params(eqns[jc.SCAN])
+  scan = jc.scan_params(eqns[rules.SCAN])
   assert scan["num_consts"] == 0 and scan["num_carry"] == 1 and scan["length"] == 2
   assert isinstance(scan["jaxpr"], jc.ClosedJaxpr)
-  assert len(jc.cond_branches(eqns[jc.COND])) == 2
-  loop = jc.while_params(eqns[jc.WHILE])
+  assert len(jc.cond_branches(eqns[rules.COND])) == 2
+  loop = jc.while_params(eqns[rules.WHILE])
   assert isinstance(loop["body_jaxpr"], jc.ClosedJaxpr)
   assert isinstance(loop["body_nconsts"], int) and isinstance(loop["cond_nconsts"], int)
 
 
 def test_remat_params_rebuild_through_public_checkpoint():
   (eqn,) = [e for e in _eqns(lambda w, x: jax.checkpoint(lambda a: a @ w)(x), W, X)
-            if e.primitive.name in jc.REMAT]
+            if e.primitive.name in rules.REMAT]
   p = jc.remat_params(eqn)
   assert isinstance(jc.closed(p["jaxpr"]), jc.ClosedJaxpr)
   assert isinstance(p["prevent_cse"], bool)
@@ -84,17 +85,17 @@ def test_dot_conv_gather_params():
   conv = [e for e in _eqns(lambda x, k: lax.conv_general_dilated(
       x, k, (2, 1), ((1, 1), (0, 0)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2),
-      jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 6))) if e.primitive.name == jc.CONV][0]
+      jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 6))) if e.primitive.name == rules.CONV][0]
   cp = jc.conv_params(conv)
   assert cp == dict(strides=(2, 1), padding=((1, 1), (0, 0)), lhs_dilation=(1, 2),
                     rhs_dilation=(2, 1), lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                     groups=2, batch_groups=1)
   table = jnp.ones((5, 4))
   jaxpr = jax.make_jaxpr(lambda t, i: jnp.take(t, i, axis=0))(table, jnp.array([1, 2]))
-  gathers = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == jc.GATHER]
+  gathers = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == rules.GATHER]
   if not gathers:  # jnp.take wraps its gather in a nested jit
-    (call,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in jc.CALLS]
-    gathers = [e for e in jc.call_jaxpr(call).jaxpr.eqns if e.primitive.name == jc.GATHER]
+    (call,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in rules.CALLS]
+    gathers = [e for e in jc.call_jaxpr(call).jaxpr.eqns if e.primitive.name == rules.GATHER]
   gp = jc.gather_params(gathers[0])
   assert gp["collapsed"] == (0,) and gp["start_index_map"] == (0,)
   assert gp["slice_sizes"] == (1, 4) and gp["batching"] == ()
@@ -112,7 +113,7 @@ def test_layout_primitive_names_and_params():
   for name in ("transpose", "reshape", "slice", "split", "concatenate", "rev", "pad",
                "broadcast_in_dim", "squeeze", "convert_element_type"):
     assert name in eqns, f"layout primitive {name!r} not found: {sorted(eqns)}"
-    assert name in jc.LAYOUT | jc.IDENTITY
+    assert name in rules.LAYOUT | rules.IDENTITY
   assert set(eqns["transpose"]) >= {"permutation"}
   assert set(eqns["reshape"]) >= {"new_sizes", "dimensions"}
   assert set(eqns["slice"]) >= {"start_indices", "limit_indices", "strides"}
@@ -141,10 +142,10 @@ def test_nested_jit_shardings_are_read():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
   s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   eqns = _eqns(lambda x: jax.jit(lambda a: a * 2, in_shardings=s, out_shardings=s)(x), X)
-  ins, outs = jc.call_shardings([e for e in eqns if e.primitive.name in jc.CALLS][0])
+  ins, outs = jc.call_shardings([e for e in eqns if e.primitive.name in rules.CALLS][0])
   assert ins == (s,) and outs == (s,)
   eqns = _eqns(lambda x: jax.jit(lambda a: a * 2)(x), X)
-  ins, outs = jc.call_shardings([e for e in eqns if e.primitive.name in jc.CALLS][0])
+  ins, outs = jc.call_shardings([e for e in eqns if e.primitive.name in rules.CALLS][0])
   assert ins == (None,) and outs == (None,)
 
 

@@ -1,9 +1,10 @@
 """The JAX internals the capture engine reads, in one place.
 
-The engine (``adaact_optax.capture``) walks a jaxpr. It relies on primitive
-names, on the parameters of a few primitives and on how an equation is
-re-bound. Those are not public API and have moved between JAX releases
-(``pjit`` became ``jit``; ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``;
+The engine (``adaact_optax._src.capture``) walks a jaxpr. It relies on primitive
+names (those live in ``rules.py``, the engine's one table), on the parameters of
+a few primitives and on how an equation is re-bound. Those are not public API
+and have moved between JAX releases (``pjit`` became ``jit``;
+``custom_vjp_call_jaxpr`` became ``custom_vjp_call``;
 ``Primitive.get_bind_params`` once returned ``(subfuns, params)``). Each such
 fact lives here, and ``tests/test_jax_compat.py`` checks every one of them
 against the installed JAX, so a release that moves one fails loudly there
@@ -25,21 +26,6 @@ Literal = jex_core.Literal
 Var = jex_core.Var
 ClosedJaxpr = jex_core.ClosedJaxpr
 Jaxpr = jex_core.Jaxpr
-
-# Primitive names, grouped by how the engine treats them.
-CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})  # inlined
-REMAT = frozenset({"checkpoint", "remat2", "remat"})
-CUSTOM_JVP = frozenset({"custom_jvp_call"})
-CUSTOM_VJP = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
-SCAN, WHILE, COND = "scan", "while", "cond"
-DOT, CONV, GATHER = "dot_general", "conv_general_dilated", "gather"
-# Ops that only move or retype elements: a parameter seen through them is
-# still that parameter (tracked symbolically in the engine).
-IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
-                      "sharding_constraint", "pvary", "optimization_barrier"})
-LAYOUT = frozenset({"transpose", "reshape", "squeeze", "broadcast_in_dim", "slice", "rev",
-                    "concatenate", "split", "pad"})
-ADD = frozenset({"add", "add_any"})
 
 
 def version() -> tuple[int, int]:

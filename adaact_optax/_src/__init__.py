@@ -1,0 +1,1 @@
+"""Private implementation modules of adaact_optax (no public API here)."""

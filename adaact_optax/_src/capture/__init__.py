@@ -1,0 +1,1 @@
+"""The capture engine (private): see README.md here and ``adaact_optax.capture``."""
