@@ -176,7 +176,6 @@ def test_api_page_shows_public_type_names_and_the_constants_own_docs(site):
                       "Convert a string or number to a floating point number"):
     assert builtin_doc not in text, builtin_doc
   for name, doc in [("linen.COLLECTION", "The Flax variable collection"),
-                    ("capture.UNCAPTURED_SHAPE = (0,)", "The shape, (0,), of the float32"),
                     ("layout.UNCAPTURED_SHAPE = (0,)", "The shape, (0,), of the float32"),
                     ("moments.EMBEDDING_FLOOR = 0.01", "The default floor")]:
     assert re.search(re.escape(f"adaact_optax.{name}#") + r"\s+" + re.escape(doc), text), name
