@@ -655,6 +655,23 @@ class _Trace:
       self.uncaptured.setdefault(s, reason)
 
 
+# Ops whose output is still a captured contraction's output, a part of it or
+# a sum of such outputs (``W_i x + W_h h`` in an LSTM cell, one gate of a
+# fused ``split``): a parameter added to it is a bias.
+_CONTRACTION_OUTPUT_VIEWS = frozenset({"reshape", "transpose", "broadcast_in_dim", "squeeze",
+                                       "slice", "split"})
+
+
+def _is_contraction_output(name: str, in_mm) -> bool:
+  """Whether a parameter-free op's outputs are contraction outputs (see above);
+  ``in_mm``: whether each operand is one (literals are not)."""
+  if not in_mm:
+    return False
+  if name in jc.IDENTITY or name in _CONTRACTION_OUTPUT_VIEWS:
+    return in_mm[0]
+  return name in jc.ADD and all(in_mm)
+
+
 class _Interpreter:
   """Evaluates jaxprs while collecting contributions; ``depth`` = enclosing scans."""
 
@@ -758,9 +775,7 @@ class _Interpreter:
         kind = _DATA if any(_is_data(k) for k in inkinds) else _CONST
       else:
         kind = _opaque(inkinds, f"`{name}`")
-      passes_mm = bool(in_mm) and in_mm[0] and (name in jc.IDENTITY or name in (
-          "reshape", "transpose", "broadcast_in_dim", "squeeze"))
-      return outs, [kind] * n_out, [passes_mm] * n_out
+      return outs, [kind] * n_out, [_is_contraction_output(name, in_mm)] * n_out
     if self.deferred and (name in jc.CALLS or name in jc.REMAT or name in jc.CUSTOM_JVP
                           or name in jc.CUSTOM_VJP or name in (jc.SCAN, jc.WHILE, jc.COND)):
       raise _NeedsEvaluation(name)
@@ -786,7 +801,8 @@ class _Interpreter:
     if name == jc.GATHER:
       return outs, [self._gather(eqn, invals, inkinds)], [False]
     if name in jc.ADD:
-      return outs, [self._add(invals, inkinds, in_mm)], [False]
+      kind, is_mm = self._add(invals, inkinds, in_mm)
+      return outs, [kind], [is_mm]
     if name in jc.IDENTITY:
       return outs, list(inkinds[:n_out]), list(in_mm[:n_out])
     if name in _VIEW_RULES or name in ("concatenate", "split", "pad"):
@@ -948,15 +964,20 @@ class _Interpreter:
     return _DATA
 
   def _add(self, invals, inkinds, in_mm):
-    # A parameter added to a captured contraction's output is its bias: a
-    # weight on the constant input 1.
+    """``(kind, is_contraction_output)`` of an ``add`` with a parameter operand.
+
+    A parameter added to a captured contraction's output (or to a sum or a
+    slice of such outputs, see ``_is_contraction_output``) is its bias: a
+    weight on the constant input 1, statistic 1. The sum is still an affine
+    output, so a second bias added to it is a bias too.
+    """
     for b, o in ((0, 1), (1, 0)):
       if isinstance(inkinds[b], _View) and in_mm[o]:
         view = inkinds[b]
         ones = np.ones((1,) * len(view.shape), np.float32)
         self._stat(view, lambda _: (ones, ones), None)
-        return _DATA
-    return _opaque(inkinds, "`add`")
+        return _DATA, True
+    return _opaque(inkinds, "`add`"), False
 
   # -- higher-order primitives ------------------------------------------------
   def _call(self, eqn, invals, inkinds):
