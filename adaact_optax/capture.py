@@ -1447,6 +1447,10 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
     statistic, the ``(0,)``-shaped uncaptured marker, or ``None``; and a
     ``CoverageReport``.
 
+  Raises:
+    ValueError: a ``row_mask`` whose shape is the leading shape of none of
+      the array arguments (it would weigh no rows).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from adaact_optax import capture
@@ -1477,13 +1481,34 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   return out, stats, report
 
 
+def _check_row_mask(mask_shape: tuple, input_shapes: list):
+  """Raises a ValueError unless ``mask_shape`` is the leading shape of an input.
+
+  A mask that matches no input would weigh no rows: every statistic would
+  silently ignore it.
+  """
+  m = len(mask_shape)
+  if m and any(tuple(s[:m]) == mask_shape for s in input_shapes):
+    return
+  shown = list(dict.fromkeys(tuple(s) for s in input_shapes))
+  listed = ", ".join(map(str, shown[:8])) + (", ..." if len(shown) > 8 else "")
+  why = ("has no axes: it names no rows" if not m else
+         "is the leading shape of none of the inputs")
+  raise ValueError(
+      f"row_mask of shape {mask_shape} {why}; the inputs' shapes are [{listed}]. A row_mask "
+      "weighs the rows of the inputs' leading axes: for an input of shape (batch, time, "
+      "features) pass a mask of shape (batch,) or (batch, time), e.g. 1.0 for real rows "
+      "and 0.0 for padding.")
+
+
 def _interpreter(trace: _Trace, row_mask, data_vars, deferred=False) -> _Interpreter:
   """The top-level interpreter; with a row mask, the data inputs' leading axes
-  that match the mask's shape are its axes."""
+  that match the mask's shape are its axes (a ValueError if none do)."""
   interp = _Interpreter(trace, mask=None if row_mask is None else jnp.asarray(row_mask),
                         deferred=deferred)
   if row_mask is not None:
     m = tuple(jnp.shape(row_mask))
+    _check_row_mask(m, [var.aval.shape for var in data_vars])
     for var in data_vars:
       if tuple(var.aval.shape[:len(m)]) == m:
         interp.tags[var] = tuple(range(len(m))) + (None,) * (len(var.aval.shape) - len(m))
@@ -1605,7 +1630,8 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
     ``tx.update(grads, opt_state, params, activation_stats=stats)``.
     ``row_mask`` (optional, float or bool, shape of the leading batch/time
     axes of the inputs) excludes padded rows from the statistics of every
-    weight whose input carries those leading axes.
+    weight whose input carries those leading axes; a mask whose shape is no
+    input's leading shape raises a ValueError (at trace time).
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -255,7 +255,7 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
     row_mask: optional weights (e.g. 0/1 padding mask) of shape equal to the
       leading axes of the model's inputs (batch, or batch x time); rows with
       weight 0 do not count in the statistics of layers whose input carries
-      those leading axes.
+      those leading axes. A mask of any other shape is a ValueError.
 
   Returns:
     ``(output, mutated_variables)`` as ``model.apply(..., mutable=...)``
@@ -263,6 +263,8 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
 
   Raises:
     TypeError: if ``mutable`` is not a bool, a collection name or a list.
+    ValueError: if ``row_mask``'s shape is the leading shape of none of the
+      inputs (at trace time).
 
   Examples:
     >>> import flax.linen as nn

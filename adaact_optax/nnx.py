@@ -110,13 +110,18 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
       by default; ``True`` (or a float floor) gives them token frequencies
       plus a floor (see ``moments.token_moments``).
     row_mask: optional weights of the inputs' leading (batch, or batch x
-      time) axes; rows with weight 0 do not count (padding).
+      time) axes; rows with weight 0 do not count (padding). A mask of any
+      other shape is a ValueError.
     wrt: the parameters to capture, as ``nnx.Optimizer``'s ``wrt``
       (``nnx.LoRAParam`` for LoRA fine-tuning: the frozen base kernels then
       get no statistics and no error).
 
   Returns:
     ``(output, activation_stats)``.
+
+  Raises:
+    ValueError: if ``row_mask``'s shape is the leading shape of none of the
+      inputs (at trace time).
 
   Examples:
     >>> import jax

@@ -4,6 +4,7 @@ References are numpy brute force: the mean of the squared input over the rows
 that count, laid out keep-rank (a kernel (in, out) gets (in, 1)).
 """
 
+import re
 import warnings
 
 import flax.linen as nn
@@ -281,6 +282,48 @@ def test_row_mask_on_the_batch_axis_of_a_conv():
     return jnp.sum(layer.apply({"params": params}, x) ** 2)
   _, _, vstats = adaact_optax.value_grad_and_stats(loss)(variables["params"], x, row_mask=mask)
   np.testing.assert_allclose(vstats["kernel"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_shape", [(B + 1,), (T, B), ()])
+def test_row_mask_that_matches_no_input_is_an_error_at_every_entry_point(mask_shape):
+  """A mask that is no input's leading shape would weigh no rows: even all zeros, it
+  must not pass silently. Each entry point raises at trace time, naming row_mask, its
+  shape, the inputs' shapes and what a valid mask looks like."""
+  mask = np.zeros(mask_shape, np.float32)
+  expected = (rf"row_mask of shape {re.escape(str(mask_shape))}.*\({B}, {T}, {D}\)"
+              r".*\(batch,\) or \(batch, time\)")
+  model = Tagger()
+  variables = model.init(jax.random.key(4), SEQ)
+
+  def loss(params, x):
+    return jnp.mean(model.apply({"params": params}, x)[0] ** 2)
+
+  def scanned(params, x):  # a scan over time (the weight inside a higher-order primitive)
+    step = lambda h, x_t: (jnp.tanh(x_t @ params["Dense_0"]["kernel"]) + h, None)
+    return jnp.mean(jax.lax.scan(step, jnp.zeros((B, 4)), jnp.swapaxes(x, 0, 1))[0] ** 2)
+
+  calls = {
+      "value_grad_and_stats": lambda: jax.jit(adaact_optax.value_grad_and_stats(loss))(
+          variables["params"], SEQ, row_mask=mask),
+      "value_grad_and_stats, scan": lambda: adaact_optax.value_grad_and_stats(scanned)(
+          variables["params"], SEQ, row_mask=mask),
+      "capture_call": lambda: adaact_optax.capture.capture_call(
+          loss, variables["params"], (SEQ,), row_mask=mask),
+      "linen.apply": lambda: jax.jit(lambda v, x: aa_linen.apply(model, v, x, row_mask=mask))(
+          variables, SEQ),
+      "nnx.apply": lambda: aa_nnx.apply(NNXTagger(nnx.Rngs(0)), SEQ, row_mask=mask),
+  }
+  for name, call in calls.items():
+    try:
+      call()
+    except ValueError as e:
+      assert re.search(expected, str(e)), (name, str(e))
+    else:
+      pytest.fail(f"{name}: a row_mask of shape {mask_shape} raised nothing")
+  # Masks of the inputs' leading shapes run.
+  good = np.ones((B, T), np.float32)
+  aa_nnx.apply(NNXTagger(nnx.Rngs(0)), SEQ, row_mask=good)
+  adaact_optax.value_grad_and_stats(scanned)(variables["params"], SEQ, row_mask=good[:, 0])
 
 
 # --- (c) the interception capture() warns about layers it cannot see into -----
