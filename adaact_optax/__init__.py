@@ -2,7 +2,8 @@
 
 from adaact_optax import capture, layout, linen, moments, nnx, sharding
 from adaact_optax.capture import (
-    CoverageReport, UncapturedWeightWarning, coverage, stats_shapes, value_grad_and_stats)
+    ArgumentOrderWarning, CoverageReport, UncapturedWeightWarning, coverage, stats_shapes,
+    value_grad_and_stats)
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
 from adaact_optax.diagnostics import activation_summary
 from adaact_optax.train_state import TrainState
@@ -10,6 +11,7 @@ from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActStat
                                     migrate_state, scale_by_activation_rms, scale_by_adaact)
 
 __all__ = [
+    "ArgumentOrderWarning",
     "CoverageReport",
     "UncapturedWeightWarning",
     "capture",

@@ -86,6 +86,36 @@ class UncapturedWeightWarning(UserWarning):
   """
 
 
+class ArgumentOrderWarning(UserWarning):
+  """The loss's first argument looks like data, and its other arguments hold the weights.
+
+  ``value_grad_and_stats``, ``stats_shapes`` and ``coverage`` differentiate
+  and capture ``fun``'s first argument as the parameters. Warned (at trace
+  time) when an array of the other arguments multiplies, in a
+  ``dot_general`` (not batched, leaving an axis of its own) or as a
+  convolution's kernel, a value computed from both the first argument and
+  the data, as a weight multiplies an activation, while no array of the first
+  argument multiplies a computed value so: ``fun(x, params)`` where
+  ``fun(params, x)`` was meant (the gradients returned are then with respect
+  to ``x``). One matmul of the two arguments alone (``x @ w``) is symmetric
+  and not flagged. A separate class from ``UncapturedWeightWarning``: the
+  cause and the fix differ, and silencing one must not silence the other.
+
+  Examples:
+    >>> import warnings
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(x, params):   # arguments swapped
+    ...   return jnp.mean(jnp.tanh(x @ params["w1"]) @ params["w2"])
+    >>> params = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = adaact_optax.value_grad_and_stats(loss)(jnp.ones((5, 3)), params)
+    >>> caught[0].category.__name__
+    'ArgumentOrderWarning'
+  """
+
+
 # ----------------------------------------------------------------------------
 # What the engine knows about each jaxpr value.
 
@@ -1391,12 +1421,14 @@ def _embedding_floor(embeddings) -> float | None:
   return float(embeddings)
 
 
+_DYNAMIC = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
 def _split_dynamic(args, kwargs):
   """``(arrays, rebuild)``: the array leaves of ``(args, kwargs)`` and a function
   putting new values for them back (other leaves, e.g. flags, stay static)."""
   leaves, treedef = tree_util.tree_flatten((args, kwargs))
-  dynamic = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
-  idx = [i for i, x in enumerate(leaves) if isinstance(x, dynamic)]
+  idx = [i for i, x in enumerate(leaves) if isinstance(x, _DYNAMIC)]
 
   def rebuild(values):
     full = list(leaves)
@@ -1423,6 +1455,114 @@ def _check_version():
     warnings.warn(f"adaact_optax.capture was tested on jax {jc.TESTED_JAX[0]}..{jc.TESTED_JAX[1]}, "
                   f"not {jax.__version__}: run tests/test_jax_compat.py to check the internals "
                   "it reads", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------
+# Argument order: is the differentiated first argument data?
+
+
+class _Origin(NamedTuple):
+  """What a jaxpr value derives from, for ``_data_as_weight``.
+
+  ``raw``: ``("param", i)`` or ``("data", i)`` for an input moved by layout
+  ops only, else None; ``deps``: which of ``"param"``, ``"data"`` it depends on.
+  """
+
+  raw: tuple | None
+  deps: frozenset
+
+
+_NO_ORIGIN = _Origin(None, frozenset())
+_MOVES = jc.IDENTITY | frozenset({"transpose", "reshape", "squeeze", "broadcast_in_dim",
+                                  "slice", "rev", "split"})
+
+
+def _data_as_weight(jaxpr, n_params: int, data_names: Sequence[str]) -> str | None:
+  """Evidence that ``fun``'s other arguments hold its weights (see ``ArgumentOrderWarning``).
+
+  ``jaxpr`` (``invars``, ``eqns``): ``fun`` traced on ``n_params`` parameter
+  leaves, then the array arguments named by ``data_names``. Follows, through
+  inlined calls, which inputs each value derives from. Returns a description
+  of the first contraction where a raw data input is the weight on a value
+  computed from parameters and data, when no parameter is the weight on a
+  computed value; else None.
+  """
+  found, real = [], []
+
+  def contraction(eqn, origins):
+    name = eqn.primitive.name
+    if name == jc.CONV:
+      lhs, rhs = origins
+      if rhs.raw and rhs.raw[0] == "param":
+        real.append(True)
+      elif rhs.raw and rhs.raw[0] == "data" and "param" in lhs.deps:
+        found.append((rhs.raw[1], eqn.invars[1].aval.shape, "as the kernel of a convolution",
+                      eqn.invars[0].aval.shape))
+      return
+    lc, rc, lb, rb = jc.dot_dimensions(eqn)
+    if lb:  # batched (attention scores, a per-example contraction): no weight
+      return
+    for (w, wc), (a, _) in (((1, rc), (0, lc)), ((0, lc), (1, rc))):
+      wo, ao = origins[w], origins[a]
+      if wo.raw and wo.raw[0] == "param" and not (ao.raw and ao.raw[0] == "data"):
+        real.append(True)
+      shape = eqn.invars[w].aval.shape
+      own_axis = any(n > 1 for i, n in enumerate(shape) if i not in wc)
+      if (wo.raw and wo.raw[0] == "data" and own_axis and ao.raw is None
+          and {"param", "data"} <= ao.deps):
+        found.append((wo.raw[1], shape, "in a `dot_general`", eqn.invars[a].aval.shape))
+
+  def walk(inner, origins_in):
+    env = dict(zip(inner.invars, origins_in))
+    read = lambda v: _NO_ORIGIN if jc.is_literal(v) else env.get(v, _NO_ORIGIN)
+    for eqn in inner.eqns:
+      origins = [read(v) for v in eqn.invars]
+      deps = frozenset().union(*(o.deps for o in origins))
+      name = eqn.primitive.name
+      if name in (jc.DOT, jc.CONV):
+        contraction(eqn, origins)
+      if name in jc.CALLS or name in jc.CUSTOM_JVP or name in jc.CUSTOM_VJP or name in jc.REMAT:
+        body = jc.closed(jc.remat_params(eqn)["jaxpr"]) if name in jc.REMAT else jc.call_jaxpr(eqn)
+        outs = walk(body.jaxpr, origins)
+      elif name in _MOVES and origins and not any(o.deps for o in origins[1:]):
+        outs = [origins[0]] * len(eqn.outvars)
+      else:
+        outs = [_Origin(None, deps)] * len(eqn.outvars)
+      env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in inner.outvars]
+
+  walk(jaxpr, [_Origin(("param", i), frozenset({"param"})) for i in range(n_params)]
+       + [_Origin(("data", i), frozenset({"data"})) for i in range(len(data_names))])
+  if not found or real:
+    return None
+  index, shape, where, other = found[0]
+  return (f"the array {data_names[index]} (shape {tuple(shape)}) of fun's other arguments "
+          f"multiplies, {where}, a value of shape {tuple(other)} computed from fun's first "
+          "argument and the data, as a weight multiplies an activation, while no array of "
+          "the first argument is the weight on a computed value")
+
+
+def _argument_names(args, kwargs) -> list:
+  """Names of the array leaves of ``(args, kwargs)`` in ``_split_dynamic``'s order
+  (``args[1]`` is ``fun``'s second argument)."""
+  names = []
+  for path, x in tree_util.tree_flatten_with_path((args, kwargs))[0]:
+    if isinstance(x, _DYNAMIC):
+      kind, rest = path[0].idx, path[1:]
+      head = (f"args[{rest[0].idx + 1}]" if kind == 0 else f"kwargs[{rest[0].key!r}]")
+      names.append(head + tree_util.keystr(rest[1:]))
+  return names
+
+
+def _warn_argument_order(hint: str | None, entry: str):
+  if hint is not None:
+    warnings.warn(ArgumentOrderWarning(
+        f"adaact_optax.{entry}(fun) differentiates fun's first argument and captures it as "
+        f"the parameters, but {hint}. If fun is written fun(x, params), pass "
+        "lambda params, x: fun(x, params) (fun(params, *args) is the expected order; the "
+        "gradients returned are with respect to the first argument). If the other arguments "
+        "hold frozen weights on purpose, silence this with warnings.filterwarnings('ignore', "
+        "category=adaact_optax.ArgumentOrderWarning)."), stacklevel=3)
 
 
 def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = None, *,
@@ -1461,6 +1601,13 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
     >>> [leaf.shape for leaf in leaves]                # leaves order: "b", "w"
     [(1,), (3, 1)]
   """
+  return _capture_call(fun, params, args, kwargs, embeddings, row_mask)[:3]
+
+
+def _capture_call(fun, params, args, kwargs, embeddings, row_mask, check_order=False):
+  """``capture_call``'s ``(output, stats_leaves, report)``, plus, with
+  ``check_order``, ``_data_as_weight``'s evidence that ``fun``'s arguments are
+  swapped (else None)."""
   _check_version()
   kwargs = kwargs or {}
   floor = _embedding_floor(embeddings)
@@ -1478,7 +1625,9 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   outs, _, _ = interp.run(closed.jaxpr, closed.consts, p_leaves + dyn_vals, kinds)
   out = tree_util.tree_unflatten(tree_util.tree_structure(out_shape), outs)
   stats, report = _finalize(trace, interp.contributions, paths, shapes)
-  return out, stats, report
+  hint = (_data_as_weight(closed.jaxpr, len(p_leaves), _argument_names(args, kwargs))
+          if check_order else None)
+  return out, stats, report, hint
 
 
 def _check_row_mask(mask_shape: tuple, input_shapes: list):
@@ -1554,7 +1703,8 @@ def _capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask)
   when differentiated, so they stay on this route.)
 
   Returns:
-    ``(value, grad_leaves, stats_leaves, report)`` or ``None``.
+    ``(value, grad_leaves, stats_leaves, report, hint)`` or ``None``; ``hint``:
+    ``_data_as_weight``'s evidence that ``fun``'s arguments are swapped.
   """
   _check_version()
   treedef, paths, p_leaves, dyn_vals, rebuild = _flat_inputs(params, args, kwargs)
@@ -1590,7 +1740,9 @@ def _capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask)
   interp.resolve(env)
   stats, report = _finalize(trace, interp.contributions, paths, shapes)
   value = tree_util.tree_unflatten(value_tree, outs[:n_value])
-  return value, outs[n_value:n_out], stats, report
+  forward = _forward_part(jaxpr, n_value)
+  hint = _data_as_weight(forward, len(p_leaves), _argument_names(args, kwargs))
+  return value, outs[n_value:n_out], stats, report, hint
 
 
 def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
@@ -1601,6 +1753,8 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
   is the parameter pytree (Flax ``variables['params']``, the ``nnx.Param``
   state of ``nnx.split``, an ``eqx.filter``-ed model, Haiku params, a dict)
   and that returns a scalar loss (or ``(loss, aux)`` with ``has_aux``). The
+  first argument is the one differentiated: a loss written ``fun(x, params)``
+  whose other arguments hold the weights gets an ``ArgumentOrderWarning``. The
   returned function runs one forward pass and is jittable. Its jaxpr is
   ``jax.value_and_grad(fun)``'s plus a few equations per weight (see the
   module docstring for the fallback route).
@@ -1610,7 +1764,8 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
   ``conv_general_dilated`` gets the mean of the squared input elements each
   of its elements multiplies, in the keep-rank layout (same rank as the
   parameter; size 1 along the axes the statistic does not vary along); a
-  bias added to such a product gets ones; embedding tables used only by a
+  bias added to such a product (or to a part or a sum of such products,
+  ``W_i x + W_h h + b``) gets ones; embedding tables used only by a
   lookup get token frequencies when ``embeddings`` is set. A weight that
   meets an activation but cannot be captured gets the ``(0,)``-shaped
   uncaptured marker and an ``UncapturedWeightWarning``.
@@ -1650,20 +1805,22 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
     done = _capture_differentiated(fun, has_aux, params, args, kwargs,
                                    _embedding_floor(embeddings), row_mask)
     if done is not None:
-      value, grads, stats, report = done
+      value, grads, stats, report, hint = done
       _warn_uncaptured(report, shapes)
+      _warn_argument_order(hint, "value_grad_and_stats")
       return value, treedef.unflatten(grads), treedef.unflatten(stats)
     box = {}
 
     def inner(p):
-      out, stats, report = capture_call(fun, p, args, kwargs, embeddings=embeddings,
-                                        row_mask=row_mask)
-      box["report"] = report
+      out, stats, report, hint = _capture_call(fun, p, args, kwargs, embeddings, row_mask,
+                                               check_order=True)
+      box["report"], box["hint"] = report, hint
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, stats)
 
     (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
     _warn_uncaptured(box["report"], shapes)
+    _warn_argument_order(box["hint"], "value_grad_and_stats")
     value = (loss, aux) if has_aux else loss
     return value, grads, treedef.unflatten(stats)
   return g
@@ -1675,11 +1832,11 @@ def _abstract_capture(fun, params, args, kwargs, embeddings):
 
   def run(p, d):
     a, kw = rebuild(d)
-    _, stats, report = capture_call(fun, p, a, kw, embeddings=embeddings)
-    box["report"] = report
+    _, stats, report, hint = _capture_call(fun, p, a, kw, embeddings, None, check_order=True)
+    box["report"], box["hint"] = report, hint
     return stats
   stats = jax.eval_shape(run, params, dyn_vals)
-  return stats, box["report"]
+  return stats, box["report"], box["hint"]
 
 
 def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False, **kwargs):
@@ -1716,7 +1873,8 @@ def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False,
     >>> tx.init(params)[0].nu["kernel"].shape
     (3, 3, 2, 2)
   """
-  stats, _ = _abstract_capture(fun, params, args, kwargs, embeddings)
+  stats, _, hint = _abstract_capture(fun, params, args, kwargs, embeddings)
+  _warn_argument_order(hint, "stats_shapes")
   return jax.tree.structure(params).unflatten(stats)
 
 
@@ -1724,7 +1882,9 @@ def coverage(fun: Callable, params, *args, embeddings: bool | float = False,
              **kwargs) -> CoverageReport:
   """Which parameters of ``fun(params, *args, **kwargs)`` get statistics, and why not.
 
-  Traces ``fun`` abstractly (no FLOPs, no warnings). ``print(report)``
+  Traces ``fun`` abstractly (no FLOPs, no ``UncapturedWeightWarning``: the
+  report lists those weights; an ``ArgumentOrderWarning`` when ``fun``'s
+  first argument looks like data). ``print(report)``
   gives a table; ``report.unmatched`` maps each uncaptured weight's path to
   the reason.
 
@@ -1750,4 +1910,6 @@ def coverage(fun: Callable, params, *args, embeddings: bool | float = False,
       ok    w  (3, 1)
       --    scale
   """
-  return _abstract_capture(fun, params, args, kwargs, embeddings)[1]
+  _, report, hint = _abstract_capture(fun, params, args, kwargs, embeddings)
+  _warn_argument_order(hint, "coverage")
+  return report
