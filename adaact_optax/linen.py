@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from typing import Any
 
 import warnings
@@ -135,10 +136,21 @@ def _record(module: nn.Module, name: str, stat: moments.InputMoments, seen: dict
   module.put_variable(COLLECTION, name, stat.mean)
 
 
+# Set by capture() while its block runs: {"traced": True} once a module method ran.
+_capture_block: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "adaact_capture_block", default=None)
+# (file, line) of the `with capture():` statements whose block traced a module
+# once: a later run of the same statement that traces nothing reuses that trace.
+_traced_capture_sites: set = set()
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   seen = _rows_seen.get()
   floor = _embedding_floor.get()
+  block = _capture_block.get()
+  if block is not None:
+    block["traced"] = True
   layers = (nn.Dense, nn.DenseGeneral, nn.Conv) + ((nn.Embed,) if floor is not None else ())
   if (seen is None or context.method_name != "__call__"
       or module.is_initializing() or not module.is_mutable_collection(COLLECTION)):
@@ -174,6 +186,11 @@ def capture(embeddings: bool | float = False):
   ``moments.EMBEDDING_FLOOR``, a float sets the floor (``moments.token_moments``).
   The older path: ``apply`` sees every weight and returns the keep-rank layout.
 
+  Around an already-traced ``jax.jit`` function (JAX reuses the compiled
+  function without running the modules, so ``COLLECTION`` comes back empty)
+  the block warns (``UncapturedWeightWarning``, on exit) that no module ran,
+  unless the same ``with`` statement traced the function before.
+
   Args:
     embeddings: ``False``, ``True`` or a float floor, as above.
 
@@ -192,12 +209,46 @@ def capture(embeddings: bool | float = False):
   """
   token = _rows_seen.set({})
   floor_token = _embedding_floor.set(embedding_floor(embeddings))
+  block: dict = {}
+  block_token = _capture_block.set(block)
+  site = _caller_site()
   try:
     with nn.intercept_methods(_interceptor):
       yield
   finally:
+    _capture_block.reset(block_token)
     _embedding_floor.reset(floor_token)
     _rows_seen.reset(token)
+  _warn_if_nothing_traced(block, site)
+
+
+def _caller_site():
+  """``(file, line)`` of the ``with capture():`` statement (None if unknown)."""
+  try:
+    frame = sys._getframe(3)  # pylint: disable=protected-access
+  except ValueError:
+    return None
+  return frame.f_code.co_filename, frame.f_lineno
+
+
+def _warn_if_nothing_traced(block: dict, site):
+  """Warns when no Linen module ran inside a ``capture()`` block: the block
+  called code traced elsewhere (a ``jax.jit`` cache hit), whose statistics
+  collection is empty unless it was traced inside this same statement before."""
+  if block.get("traced"):
+    if site is not None:
+      _traced_capture_sites.add(site)
+    return
+  if site is not None and site in _traced_capture_sites:
+    return
+  warnings.warn(_capture.UncapturedWeightWarning(
+      f"adaact_optax.linen.capture(): no Linen module ran inside this `with` block, so "
+      f"nothing was written to the '{COLLECTION}' collection: model.apply(..., "
+      f"mutable=['{COLLECTION}']) returns it empty ({{}}). A function jitted and traced "
+      "outside the block is reused from JAX's cache without running its modules again. Use "
+      "adaact_optax.linen.apply(model, variables, x) inside the function you jit (it needs "
+      "no context manager), or enter capture() inside the jitted function, around "
+      "model.apply."), stacklevel=4)
 
 
 def _with_collection(mutable):

@@ -371,3 +371,28 @@ def test_row_mask_applies_to_sown_statistics():
   np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
   np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ np.asarray(quant.kernel[...]), MASK),
                              rtol=1e-5)
+
+
+def test_interception_capture_around_a_function_traced_outside_warns():
+  """A jitted function traced outside capture() is a cache hit inside it: no module runs,
+  the collection comes back empty, and the block says so (and what to do) on exit."""
+  model = nn.Dense(2)
+  variables = model.init(jax.random.key(8), X)
+  traced_outside = jax.jit(lambda v, x: model.apply(v, x, mutable=[COLLECTION]))
+  traced_outside(variables, X)
+
+  def run(fn):
+    with aa_linen.capture():
+      return fn(variables, X)
+  (_, mutated), messages = _quiet_apply(run, traced_outside)
+  assert mutated.get(COLLECTION, {}) == {}
+  assert len(messages) == 1, messages
+  assert re.search(r"capture\(\): no Linen module ran inside this `with` block.*'adaact_stats'"
+                   r".*traced outside the block.*adaact_optax.linen.apply\(model, variables, x\)",
+                   messages[0]), messages[0]
+  # Traced inside the block: statistics, and no warning, also when the same `with`
+  # statement later reuses that trace (a training loop).
+  traced_inside = jax.jit(lambda v, x: model.apply(v, x, mutable=[COLLECTION]))
+  for _ in range(2):
+    (_, mutated), messages = _quiet_apply(run, traced_inside)
+    assert set(mutated[COLLECTION]) == {"kernel", "bias"} and messages == []
