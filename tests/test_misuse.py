@@ -1,7 +1,6 @@
 """Issue 12: every misuse either works correctly or stops with an error that says what to do."""
 
 import re
-import warnings
 
 import chex
 import jax
@@ -11,6 +10,7 @@ import optax
 import pytest
 
 import adaact_optax
+from conftest import warning_messages
 
 
 def _tiny():
@@ -243,11 +243,7 @@ _SWAPPED = {
 
 
 def _argument_order_warnings(fn, *args, **kwargs):
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    out = fn(*args, **kwargs)
-  return out, [str(w.message) for w in caught
-               if issubclass(w.category, adaact_optax.ArgumentOrderWarning)]
+  return warning_messages(adaact_optax.ArgumentOrderWarning, fn, *args, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(_SWAPPED))

@@ -5,7 +5,6 @@ that count, laid out keep-rank (a kernel (in, out) gets (in, 1)).
 """
 
 import re
-import warnings
 
 import flax.linen as nn
 import jax
@@ -18,6 +17,7 @@ from flax import nnx
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax import nnx as aa_nnx
+from conftest import warning_messages
 
 COLLECTION = aa_linen.COLLECTION
 X = np.asarray(jax.random.normal(jax.random.key(0), (6, 5)))
@@ -31,11 +31,7 @@ def _int8_values(key, shape):
 
 def _quiet_apply(fn, *args, **kwargs):
   """``fn(*args, **kwargs)`` and the UncapturedWeightWarning messages it emitted."""
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    out = fn(*args, **kwargs)
-  return out, [str(w.message) for w in caught
-               if issubclass(w.category, adaact_optax.UncapturedWeightWarning)]
+  return warning_messages(adaact_optax.UncapturedWeightWarning, fn, *args, **kwargs)
 
 
 # --- (a) sow_input on a quantized Dense ---------------------------------------

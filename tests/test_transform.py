@@ -60,6 +60,21 @@ def numpy_adaact(params, batches, lr, b1, b2, eps, wd, steps):
   return p
 
 
+def train_mlp(tx, params, batches, transform=jax.jit):
+  """``tx`` on ``mlp_loss_and_stats`` over ``batches``: ``(params, opt_state)``."""
+  state = tx.init(params)
+
+  @transform
+  def step(params, state, x, y):
+    (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  for x, y in batches:
+    params, state = step(params, state, x, y)
+  return params, state
+
+
 def _batches(n, key=jax.random.key(1)):
   out = []
   for k in jax.random.split(key, n):
@@ -72,19 +87,9 @@ class TransformTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_pure_jax_model_follows_the_rule(self):
-    params = mlp_params(jax.random.key(0))
     batches = _batches(4)
     tx = adaact_optax.adaact(0.05, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.01)
-    state = tx.init(params)
-
-    @self.variant
-    def step(params, state, x, y):
-      (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
-      updates, state = tx.update(grads, state, params, activation_stats=stats)
-      return optax.apply_updates(params, updates), state
-
-    for x, y in batches:
-      params, state = step(params, state, x, y)
+    params, state = train_mlp(tx, mlp_params(jax.random.key(0)), batches, self.variant)
     expected = numpy_adaact(mlp_params(jax.random.key(0)), batches, 0.05, 0.8, 0.9, 1e-3, 0.01, 4)
     chex.assert_trees_all_close(params, jax.tree.map(np.float32, expected), rtol=2e-5, atol=1e-6)
     assert int(state[0].count) == 4
@@ -424,17 +429,7 @@ def test_eps_zero_dead_feature_gets_zero_update_and_the_rest_follow_the_rule():
   batches = _dead_feature_batches(5)
   lr, wd = 0.05, 0.01
   tx = adaact_optax.adaact(lr, b1=0.8, b2=0.9, eps=0.0, weight_decay=wd)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, x, y):
-    (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
-    updates, state = tx.update(grads, state, params, activation_stats=stats)
-    return optax.apply_updates(params, updates), state
-
-  p = params
-  for x, y in batches:
-    p, state = step(p, state, x, y)
+  p, state = train_mlp(tx, params, batches)
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves((p, state)))
   # The rule in float64 numpy (which checks that the dead row's momentum is exactly 0).
   expected = numpy_adaact(params, batches, lr, 0.8, 0.9, 0.0, wd, 5)
