@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from adaact_optax import capture, layout, moments, sharding
 from adaact_optax.capture import (
-    CoverageReport, UncapturedWeightWarning, coverage, stats_shapes, value_grad_and_stats)
+    ArgumentOrderWarning, CoverageReport, UncapturedWeightWarning, coverage, stats_shapes,
+    value_grad_and_stats)
 from adaact_optax.accumulation import MultiSteps, MultiStepsState
 from adaact_optax.diagnostics import activation_summary, scaling_summary
 from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
@@ -44,6 +45,7 @@ def __dir__():
 
 
 __all__ = [
+    "ArgumentOrderWarning",
     "CoverageReport",
     "UncapturedWeightWarning",
     "capture",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from typing import Any
 
 import warnings
@@ -149,10 +150,21 @@ def _record_attend(module: nn.Embed, query: jax.Array, seen: dict):
   _record(module, "embedding", moments.InputMoments(stat.mean[None, :], stat.rows), seen)
 
 
+# Set by capture() while its block runs: {"traced": True} once a module method ran.
+_capture_block: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "adaact_capture_block", default=None)
+# (file, line) of the `with capture():` statements whose block traced a module
+# once: a later run of the same statement that traces nothing reuses that trace.
+_traced_capture_sites: set = set()
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   seen = _rows_seen.get()
   floor = _embedding_floor.get()
+  block = _capture_block.get()
+  if block is not None:
+    block["traced"] = True
   layers = (nn.Dense, nn.DenseGeneral, nn.Conv) + ((nn.Embed,) if floor is not None else ())
   if (seen is None or module.is_initializing() or not module.is_mutable_collection(COLLECTION)):
     return next_fun(*args, **kwargs)
@@ -198,6 +210,11 @@ def capture(embeddings: bool | float = False):
   statistics alone, whatever ``embeddings`` is, as with ``apply``.
   The older path: ``apply`` sees every weight and returns the keep-rank layout.
 
+  Around an already-traced ``jax.jit`` function (JAX reuses the compiled
+  function without running the modules, so ``COLLECTION`` comes back empty)
+  the block warns (``UncapturedWeightWarning``, on exit) that no module ran,
+  unless the same ``with`` statement traced the function before.
+
   Args:
     embeddings: ``False``, ``True`` or a float floor, as above.
 
@@ -216,12 +233,46 @@ def capture(embeddings: bool | float = False):
   """
   token = _rows_seen.set({})
   floor_token = _embedding_floor.set(embedding_floor(embeddings))
+  block: dict = {}
+  block_token = _capture_block.set(block)
+  site = _caller_site()
   try:
     with nn.intercept_methods(_interceptor):
       yield
   finally:
+    _capture_block.reset(block_token)
     _embedding_floor.reset(floor_token)
     _rows_seen.reset(token)
+  _warn_if_nothing_traced(block, site)
+
+
+def _caller_site():
+  """``(file, line)`` of the ``with capture():`` statement (None if unknown)."""
+  try:
+    frame = sys._getframe(3)  # pylint: disable=protected-access
+  except ValueError:
+    return None
+  return frame.f_code.co_filename, frame.f_lineno
+
+
+def _warn_if_nothing_traced(block: dict, site):
+  """Warns when no Linen module ran inside a ``capture()`` block: the block
+  called code traced elsewhere (a ``jax.jit`` cache hit), whose statistics
+  collection is empty unless it was traced inside this same statement before."""
+  if block.get("traced"):
+    if site is not None:
+      _traced_capture_sites.add(site)
+    return
+  if site is not None and site in _traced_capture_sites:
+    return
+  warnings.warn(_capture_report.UncapturedWeightWarning(
+      f"adaact_optax.linen.capture(): no Linen module ran inside this `with` block, so "
+      f"nothing was written to the '{COLLECTION}' collection: model.apply(..., "
+      f"mutable=['{COLLECTION}']) returns it empty ({{}}). A function jitted and traced "
+      "outside the block is reused from JAX's cache without running its modules again. Use "
+      "adaact_optax.linen.apply(model, variables, x) inside the function you jit (it needs "
+      "no context manager), or enter capture() inside the jitted function, around "
+      "model.apply."), stacklevel=4)
 
 
 def _with_collection(mutable):
@@ -281,7 +332,7 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
     row_mask: optional weights (e.g. 0/1 padding mask) of shape equal to the
       leading axes of the model's inputs (batch, or batch x time); rows with
       weight 0 do not count in the statistics of layers whose input carries
-      those leading axes.
+      those leading axes. A mask of any other shape is a ValueError.
 
   Returns:
     ``(output, mutated_variables)`` as ``model.apply(..., mutable=...)``
@@ -289,6 +340,8 @@ def apply(model: nn.Module, variables, *args, mutable=False, embeddings: bool | 
 
   Raises:
     TypeError: if ``mutable`` is not a bool, a collection name or a list.
+    ValueError: if ``row_mask``'s shape is the leading shape of none of the
+      inputs (at trace time).
 
   Examples:
     >>> import flax.linen as nn

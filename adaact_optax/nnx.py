@@ -113,7 +113,8 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
       ``Embed.attend`` (tied) gets attend's ``(1, features)`` statistics
       whatever ``embeddings`` is: its lookups are not counted.
     row_mask: optional weights of the inputs' leading (batch, or batch x
-      time) axes; rows with weight 0 do not count (padding).
+      time) axes; rows with weight 0 do not count (padding). A mask of any
+      other shape is a ValueError.
     wrt: the parameters to capture (a filter, as ``nnx.Optimizer``'s
       ``wrt``). It need not match the optimizer's: AdaAct ignores the
       statistics of parameters outside the tree it updates, so with
@@ -123,6 +124,10 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
 
   Returns:
     ``(output, activation_stats)``.
+
+  Raises:
+    ValueError: if ``row_mask``'s shape is the leading shape of none of the
+      inputs (at trace time).
 
   Examples:
     >>> import jax

@@ -171,13 +171,17 @@ def _step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.A
   """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``.
 
   With ``bc1`` (the first moment's bias correction) it is the factor of the
-  raw ``M_t`` instead: ``1 / ((v_hat ** power + eps) * bc1)``.
+  raw ``M_t`` instead: ``1 / ((v_hat ** power + eps) * bc1)``. Where the
+  denominator is 0 (``eps=0`` and a feature that never carried input) the
+  factor is 0: that feature's weights get no gradient and no momentum, and
+  ``0 * inf`` would be NaN. Computed per input feature, never per weight.
   """
   if isinstance(power, (int, float)):
     root = jnp.sqrt(v_hat) if power == 0.5 else v_hat ** power
   else:  # an array under inject_hyperparams: keep the exact sqrt at 0.5
     root = jnp.where(power == 0.5, jnp.sqrt(v_hat), v_hat ** power)
-  return 1 / ((root + eps) * bc1)
+  denominator = (root + eps) * bc1
+  return jnp.where(denominator == 0, 0.0, 1 / denominator)
 
 
 def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name):
@@ -224,7 +228,11 @@ def scale_by_adaact(
   ``power``, and :math:`\hat V_t` is broadcast over the parameter elements
   each statistic covers (the output axes). A bias's statistic is the
   constant input 1, so its update is :math:`\hat M_t / (1 + \epsilon)`.
-  Parameters without statistics (norm scales, ...) pass the raw gradient
+  With :math:`\epsilon = 0`, an input feature whose :math:`\hat V_t` is 0
+  (it never carried input, so its weights have no gradient either) gets
+  :math:`u_t = 0` rather than :math:`0/0`; so does one that a gradient
+  reached only through rows a ``row_mask`` excluded (rather than an
+  infinite update). Parameters without statistics (norm scales, ...) pass the raw gradient
   (``unmatched="sgd"``, the authors' rule) or :math:`\hat M_t`
   (``unmatched="momentum"``).
 
@@ -237,7 +245,8 @@ def scale_by_adaact(
   Args:
     b1: decay of the gradient EMA, in [0, 1).
     b2: decay of the activation second-moment EMA, in [0, 1).
-    eps: added to ``V_hat^power``, >= 0.
+    eps: added to ``V_hat^power``, >= 0; with 0, a feature whose ``V_hat``
+      is 0 gets a zero update (not 0/0).
     power: exponent of ``V_hat`` (0.5 in the paper), > 0.
     mu_dtype: dtype of the first moment (floating); ``None`` keeps the
       params' dtype. The second moment is always float32.
@@ -399,7 +408,8 @@ def scale_by_activation_rms(
     out = u / (V_hat^power + eps)          (V_hat broadcast over output axes)
 
   A bias's statistic is the constant 1, so it is divided by ``1 + eps``;
-  the updates of parameters without statistics (or with the UNCAPTURED
+  with ``eps=0`` a feature whose ``V_hat`` is 0 gets a zero update (not
+  0/0); the updates of parameters without statistics (or with the UNCAPTURED
   marker) pass through unchanged. A step whose statistics are not finite
   gives zero updates and leaves ``nu`` and ``count`` unchanged (``skipped``
   counts it); the other transformations of a chain still update their own
@@ -411,7 +421,8 @@ def scale_by_activation_rms(
 
   Args:
     b2: decay of the activation second-moment EMA, in [0, 1).
-    eps: added to ``V_hat^power``, >= 0.
+    eps: added to ``V_hat^power``, >= 0; with 0, a feature whose ``V_hat``
+      is 0 gets a zero update.
     power: exponent of ``V_hat``, > 0.
     stats_shapes: optional tree of statistics shapes, as in ``scale_by_adaact``.
     axis_name: a ``pmap``/``shard_map`` axis over which the statistics are
@@ -549,7 +560,8 @@ def adaact(
     learning_rate: a float or an optax schedule (a function of the step).
     b1: decay of the gradient EMA, in [0, 1).
     b2: decay of the activation second-moment EMA, in [0, 1).
-    eps: added to ``V_hat^power``, >= 0.
+    eps: added to ``V_hat^power``, >= 0; with 0, a feature whose ``V_hat``
+      is 0 (it never carried input) gets a zero update.
     weight_decay: decoupled weight decay, >= 0.
     power: exponent of ``V_hat`` (0.5 in the paper), > 0.
     mask: a tree of booleans like the params (or a function of them) saying

@@ -326,6 +326,7 @@ def check_engine(case: Case, *, jit=True):
 
   Under ``jax.jit`` by default (one compilation instead of an op-by-op run:
   fast); ``jit=False`` runs the engine eagerly."""
+  import adaact_optax
   value, grads, stats, records, (ref_value, ref_grads) = engine_result(case, jit)
   np.testing.assert_allclose(value, ref_value, rtol=RTOL, atol=ATOL)
   ref_g = by_path(ref_grads)
@@ -340,6 +341,9 @@ def check_engine(case: Case, *, jit=True):
                          if isinstance(v, str) and v == UNCAPTURED}
   if not expected_uncaptured:
     assert not warned, [str(r.message) for r in warned]
+  # Every case passes its parameters first: the argument-order check must stay quiet.
+  swapped = [r for r in records if issubclass(r.category, adaact_optax.ArgumentOrderWarning)]
+  assert not swapped, [str(r.message) for r in swapped]
   return stats, records
 
 

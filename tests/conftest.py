@@ -25,6 +25,15 @@ def fixtures_dir() -> pathlib.Path:
   raise FileNotFoundError(f"AdaAct parity fixtures not found in {_CANDIDATES}")
 
 
+def warning_messages(category, fn, *args, **kwargs):
+  """``(fn(*args, **kwargs), [messages of the warnings of category it emitted])``."""
+  import warnings
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = fn(*args, **kwargs)
+  return out, [str(w.message) for w in caught if issubclass(w.category, category)]
+
+
 def linen_loss_grads_and_stats(model, params, x, y, batch_stats=None):
   """Softmax cross-entropy (on float32 logits) of a Linen classifier, its
   gradients and AdaAct's statistics, through ``adaact_optax.linen.apply``.

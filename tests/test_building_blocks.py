@@ -12,7 +12,7 @@ import pytest
 import adaact_optax
 from conftest import linen_loss_grads_and_stats
 from test_parity import MODELS, _close, _tree
-from test_transform import _batches, mlp_loss_and_stats, mlp_params
+from test_transform import _batches, mlp_loss_and_stats, mlp_params, train_mlp
 
 
 def adaact_chain(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=2e-3):
@@ -187,20 +187,9 @@ RECIPES = {
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_follows_its_rule(recipe):
   make_tx, make_direction, wd = RECIPES[recipe]
-  tx = make_tx()
   params = mlp_params(jax.random.key(0))
   batches = _batches(4)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, x, y):
-    (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
-    updates, state = tx.update(grads, state, params, activation_stats=stats)
-    return optax.apply_updates(params, updates), state
-
-  ours = params
-  for x, y in batches:
-    ours, state = step(ours, state, x, y)
+  ours, _ = train_mlp(make_tx(), params, batches)
   expected = _numpy_run(params, batches, make_direction(), 0.05, RMS["b2"], RMS["eps"], wd)
   chex.assert_trees_all_close(ours, jax.tree.map(np.float32, expected), rtol=2e-5, atol=1e-6)
 

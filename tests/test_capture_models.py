@@ -425,6 +425,148 @@ def haiku_mlp():
 
 
 # --------------------------------------------------------------------------
+# Recurrent cells whose bias is added to a sum of contractions
+# (W_i x + W_h h + b): the bias still gets the constant-input statistic 1.
+
+
+def _eqx_cell_scan(cell_type):
+  """An Equinox cell unrolled by lax.scan over time, vmapped over the batch."""
+  model = eqx.filter_eval_shape(cell_type, 3, 4, key=KEY)
+  params, static = eqx.partition(model, lambda v: isinstance(v, jax.ShapeDtypeStruct))
+  params = random_params(params)
+  lstm = cell_type is eqx.nn.LSTMCell
+
+  def forward(p, xs):                                        # xs (batch, time, features)
+    cell = eqx.combine(p, static)
+    h0 = (jnp.zeros(4), jnp.zeros(4)) if lstm else jnp.zeros(4)
+    def sequence(x):
+      return lax.scan(lambda h, x_t: (cell(x_t, h),) * 2, h0, x)[1]
+    return jax.vmap(sequence)(xs)
+  return params, forward
+
+
+def eqx_lstm_scan():
+  """eqx.nn.LSTMCell: lin = W_ih x + W_hh h + bias, one bias for both contractions."""
+  x = normal(1, 2, 3, 3)
+  p, fwd = _eqx_cell_scan(eqx.nn.LSTMCell)
+  w_ih, w_hh, b = _np(p.weight_ih), _np(p.weight_hh), _np(p.bias)
+  h = c = np.zeros((2, 4))
+  xs, hs, ys = [], [], []
+  for t in range(3):
+    xs.append(_np(x[:, t]))
+    hs.append(h)
+    i, f, g, o = np.split(xs[-1] @ w_ih.T + h @ w_hh.T + b, 4, axis=-1)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    h = sigmoid(o) * np.tanh(c)
+    ys.append(h)
+  hs_out, _ = jax.jit(fwd)(p, x)
+  return Case(fwd, p, (x,), {"weight_ih": out_in_full(xs, (16, 3)),
+                             "weight_hh": out_in_full(hs, (16, 4)), "bias": BIAS},
+              [("eqx lstm", hs_out, np.stack(ys, 1))],
+              {"weight_ih": (1, 3), "weight_hh": (1, 4)})
+
+
+def eqx_gru_scan():
+  """eqx.nn.GRUCell: bias on W_ih x, bias_n on a split part of W_hh h."""
+  x = normal(1, 2, 3, 3)
+  p, fwd = _eqx_cell_scan(eqx.nn.GRUCell)
+  w_ih, w_hh = _np(p.weight_ih), _np(p.weight_hh)
+  h, xs, hs, ys = np.zeros((2, 4)), [], [], []
+  for t in range(3):
+    xs.append(_np(x[:, t]))
+    hs.append(h)
+    i_r, i_z, i_n = np.split(xs[-1] @ w_ih.T + _np(p.bias), 3, axis=-1)
+    h_r, h_z, h_n = np.split(h @ w_hh.T, 3, axis=-1)
+    r, z = sigmoid(i_r + h_r), sigmoid(i_z + h_z)
+    n = np.tanh(i_n + r * (h_n + _np(p.bias_n)))
+    h = n + z * (h - n)
+    ys.append(h)
+  return Case(fwd, p, (x,), {"weight_ih": out_in_full(xs, (12, 3)),
+                             "weight_hh": out_in_full(hs, (12, 4)),
+                             "bias": BIAS, "bias_n": BIAS},
+              [("eqx gru", jax.jit(fwd)(p, x), np.stack(ys, 1))],
+              {"weight_ih": (1, 3), "weight_hh": (1, 4)})
+
+
+def _hand_cell_numpy(p, xs):
+  h, hs, ys = np.zeros((xs.shape[1], 4)), [], []
+  for x_t in xs:
+    hs.append(h)
+    h = np.tanh(x_t @ p["w_x"] + h @ p["w_h"] + p["b"])
+    ys.append(h)
+  return np.stack(ys), hs
+
+
+def hand_cell(unrolled: bool):
+  """tanh(x_t @ W_x + h @ W_h + b), under lax.scan (evaluating route) or a
+  Python loop (the differentiated route)."""
+  xs = normal(1, 3, 2, 3)                                    # (time, batch, features)
+  p = {"w_x": normal(2, 3, 4), "w_h": 0.5 * normal(3, 4, 4), "b": normal(4, 4)}
+  step = lambda p, h, x_t: jnp.tanh(x_t @ p["w_x"] + h @ p["w_h"] + p["b"])
+  if unrolled:
+    def fwd(p, xs):
+      h, ys = jnp.zeros((xs.shape[1], 4)), []
+      for x_t in xs:
+        h = step(p, h, x_t)
+        ys.append(h)
+      return jnp.stack(ys)
+  else:
+    fwd = lambda p, xs: lax.scan(lambda h, x_t: (step(p, h, x_t),) * 2,
+                                 jnp.zeros((xs.shape[1], 4)), xs)[1]
+  ys, hs = _hand_cell_numpy(_np_tree(p), _np(xs))
+  return Case(fwd, p, (xs,), {"w_x": dense_full(list(_np(xs)), (3, 4)),
+                              "w_h": dense_full(hs, (4, 4)), "b": BIAS},
+              [("hand cell", jax.jit(fwd)(p, xs), ys)], {"w_x": (3, 1), "w_h": (4, 1)})
+
+
+def _haiku_rnn(core, xs):
+  f = hk.transform(lambda xs: hk.dynamic_unroll(core(), xs, core().initial_state(xs.shape[1]))[0])
+  p = random_params(jax.eval_shape(f.init, KEY, xs))
+  return p, lambda p, xs: f.apply(p, None, xs)
+
+
+def haiku_lstm():
+  """hk.LSTM: one Linear on concat([x, h]) (its bias is a plain Dense bias)."""
+  xs = normal(1, 3, 2, 3)
+  p, fwd = _haiku_rnn(lambda: hk.LSTM(4), xs)
+  w, b = _np(p["lstm/linear"]["w"]), _np(p["lstm/linear"]["b"])
+  h = c = np.zeros((2, 4))
+  rows, ys = [], []
+  for x_t in _np(xs):
+    rows.append(np.concatenate([x_t, h], -1))
+    i, g, f, o = np.split(rows[-1] @ w + b, 4, axis=-1)
+    c = sigmoid(f + 1) * c + sigmoid(i) * np.tanh(g)
+    h = sigmoid(o) * np.tanh(c)
+    ys.append(h)
+  return Case(fwd, p, (xs,), {"lstm/linear/w": dense_full(rows, (7, 16)), "lstm/linear/b": BIAS},
+              [("haiku lstm", jax.jit(fwd)(p, xs), np.stack(ys))], {"lstm/linear/w": (7, 1)})
+
+
+def haiku_gru():
+  """hk.GRU: zr_x + zr_h + b_z with zr_x a split part of x @ w_i, and b split in
+  two; w_h's two column blocks meet h and r * h."""
+  xs = normal(1, 3, 2, 3)
+  p, fwd = _haiku_rnn(lambda: hk.GRU(4), xs)
+  q = _np_tree(p["gru"])
+  h, x_rows, h_rows, rh_rows, ys = np.zeros((2, 4)), [], [], [], []
+  for x_t in _np(xs):
+    x_rows.append(x_t)
+    h_rows.append(h)
+    gates_x = x_t @ q["w_i"]
+    zr = sigmoid(gates_x[:, :8] + h @ q["w_h"][:, :8] + q["b"][:8])
+    z, r = zr[:, :4], zr[:, 4:]
+    rh_rows.append(r * h)
+    a = np.tanh(gates_x[:, 8:] + rh_rows[-1] @ q["w_h"][:, 8:] + q["b"][8:])
+    h = (1 - z) * h + z * a
+    ys.append(h)
+  w_h = np.concatenate([dense_full(h_rows, (4, 8)), dense_full(rh_rows, (4, 4))], 1)
+  # b's two pieces are two biases: ones, in blocks of 4 (the pieces' common divisor).
+  return Case(fwd, p, (xs,), {"gru/w_i": dense_full(x_rows, (3, 12)), "gru/w_h": w_h,
+                              "gru/b": np.ones(12)},
+              [("haiku gru", jax.jit(fwd)(p, xs), np.stack(ys))], {"gru/w_i": (3, 1)})
+
+
+# --------------------------------------------------------------------------
 # A HuggingFace-GPT-2-style model written here
 
 
@@ -523,6 +665,12 @@ CASES = {
     "equinox_mlp": eqx_mlp,
     "equinox_cnn": eqx_cnn,
     "haiku_mlp": haiku_mlp,
+    "equinox_lstm_scan": eqx_lstm_scan,
+    "equinox_gru_scan": eqx_gru_scan,
+    "hand_cell_scan": functools.partial(hand_cell, False),
+    "hand_cell_unrolled": functools.partial(hand_cell, True),
+    "haiku_lstm": haiku_lstm,
+    "haiku_gru": haiku_gru,
     "gpt2": gpt2_case,
 }
 

@@ -131,7 +131,22 @@ def _custom_vjp_layer():  # its fwd is staged inline when differentiated
   return loss, p, (jax.random.normal(k[1], (5, 4)),), {}
 
 
-MODELS = {"mlp_with_aux": _mlp, "checkpointed_layer": _checkpointed_layer,
+def _cell_sum_then_bias():  # biases on a sum of contractions and on a split part of one
+  k = _keys(5)
+  p = {"w_x": jax.random.normal(k[0], (3, 8)), "w_h": jax.random.normal(k[1], (4, 8)) / 2,
+       "b": jnp.full(8, 0.1), "b_n": jnp.full(4, -0.2)}
+
+  def loss(p, xs):
+    h = jnp.zeros((xs.shape[1], 4))
+    for x_t in xs:  # unrolled: no scan, the differentiated route
+      z, n = jnp.split(x_t @ p["w_x"] + h @ p["w_h"] + p["b"], 2, axis=-1)
+      h_z, h_n = jnp.split(h @ p["w_h"], 2, axis=-1)
+      h = jax.nn.sigmoid(z) * jnp.tanh(n + (h_n + p["b_n"]) * h_z)
+    return jnp.mean(h ** 2)
+  return loss, p, (jax.random.normal(k[2], (3, 2, 3)),), {}
+
+
+MODELS = {"mlp_with_aux": _mlp, "cell_sum_then_bias": _cell_sum_then_bias, "checkpointed_layer": _checkpointed_layer,
           "custom_vjp_layer": _custom_vjp_layer, "fused_attention": _fused_attention,
           "split_before_matmul": _split_before_matmul, "conv_and_shared_dense": _conv_and_shared_dense,
           "tied_embedding": _tied_embedding, "masked_rows": _masked_rows}
@@ -152,6 +167,8 @@ def test_differentiated_route_is_taken_and_matches_the_evaluating_engine(name):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                (value, grads), (ref_value, ref_grads))
   assert jax.tree.structure(stats) == jax.tree.structure(ref_stats)
+  if name == "cell_sum_then_bias":  # both routes give the biases statistics
+    assert ref_stats["b"] is not None and ref_stats["b_n"] is not None
   for key in p:
     if ref_stats[key] is None:
       assert stats[key] is None, key

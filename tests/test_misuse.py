@@ -1,5 +1,7 @@
 """Issue 12: every misuse either works correctly or stops with an error that says what to do."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import optax
 import pytest
 
 import adaact_optax
+from conftest import warning_messages
 
 
 def _tiny():
@@ -209,3 +212,82 @@ def test_update_on_a_raw_restored_state_says_what_to_pass():
   scale = adaact_optax.scale_by_adaact()
   with pytest.raises(ValueError, match=r"scale_by_adaact\.update got a state of type dict"):
     scale.update(grads, state[0]._asdict(), activation_stats=stats)
+
+
+# --- the loss's arguments in the wrong order: fun(x, params) ----------------
+
+def _swapped_mlp(x, params):
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean((h @ params["w2"]) ** 2)
+
+
+def _swapped_mlp_jitted(x, params):  # the first argument enters a jit: the evaluating route
+  mlp = jax.jit(lambda x, w1, w2: jnp.tanh(x @ w1) @ w2)
+  return jnp.mean(mlp(x, params["w1"], params["w2"]) ** 2)
+
+
+def _swapped_conv(x, params):
+  y = jax.lax.conv_general_dilated(x, params["k"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.mean(y ** 2)
+
+
+_MLP_PARAMS = {"w1": jnp.full((3, 4), 0.3), "b1": jnp.zeros(4), "w2": jnp.full((4, 2), 0.2)}
+_SWAPPED = {
+    "mlp": (_swapped_mlp, jnp.ones((5, 3)), _MLP_PARAMS, r"args\[1\]\['w2'\] \(shape \(4, 2\)\)"),
+    "jitted mlp": (_swapped_mlp_jitted, jnp.ones((5, 3)), _MLP_PARAMS,
+                   r"args\[1\]\['w2'\] \(shape \(4, 2\)\)"),
+    "conv": (_swapped_conv, jnp.ones((2, 5, 5, 3)), {"k": jnp.full((3, 3, 3, 4), 0.1)},
+             r"args\[1\]\['k'\] \(shape \(3, 3, 3, 4\)\).*kernel of a convolution"),
+}
+
+
+def _argument_order_warnings(fn, *args, **kwargs):
+  return warning_messages(adaact_optax.ArgumentOrderWarning, fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(_SWAPPED))
+def test_data_as_first_argument_warns_in_every_entry_point(name):
+  fun, x, params, where = _SWAPPED[name]
+  fast = adaact_optax.capture._capture_differentiated(  # pylint: disable=protected-access
+      fun, False, x, (params,), {}, None, None)
+  assert (fast is None) == (name == "jitted mlp")       # both routes are exercised
+  calls = {"value_grad_and_stats": lambda: adaact_optax.value_grad_and_stats(fun)(x, params),
+           "stats_shapes": lambda: adaact_optax.stats_shapes(fun, x, params),
+           "coverage": lambda: adaact_optax.coverage(fun, x, params)}
+  for entry, call in calls.items():
+    out, messages = _argument_order_warnings(call)
+    assert len(messages) == 1, (entry, messages)
+    assert re.search(f"adaact_optax.{entry}\\(fun\\) differentiates fun's first argument.*"
+                     f"{where}.*lambda params, x: fun\\(x, params\\)", messages[0]), messages[0]
+  _, grads, _ = adaact_optax.value_grad_and_stats(fun)(x, params)
+  assert jax.tree.structure(grads) == jax.tree.structure(x)   # what the warning explains
+  # In the intended order the same loss is quiet.
+  _, messages = _argument_order_warnings(
+      adaact_optax.value_grad_and_stats(lambda p, x: fun(x, p)), params, x)
+  assert messages == []
+
+
+def test_frozen_weights_in_the_other_arguments_do_not_warn_when_parameters_are_weights():
+  """Fine-tuning passes frozen weights as data, and they multiply values computed from
+  the parameters: quiet as long as some parameter is itself the weight on a computed
+  value (LoRA's second factor, a trained body's second layer)."""
+  frozen = {"base1": jnp.full((3, 4), 0.3), "base2": jnp.full((4, 2), 0.2)}
+  x = jnp.ones((5, 3))
+
+  def lora_then_frozen(params, x, frozen):
+    h = jnp.tanh(x @ frozen["base1"] + (x @ params["a"]) @ params["b"])
+    return jnp.mean((h @ frozen["base2"]) ** 2)
+
+  def body_then_frozen_head(params, x, frozen):
+    h = jnp.tanh(jnp.tanh(x @ params["w1"]) @ params["w2"])
+    return jnp.mean((h @ frozen["base2"]) ** 2)
+
+  cases = [(lora_then_frozen, {"a": jnp.full((3, 2), 0.1), "b": jnp.full((2, 4), 0.1)}),
+           (body_then_frozen_head, {"w1": jnp.full((3, 4), 0.1), "w2": jnp.full((4, 4), 0.1)})]
+  for fun, params in cases:
+    _, messages = _argument_order_warnings(adaact_optax.value_grad_and_stats(fun), params, x,
+                                           frozen)
+    assert messages == [], messages
+    _, messages = _argument_order_warnings(adaact_optax.coverage, fun, params, x, frozen)
+    assert messages == [], messages

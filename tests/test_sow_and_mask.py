@@ -4,7 +4,7 @@ References are numpy brute force: the mean of the squared input over the rows
 that count, laid out keep-rank (a kernel (in, out) gets (in, 1)).
 """
 
-import warnings
+import re
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,7 @@ from flax import nnx
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax import nnx as aa_nnx
+from conftest import warning_messages
 
 COLLECTION = aa_linen.COLLECTION
 X = np.asarray(jax.random.normal(jax.random.key(0), (6, 5)))
@@ -30,11 +31,7 @@ def _int8_values(key, shape):
 
 def _quiet_apply(fn, *args, **kwargs):
   """``fn(*args, **kwargs)`` and the UncapturedWeightWarning messages it emitted."""
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    out = fn(*args, **kwargs)
-  return out, [str(w.message) for w in caught
-               if issubclass(w.category, adaact_optax.UncapturedWeightWarning)]
+  return warning_messages(adaact_optax.UncapturedWeightWarning, fn, *args, **kwargs)
 
 
 # --- (a) sow_input on a quantized Dense ---------------------------------------
@@ -283,6 +280,48 @@ def test_row_mask_on_the_batch_axis_of_a_conv():
   np.testing.assert_allclose(vstats["kernel"], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_shape", [(B + 1,), (T, B), ()])
+def test_row_mask_that_matches_no_input_is_an_error_at_every_entry_point(mask_shape):
+  """A mask that is no input's leading shape would weigh no rows: even all zeros, it
+  must not pass silently. Each entry point raises at trace time, naming row_mask, its
+  shape, the inputs' shapes and what a valid mask looks like."""
+  mask = np.zeros(mask_shape, np.float32)
+  expected = (rf"row_mask of shape {re.escape(str(mask_shape))}.*\({B}, {T}, {D}\)"
+              r".*\(batch,\) or \(batch, time\)")
+  model = Tagger()
+  variables = model.init(jax.random.key(4), SEQ)
+
+  def loss(params, x):
+    return jnp.mean(model.apply({"params": params}, x)[0] ** 2)
+
+  def scanned(params, x):  # a scan over time (the weight inside a higher-order primitive)
+    step = lambda h, x_t: (jnp.tanh(x_t @ params["Dense_0"]["kernel"]) + h, None)
+    return jnp.mean(jax.lax.scan(step, jnp.zeros((B, 4)), jnp.swapaxes(x, 0, 1))[0] ** 2)
+
+  calls = {
+      "value_grad_and_stats": lambda: jax.jit(adaact_optax.value_grad_and_stats(loss))(
+          variables["params"], SEQ, row_mask=mask),
+      "value_grad_and_stats, scan": lambda: adaact_optax.value_grad_and_stats(scanned)(
+          variables["params"], SEQ, row_mask=mask),
+      "capture_call": lambda: adaact_optax.capture.capture_call(
+          loss, variables["params"], (SEQ,), row_mask=mask),
+      "linen.apply": lambda: jax.jit(lambda v, x: aa_linen.apply(model, v, x, row_mask=mask))(
+          variables, SEQ),
+      "nnx.apply": lambda: aa_nnx.apply(NNXTagger(nnx.Rngs(0)), SEQ, row_mask=mask),
+  }
+  for name, call in calls.items():
+    try:
+      call()
+    except ValueError as e:
+      assert re.search(expected, str(e)), (name, str(e))
+    else:
+      pytest.fail(f"{name}: a row_mask of shape {mask_shape} raised nothing")
+  # Masks of the inputs' leading shapes run.
+  good = np.ones((B, T), np.float32)
+  aa_nnx.apply(NNXTagger(nnx.Rngs(0)), SEQ, row_mask=good)
+  adaact_optax.value_grad_and_stats(scanned)(variables["params"], SEQ, row_mask=good[:, 0])
+
+
 # --- (c) the interception capture() warns about layers it cannot see into -----
 
 def test_interception_capture_warns_for_einsum():
@@ -328,3 +367,28 @@ def test_row_mask_applies_to_sown_statistics():
   np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
   np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ np.asarray(quant.kernel[...]), MASK),
                              rtol=1e-5)
+
+
+def test_interception_capture_around_a_function_traced_outside_warns():
+  """A jitted function traced outside capture() is a cache hit inside it: no module runs,
+  the collection comes back empty, and the block says so (and what to do) on exit."""
+  model = nn.Dense(2)
+  variables = model.init(jax.random.key(8), X)
+  traced_outside = jax.jit(lambda v, x: model.apply(v, x, mutable=[COLLECTION]))
+  traced_outside(variables, X)
+
+  def run(fn):
+    with aa_linen.capture():
+      return fn(variables, X)
+  (_, mutated), messages = _quiet_apply(run, traced_outside)
+  assert mutated.get(COLLECTION, {}) == {}
+  assert len(messages) == 1, messages
+  assert re.search(r"capture\(\): no Linen module ran inside this `with` block.*'adaact_stats'"
+                   r".*traced outside the block.*adaact_optax.linen.apply\(model, variables, x\)",
+                   messages[0]), messages[0]
+  # Traced inside the block: statistics, and no warning, also when the same `with`
+  # statement later reuses that trace (a training loop).
+  traced_inside = jax.jit(lambda v, x: model.apply(v, x, mutable=[COLLECTION]))
+  for _ in range(2):
+    (_, mutated), messages = _quiet_apply(run, traced_inside)
+    assert set(mutated[COLLECTION]) == {"kernel", "bias"} and messages == []

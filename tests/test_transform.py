@@ -1,5 +1,7 @@
 """scale_by_adaact / adaact on their own: no Flax, hand-written statistics trees."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -48,9 +50,29 @@ def numpy_adaact(params, batches, lr, b1, b2, eps, wd, steps):
         m_hat = m[k][name] / (1 - b1 ** t)
         v_hat = v[k][name] / (1 - b2 ** t)
         scale = np.sqrt(v_hat) + eps
-        update = m_hat / (scale[:, None] if name == "w" else scale)
+        scale = scale[:, None] if name == "w" else scale
+        zero = np.broadcast_to(scale == 0, np.shape(m_hat))
+        # eps = 0 and a feature that never carried input: its gradient is 0 too, and
+        # the update of 0/0 is 0.
+        assert np.all(m_hat[zero] == 0)
+        update = np.divide(m_hat, scale, out=np.zeros_like(m_hat), where=~zero)
         p[k][name] = p[k][name] - lr * (update + wd * p[k][name])
   return p
+
+
+def train_mlp(tx, params, batches, transform=jax.jit):
+  """``tx`` on ``mlp_loss_and_stats`` over ``batches``: ``(params, opt_state)``."""
+  state = tx.init(params)
+
+  @transform
+  def step(params, state, x, y):
+    (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  for x, y in batches:
+    params, state = step(params, state, x, y)
+  return params, state
 
 
 def _batches(n, key=jax.random.key(1)):
@@ -65,19 +87,9 @@ class TransformTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_pure_jax_model_follows_the_rule(self):
-    params = mlp_params(jax.random.key(0))
     batches = _batches(4)
     tx = adaact_optax.adaact(0.05, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.01)
-    state = tx.init(params)
-
-    @self.variant
-    def step(params, state, x, y):
-      (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
-      updates, state = tx.update(grads, state, params, activation_stats=stats)
-      return optax.apply_updates(params, updates), state
-
-    for x, y in batches:
-      params, state = step(params, state, x, y)
+    params, state = train_mlp(tx, mlp_params(jax.random.key(0)), batches, self.variant)
     expected = numpy_adaact(mlp_params(jax.random.key(0)), batches, 0.05, 0.8, 0.9, 1e-3, 0.01, 4)
     chex.assert_trees_all_close(params, jax.tree.map(np.float32, expected), rtol=2e-5, atol=1e-6)
     assert int(state[0].count) == 4
@@ -403,3 +415,64 @@ def test_unmatched_strings_keep_their_meaning_with_stats_shapes():
                                       stats_shapes=_gain_stats_shapes(params)), params)
     want, _ = _run(adaact_optax.adaact(0.1, unmatched=mode), params)
     chex.assert_trees_all_equal(got, want)
+
+
+# --- eps=0 and a feature that never carries input ----------------------------
+
+def _dead_feature_batches(n):
+  """Batches whose input feature 2 is always 0: layer0's w[2] gets V = 0 and no gradient."""
+  return [(x.at[:, 2].set(0.0), y) for x, y in _batches(n)]
+
+
+def test_eps_zero_dead_feature_gets_zero_update_and_the_rest_follow_the_rule():
+  params = mlp_params(jax.random.key(0))
+  batches = _dead_feature_batches(5)
+  lr, wd = 0.05, 0.01
+  tx = adaact_optax.adaact(lr, b1=0.8, b2=0.9, eps=0.0, weight_decay=wd)
+  p, state = train_mlp(tx, params, batches)
+  assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves((p, state)))
+  # The rule in float64 numpy (which checks that the dead row's momentum is exactly 0).
+  expected = numpy_adaact(params, batches, lr, 0.8, 0.9, 0.0, wd, 5)
+  chex.assert_trees_all_close(p, jax.tree.map(np.float32, expected), rtol=2e-5, atol=1e-6)
+  # The dead row: a zero AdaAct update, so weight decay alone moves it.
+  np.testing.assert_allclose(p["layer0"]["w"][2], params["layer0"]["w"][2] * (1 - lr * wd) ** 5,
+                             rtol=1e-6)
+  assert np.all(np.asarray(state[0].nu["layer0"]["w"])[2] == 0)
+
+
+def test_eps_zero_activation_rms_dead_feature_gets_zero_update():
+  tx = adaact_optax.scale_by_activation_rms(b2=0.9, eps=0.0)
+  updates = {"w": jnp.arange(1.0, 7.0).reshape(3, 2)}
+  state = tx.init(updates)
+  v = np.zeros((3, 1))
+  for t, a in enumerate([[4.0, 0.0, 1.0], [1.0, 0.0, 9.0], [0.25, 0.0, 4.0]], start=1):
+    stats = {"w": jnp.array(a)[:, None]}
+    out, state = jax.jit(lambda u, s, st: tx.update(u, s, activation_stats=st))(
+        updates, state, stats)
+    v = 0.9 * v + 0.1 * np.array(a)[:, None]
+    live = [0, 2]
+    expected = np.asarray(updates["w"])[live] / np.sqrt(v[live] / (1 - 0.9 ** t))
+    np.testing.assert_allclose(np.asarray(out["w"])[live], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out["w"][1], 0.0)           # the dead feature, not NaN
+
+
+def test_zero_update_guard_is_per_feature_not_per_weight():
+  """The eps=0 guard acts on the per-input-feature scale: no division, and no select
+  beyond the gradient's one (skipping non-finite steps), touches a parameter-sized array."""
+  params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+  stats = {"w": jnp.ones((64, 1)), "b": jnp.ones((1,))}
+  tx = adaact_optax.scale_by_adaact(eps=0.0)
+  jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, activation_stats=stats))(
+      params, tx.init(params)).jaxpr
+
+  def eqns(jaxpr):  # with those of nested jits (jnp.where is one)
+    for e in jaxpr.eqns:
+      yield e
+      if "jaxpr" in e.params:
+        yield from eqns(getattr(e.params["jaxpr"], "jaxpr", e.params["jaxpr"]))
+  big = lambda eqn: any(math.prod(v.aval.shape) >= 64 * 32 for v in eqn.outvars)
+  names = [e.primitive.name for e in eqns(jaxpr)]
+  assert "div" in names and "select_n" in names                  # the walk sees them
+  assert not [e for e in eqns(jaxpr) if e.primitive.name == "div" and big(e)]
+  selects = [e for e in eqns(jaxpr) if e.primitive.name == "select_n" and big(e)]
+  assert len(selects) == 1, selects                    # jnp.where(ok, g, 0) on w's gradient
