@@ -15,6 +15,8 @@ from examples import data as data_lib
 from examples import models
 from examples import train
 
+pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
+
 # --- datasets ---------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ from examples import models
 from examples import scaling_report
 from examples import train
 
+pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
+
 
 def test_log_variance_shares_of_an_additive_log_moment():
   # log nu = a[input] + b[output] exactly: the shares are var(b) and var(a) over their sum

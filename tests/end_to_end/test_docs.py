@@ -78,6 +78,7 @@ def site(tmp_path_factory):
   return out / "html"
 
 
+@pytest.mark.slow  # builds the whole site
 def test_sphinx_build_has_no_warnings(site):
   assert (site / "api.html").exists()
 
@@ -122,6 +123,7 @@ _REMOTE = re.compile(r"^\s*(https?:)?//", re.I)
 _REMOTE_CSS = re.compile(r"(url\(\s*['\"]?|@import\s+['\"])\s*(https?:)?//", re.I)
 
 
+@pytest.mark.slow  # builds the whole site
 def test_site_loads_no_script_stylesheet_or_font_from_the_network(site):
   pages = sorted(site.rglob("*.html"))
   assert len(pages) > 20
@@ -137,6 +139,7 @@ def test_site_loads_no_script_stylesheet_or_font_from_the_network(site):
   assert not missing, f"pages name assets the build lacks: {sorted(missing)[:10]}"
 
 
+@pytest.mark.slow  # builds the whole site
 def test_math_is_rendered_by_the_mathjax_shipped_with_the_site(site):
   page = site / "rule.html"
   text = page.read_text()
@@ -150,6 +153,7 @@ def test_math_is_rendered_by_the_mathjax_shipped_with_the_site(site):
   assert (fonts / "MathJax_Main-Regular.woff").exists() and (fonts / "MathJax_Math-Italic.woff").exists()
 
 
+@pytest.mark.slow  # builds the whole site
 def test_notebook_page_shows_its_outputs(site):
   # The notebook is committed without outputs (tests/test_notebook.py); the build executes it.
   text = (site / "quickstart.html").read_text()
@@ -159,12 +163,14 @@ def test_notebook_page_shows_its_outputs(site):
   assert len(images) == 1 and (site / images[0]).stat().st_size > 10_000, images  # the 2 panels
 
 
+@pytest.mark.slow  # builds the whole site
 def test_wide_tables_use_the_site_stylesheet(site):
   assert "_static/tables.css" in map(_path, _assets(site / "lm.html").urls)
   css = (site / "_static" / "tables.css").read_text()
   assert "white-space: nowrap" in css and ":has(" in css
 
 
+@pytest.mark.slow  # builds the whole site
 def test_api_page_shows_public_type_names_and_the_constants_own_docs(site):
   text = html.unescape(re.sub(r"<[^>]+>", "", (site / "api.html").read_text()))
   for private in ("TypeAliasForwardRef", "optax._src", "_alignment", "jaxlib._jax"):

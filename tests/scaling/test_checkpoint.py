@@ -13,8 +13,10 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-JOB = ROOT / "tests" / "checkpoint_job.py"
+pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+JOB = ROOT / "tests" / "scaling" / "checkpoint_job.py"
 SAVE_AT = 4  # checkpoint_job.SAVE_AT
 
 
@@ -35,7 +37,8 @@ def _relative_distance(a, b, keys) -> float:
 def _job(framework, mode, directory):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+             PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                         os.environ.get("PYTHONPATH", "")]))
   done = subprocess.run([sys.executable, str(JOB), framework, mode, str(directory)], env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -342,7 +342,7 @@ def test_collective_bytes_benchmark_attributes_statistics():
   # their window sums, never as (H, W, C) sums), and gradients = params.
   import importlib.util
   import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "collective_bytes.py"
+  path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "collective_bytes.py"
   spec = importlib.util.spec_from_file_location("collective_bytes", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)

@@ -21,6 +21,8 @@ from examples import lm_data
 from examples import models
 from examples import optimizers
 
+pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
+
 # --- corpus -------------------------------------------------------------------
 
 

@@ -13,8 +13,9 @@ import pytest
 
 import adaact_optax
 import migration_model as mm
+from conftest import ROOT
 
-CHECKPOINT = pathlib.Path(__file__).resolve().parent / "fixtures" / "checkpoint_0_1_0"
+CHECKPOINT = ROOT / "tests" / "fixtures" / "checkpoint_0_1_0"
 
 
 def _restore_raw():

@@ -16,7 +16,9 @@ import pytest
 
 from examples import multihost
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 5
 TIMEOUT_S = 150
 COMMON = ["--steps", str(STEPS), "--depth", "1", "--global-batch", "16"]

@@ -4,7 +4,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
 
 
 def test_quickstart_reaches_97_percent():
