@@ -36,7 +36,9 @@ iterations) pools exactly, weighted by rows; weights sliced per iteration by
 keep-rank layout of ``adaact_optax.layout``: same rank as the parameter,
 size 1 along axes the statistic does not vary along, whole blocks where it
 varies per block (grouped convolutions, fused projections used with
-different inputs).
+different inputs). A feature that met no rows in the call (a weight in the
+``cond`` branch not taken, an expert routed no tokens) gets ``-0.0``
+(``NO_ROWS``): the transforms leave its second moment as it was.
 
 JAX internals used here live in ``adaact_optax._jax_compat``.
 """
@@ -1278,8 +1280,23 @@ def _assemble(placed, shape):
       n = n if static else _pad_zeros(n, pads)
     total_s = s if total_s is None else total_s + s
     total_n = n if total_n is None else total_n + n
-  denominator = _xp(total_n).where(total_n > 0, total_n, np.float32(1))
-  return jnp.asarray(total_s / denominator, jnp.float32)
+  return _mean_or_no_rows(total_s, total_n)
+
+
+# The statistic of a feature that met no rows this step (a weight in the
+# `cond` branch not taken, an expert routed no tokens, the part of a
+# parameter no slice used): IEEE negative zero. A real mean square is never
+# negative, and -0.0 pools as an absent term (-0.0 + x == x); the transforms
+# keep that feature's second moment where `jnp.signbit` is set.
+NO_ROWS = -0.0
+
+
+def _mean_or_no_rows(sums, counts) -> jax.Array:
+  """``sums / counts`` as float32, ``NO_ROWS`` where ``counts`` is 0."""
+  xp = _xp(counts)
+  denominator = xp.where(counts > 0, counts, np.float32(1))
+  return jnp.where(counts > 0, jnp.asarray(sums / denominator, jnp.float32),
+                   jnp.float32(NO_ROWS))
 
 
 class CoverageReport(NamedTuple):

@@ -180,6 +180,25 @@ def _step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.A
   return 1 / ((root + eps) * bc1)
 
 
+def _keep_where_no_rows(a: jax.Array, v_old: jax.Array, v_new: jax.Array) -> jax.Array:
+  """``v_new``, but ``v_old`` at features whose statistic is the no-rows marker.
+
+  The capture marks a feature that met no rows this step (a weight in the
+  ``cond`` branch not taken, an expert routed no tokens) with ``-0.0``: its
+  second moment is left as it was instead of decaying towards 0.
+  """
+  return jnp.where(jnp.signbit(a), v_old, v_new)
+
+
+def _pmean_keeping_no_rows(stats, axis_name: str):
+  """``lax.pmean`` of the statistics across devices (one collective), keeping
+  the no-rows marker ``-0.0`` where no device had rows (a sum of ``-0.0``s
+  reduces to ``+0.0``); a device without rows counts as 0 in the mean."""
+  absent = jax.tree.map(lambda a: jnp.signbit(a).astype(jnp.float32), stats)
+  mean, all_absent = jax.lax.pmean((stats, absent), axis_name)
+  return jax.tree.map(lambda m, n: jnp.where(n == 1, jnp.float32(-0.0), m), mean, all_absent)
+
+
 def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name):
   """The checks every statistics-taking ``update`` makes, then the aligned statistics."""
   if not isinstance(state, state_type):
@@ -187,7 +206,7 @@ def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name
   if activation_stats is None:
     raise _missing_stats_error()
   if axis_name is not None:  # one mean over the devices' rows
-    activation_stats = jax.lax.pmean(activation_stats, axis_name)
+    activation_stats = _pmean_keeping_no_rows(activation_stats, axis_name)
   return _alignment.align(activation_stats, updates, state.nu)
 
 
@@ -227,6 +246,15 @@ def scale_by_adaact(
   Parameters without statistics (norm scales, ...) pass the raw gradient
   (``unmatched="sgd"``, the authors' rule) or :math:`\hat M_t`
   (``unmatched="momentum"``).
+
+  A statistic of ``-0.0`` (IEEE negative zero, ``jnp.signbit`` set) means
+  "no rows this step": the capture gives it to a weight in the ``cond``
+  branch not taken, an expert routed no tokens, a stacked slice no iteration
+  used. That feature's :math:`V` is left as it was (not decayed towards 0);
+  :math:`M` and the step are updated as usual (with the gradient, zero for
+  an unused weight). A real mean square is never negative, so the marker
+  costs nothing; ``MultiSteps`` and ``axis_name`` averaging keep it where
+  every micro-batch (device) had no rows and count it as 0 otherwise.
 
   A step whose statistics are not all finite (an input that overflows
   float32 when squared, a NaN) is skipped as ``optax.apply_if_finite``
@@ -340,7 +368,7 @@ def scale_by_adaact(
       if a is None:
         u = m_new * jnp.where(ok, 1 / bc1, 0.0)
       else:
-        v = decay2 * v + (1 - decay2) * jnp.where(ok, a, 0.0)
+        v = _keep_where_no_rows(a, v, decay2 * v + (1 - decay2) * jnp.where(ok, a, 0.0))
         # 1/bc1 is folded into the small per-input-feature scale, so each weight
         # costs one multiply and no divide; as one reciprocal (not a product of
         # two) XLA:CPU compiles it identically with constant and with
@@ -400,7 +428,8 @@ def scale_by_activation_rms(
 
   A bias's statistic is the constant 1, so it is divided by ``1 + eps``;
   the updates of parameters without statistics (or with the UNCAPTURED
-  marker) pass through unchanged. A step whose statistics are not finite
+  marker) pass through unchanged. A ``-0.0`` statistic (no rows this step,
+  see :func:`scale_by_adaact`) leaves that feature's ``V`` as it was. A step whose statistics are not finite
   gives zero updates and leaves ``nu`` and ``count`` unchanged (``skipped``
   counts it); the other transformations of a chain still update their own
   state. AdaAct is the chain::
@@ -454,7 +483,7 @@ def scale_by_activation_rms(
     def leaf(path, u, v, a):
       if a is None:
         return u, v
-      v = b2_ * v + (1 - b2_) * a
+      v = _keep_where_no_rows(a, v, b2_ * v + (1 - b2_) * a)
       scale = _step_scale(v / bc2, power, eps_)
       out = _alignment.apply_scale(u.astype(_compute_dtype(u)), scale, _alignment.path_name(path))
       return out.astype(u.dtype), v
