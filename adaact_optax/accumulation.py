@@ -171,8 +171,8 @@ def _running_mean(mean: jax.Array, a: jax.Array, n: jax.Array) -> jax.Array:
   that feature's second moment untouched.
   """
   new = mean + (a - mean) / (n + 1)
-  no_rows = jnp.signbit(a) & (jnp.signbit(mean) | (n == 0))
-  return jnp.where(no_rows, jnp.float32(-0.0), new)
+  no_rows = _alignment.is_no_rows(a) & (_alignment.is_no_rows(mean) | (n == 0))
+  return jnp.where(no_rows, jnp.float32(_alignment.NO_ROWS), new)
 
 
 def _with_stats(state: optax.MultiStepsState, acc_stats: Any) -> MultiStepsState:

@@ -187,16 +187,31 @@ def _keep_where_no_rows(a: jax.Array, v_old: jax.Array, v_new: jax.Array) -> jax
   ``cond`` branch not taken, an expert routed no tokens) with ``-0.0``: its
   second moment is left as it was instead of decaying towards 0.
   """
-  return jnp.where(jnp.signbit(a), v_old, v_new)
+  return jnp.where(_alignment.is_no_rows(a), v_old, v_new)
 
 
 def _pmean_keeping_no_rows(stats, axis_name: str):
-  """``lax.pmean`` of the statistics across devices (one collective), keeping
-  the no-rows marker ``-0.0`` where no device had rows (a sum of ``-0.0``s
-  reduces to ``+0.0``); a device without rows counts as 0 in the mean."""
-  absent = jax.tree.map(lambda a: jnp.signbit(a).astype(jnp.float32), stats)
-  mean, all_absent = jax.lax.pmean((stats, absent), axis_name)
-  return jax.tree.map(lambda m, n: jnp.where(n == 1, jnp.float32(-0.0), m), mean, all_absent)
+  """``lax.pmean`` of the statistics across devices, keeping the no-rows marker.
+
+  A sum of ``-0.0``s reduces to ``+0.0``, so the marker is encoded in the
+  sum itself, keeping one all-reduce of the statistics' own size: a device
+  without rows sends ``-tiny``, one with rows ``a + n * tiny`` (``tiny`` the
+  smallest normal float32, ``n`` devices). The sum is negative exactly when
+  no device had rows (then ``-0.0``); otherwise it is the sum of the
+  devices' statistics (a device without rows counts as 0) plus at most
+  ``n**2 * tiny``, below float32 rounding for any mean square above about
+  ``n * 1e-31``.
+  """
+  n = jax.lax.axis_size(axis_name)
+  tiny = np.float32(np.finfo(np.float32).tiny)
+
+  def encode(a):
+    a = jnp.asarray(a, jnp.float32)
+    return jnp.where(_alignment.is_no_rows(a), -tiny, a + np.float32(n) * tiny)
+
+  total = jax.lax.psum(jax.tree.map(encode, stats), axis_name)
+  decode = lambda s: jnp.where((s < 0) & jnp.isfinite(s), jnp.float32(_alignment.NO_ROWS), s / n)
+  return jax.tree.map(decode, total)
 
 
 def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name):

@@ -150,6 +150,8 @@ def test_running_mean_of_the_marker():
   assert float(mean) == 1.0 and not np.signbit(mean)   # (0 + 0 + 3) / 3
   mean = _running_mean(mean, m, jnp.float32(3))
   assert float(mean) == 0.75 and not np.signbit(mean)
+  # A NaN with its sign bit set is not the marker: it still makes the step non-finite.
+  assert np.isnan(_running_mean(m, -jnp.float32(jnp.nan), jnp.float32(1)))
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs the 8 simulated CPU devices")
@@ -167,3 +169,8 @@ def test_axis_name_mean_keeps_the_marker_where_no_device_had_rows():
   nu = np.asarray(new.nu["w"])
   np.testing.assert_array_equal(nu[:, 0, 0], 1.0)                        # kept
   np.testing.assert_allclose(nu[:, 1, 0], B2 + (1 - B2) * 2.0, rtol=1e-6)  # mean of 0, 0, 0, 8
+  # A -NaN on one device is no marker: the step is skipped on every device.
+  stats = stats.at[0, 1, 0].set(-jnp.nan)
+  _, new = jax.pmap(lambda g, s, a: tx.update(g, s, activation_stats={"w": a}),
+                    axis_name="i", devices=jax.devices()[:4])(grads, states, stats)
+  np.testing.assert_array_equal(new.skipped, 1)
