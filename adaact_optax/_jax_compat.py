@@ -33,6 +33,7 @@ CUSTOM_JVP = frozenset({"custom_jvp_call"})
 CUSTOM_VJP = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 SCAN, WHILE, COND = "scan", "while", "cond"
 DOT, CONV, GATHER = "dot_general", "conv_general_dilated", "gather"
+DYNAMIC_SLICE = "dynamic_slice"  # params: slice_sizes; operands: the array, one start per axis
 # Ops that only move or retype elements: a parameter seen through them is
 # still that parameter (tracked symbolically in the engine).
 IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -176,12 +177,16 @@ def dot_dimensions(eqn) -> tuple:
 
 
 def gather_params(eqn) -> dict:
+  """A ``gather``'s dimension numbers and slice sizes; ``clips``: whether an
+  out-of-range index is clamped (``clip``, ``promise_in_bounds``) rather than
+  its slice filled (``fill``)."""
   p = eqn.params
   dn = p["dimension_numbers"]
   return dict(offset_dims=tuple(dn.offset_dims), collapsed=tuple(dn.collapsed_slice_dims),
               start_index_map=tuple(dn.start_index_map),
               batching=tuple(getattr(dn, "operand_batching_dims", ())),
-              slice_sizes=tuple(p["slice_sizes"]))
+              slice_sizes=tuple(p["slice_sizes"]),
+              clips=p["mode"] != lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def stop_gradient(x):

@@ -38,7 +38,8 @@ size 1 along axes the statistic does not vary along, whole blocks where it
 varies per block (grouped convolutions, fused projections used with
 different inputs). A feature that met no rows in the call (a weight in the
 ``cond`` branch not taken, an expert routed no tokens) gets ``-0.0``
-(``NO_ROWS``): the transforms leave its second moment as it was.
+(``adaact_optax.layout.NO_ROWS``): the transforms leave its second moment
+as it was.
 
 JAX internals used here live in ``adaact_optax._jax_compat``.
 """
@@ -162,6 +163,40 @@ class _Mixed:
   reason: str
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Gathered:
+  """Whole slices of a parameter picked by indices known only at run time:
+  ``experts[ids]`` (routing), ``table[sampled]``, ``lax.dynamic_index_in_dim(W, i)``.
+
+  It is data (an embedding lookup's rows are an activation) everywhere but in a
+  ``dot_general`` whose other operand is data: there it is the weight, and each
+  use's statistics go to the slice its index picked (see ``_gathered_stats``).
+
+  ``table``: the view the slices come from; ``picked``: the table axes the
+  indices pick, in index-component order; ``index``: the index values (Vars on
+  the deferred route) and ``stacked``: whether they are one scalar per picked
+  axis (``dynamic_slice``) or one ``(*batch_shape, len(picked))`` array
+  (``gather``); ``clips``: out-of-range indices are clamped (else their slice
+  is dropped); ``dims``: per axis of this value, ``("index", j)`` (the
+  indices' batch axis j), ``("table", t)`` (table axis t) or ``None`` (size
+  1); ``op``: the primitive that picked them; ``broken``: why the slices can no
+  longer be told apart (then the weight is reported uncaptured), else None.
+  """
+
+  table: _View
+  picked: tuple
+  index: tuple
+  stacked: bool
+  batch_shape: tuple
+  clips: bool
+  dims: tuple
+  op: str
+  broken: str | None = None
+
+  def __repr__(self):
+    return f"_Gathered({self.op}, picked={self.picked}, broken={self.broken!r})"
+
+
 class _Unsupported(Exception):
   pass
 
@@ -171,7 +206,7 @@ class _NeedsEvaluation(Exception):
 
 
 def _is_data(kind) -> bool:
-  return kind is _DATA or isinstance(kind, _Mixed)
+  return kind is _DATA or isinstance(kind, (_Mixed, _Gathered))
 
 
 def _is_param(kind) -> bool:
@@ -512,6 +547,15 @@ def _row_weights(mask, tags, shape, free: Sequence[int]):
 
 def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
   """``(sums, counts)`` of ``a**2`` laid over the weight operand's axes."""
+  sums, count = _dot_square_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask,
+                                 tags)
+  return sums, _filled(count, sums.shape)
+
+
+def _dot_square_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
+  """``(sums, count)``: ``a**2`` summed over ``a``'s free (row) axes, laid over the
+  weight operand's axes (size 1 along its own free axes), and the number of rows
+  each weight element met (a Python number, or a traced scalar with a row mask)."""
   sq = _squares(a)
   free = [ax for ax in range(a.ndim) if ax not in a_contract and ax not in a_batch]
   weights = _row_weights(mask, tags, a.shape, free)
@@ -534,7 +578,7 @@ def _dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
     order.append(kept.index(a_ax))
     shape.append(a.shape[a_ax])
   sums = jnp.transpose(sums, order).reshape(shape)
-  return sums, _filled(count, sums.shape)
+  return sums, count
 
 
 def _conv_sums(lhs, rhs_shape, cp, mask, tags):
@@ -576,6 +620,134 @@ def _restrict(piece: _Piece, shape, sums, counts):
     sums = _slice_axis(sums, lo, hi, axis)
     counts = counts if np.ndim(counts) == 0 else _slice_axis(counts, lo, hi, axis)
   return sums, counts
+
+
+# ----------------------------------------------------------------------------
+# Slices gathered by run-time indices (`_Gathered`): their layout and statistics.
+
+
+def _gathered_layout(g: _Gathered, name: str, eqn) -> _Gathered:
+  """The kind of a layout op's output on gathered slices: the axes followed
+  through transposes and size-1 axes coming or going, anything else broken."""
+  if g.broken is not None or name in jc.IDENTITY:
+    return g
+  in_shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  p = eqn.params
+  dims = None
+  if name == "transpose":
+    dims = tuple(g.dims[i] for i in p["permutation"])
+  elif name == "squeeze":
+    drop = {d % len(in_shape) for d in p["dimensions"]}
+    dims = tuple(d for i, d in enumerate(g.dims) if i not in drop)
+  elif name == "reshape" and p.get("dimensions") is None:
+    kept = [d for d, n in zip(g.dims, in_shape) if n != 1]
+    if [n for n in in_shape if n != 1] == [n for n in out_shape if n != 1]:
+      it = iter(kept)
+      dims = tuple(next(it) if n != 1 else None for n in out_shape)
+  elif name == "broadcast_in_dim":
+    if all(in_shape[i] == out_shape[j] for i, j in enumerate(p["broadcast_dimensions"])) and all(
+        out_shape[j] == 1 for j in range(len(out_shape)) if j not in p["broadcast_dimensions"]):
+      new = [None] * len(out_shape)
+      for i, j in enumerate(p["broadcast_dimensions"]):
+        new[j] = g.dims[i]
+      dims = tuple(new)
+  if dims is None:
+    return dataclasses.replace(g, index=(), broken=f"then laid out by `{name}`, which the "
+                               "capture does not follow for gathered slices")
+  return dataclasses.replace(g, dims=dims)
+
+
+def _gathered_reason(g: _Gathered, what: str) -> str:
+  return (f"its slices are picked by indices computed at run time (`{g.op}`) {what}, so "
+          "the rows each slice meets cannot be told apart. Apply the weight through a "
+          "`dot_general` right after the gather (e.g. `jnp.einsum('bi,bio->bo', x, "
+          "experts[ids])`), or dispatch densely (a one-hot or capacity dispatch whose "
+          "contraction keeps the expert axis)")
+
+
+def _across_bodies(kinds, how: str, keep=()) -> list:
+  """Kinds crossing into or out of a loop or ``cond`` body: gathered slices (but
+  those at positions ``keep``, whose indices are passed along) are no longer
+  followed there (their indices live in another trace)."""
+  return [dataclasses.replace(k, index=(), broken=k.broken or (
+      f"and then {how} a loop or `cond` body")) if isinstance(k, _Gathered) and i not in keep
+          else k for i, k in enumerate(kinds)]
+
+
+def _gathered_pooled(g: _Gathered, w_free) -> bool:
+  """Whether every gathered slice meets the same rows: the indices have batch axes
+  and each is a free axis of the weight operand (``h @ table[sampled].T``). Then the
+  slices share one statistic (size 1 along the picked axes, never parameter-sized);
+  otherwise (routing, a loop's dynamic index) each slice gets its own."""
+  index_axes = [v for v, d in enumerate(g.dims) if d is not None and d[0] == "index"]
+  return bool(g.batch_shape) and all(v in w_free for v in index_axes)
+
+
+def _to_table_axes(g: _Gathered, sums, table_shape):
+  """``sums`` laid over the gathered value's axes -> ``(index part, rest)``: an array
+  ``(*batch_shape or 1s, *rest sizes)`` and the table axes ``rest`` (all but the
+  picked ones), the index part broadcast-ready (size 1 where ``sums`` does not vary)."""
+  rest = [t for t in range(len(table_shape)) if t not in g.picked]
+  where = {d: v for v, d in enumerate(g.dims) if d is not None}
+  index_shape = [sums.shape[where[("index", j)]] if ("index", j) in where else 1
+                 for j in range(len(g.batch_shape))]
+  rest_shape = [sums.shape[where[("table", t)]] if ("table", t) in where else 1 for t in rest]
+  order = ([where[("index", j)] for j in range(len(g.batch_shape)) if ("index", j) in where]
+           + [where[("table", t)] for t in rest if ("table", t) in where])
+  others = [v for v in range(len(g.dims)) if v not in order]    # size-1 axes
+  sums = jnp.transpose(sums, order + others).reshape(index_shape + rest_shape)
+  return sums, rest
+
+
+def _index_array(g: _Gathered, index) -> jax.Array:
+  """The indices as ``(*batch_shape, len(picked))`` int32."""
+  if g.stacked:
+    return jnp.stack([jnp.asarray(i, jnp.int32).reshape(()) for i in index], -1)
+  return jnp.asarray(index[0]).astype(jnp.int32)
+
+
+def _gathered_stats(g: _Gathered, table_shape, pooled: bool, sums, count, index):
+  """``(sums, counts)`` over the table view's axes from one use of gathered slices.
+
+  ``sums``/``count``: ``_dot_square_sums`` over the gathered value's axes (the
+  rows each weight element met). Pooled: every slice met the same rows; the
+  statistic is size 1 along the picked axes, weighted by the number of slices.
+  Per slice: each use (index position) adds its sums and rows to the slice
+  its index picked (a segment sum), so a slice's statistic is the mean over
+  the rows routed to it, and a slice that no index picked has no rows.
+  """
+  sums, rest = _to_table_axes(g, sums, table_shape)
+  n_rest = len(rest)
+  uses = math.prod(g.batch_shape)
+  sizes = [table_shape[a] for a in g.picked]
+  if pooled:  # the index part of `sums` is all 1s: every use met the same rows
+    by_table = sums.reshape([1] * len(sizes) + list(sums.shape[len(g.batch_shape):])) * uses
+    counts = _filled(count * uses, by_table.shape)
+  else:
+    sums = jnp.broadcast_to(sums, tuple(g.batch_shape) + sums.shape[len(g.batch_shape):])
+    sums = sums.reshape((uses,) + sums.shape[len(g.batch_shape):])
+    ids = _index_array(g, index).reshape(uses, len(sizes))
+    bound = jnp.asarray(sizes, jnp.int32)
+    if g.clips:
+      ids, valid = jnp.clip(ids, 0, bound - 1), True
+    else:
+      valid = jnp.all((ids >= 0) & (ids < bound), axis=-1)
+    segment = jnp.zeros((uses,), jnp.int32)
+    for c, n in enumerate(sizes):
+      segment = segment * n + ids[:, c]
+    total = math.prod(sizes)
+    segment = jnp.where(valid, segment, total)   # out of range: dropped by segment_sum
+    by_slice = jax.ops.segment_sum(sums, segment, num_segments=total)
+    rows = jax.ops.segment_sum(jnp.ones((uses,), jnp.float32), segment, num_segments=total)
+    by_table = by_slice.reshape(sizes + list(by_slice.shape[1:]))
+    counts = (rows * jnp.asarray(count, jnp.float32)).reshape(sizes + [1] * n_rest)
+    counts = jnp.broadcast_to(counts, by_table.shape)
+  # Axes (picked..., rest...) -> the table's own order.
+  position = {a: i for i, a in enumerate(list(g.picked) + rest)}
+  perm = [position[t] for t in range(len(table_shape))]
+  by_table = jnp.transpose(by_table, perm)
+  counts = counts if np.ndim(counts) == 0 else jnp.transpose(counts, perm)
+  return by_table, counts
 
 
 # ----------------------------------------------------------------------------
@@ -692,11 +864,13 @@ class _Interpreter:
   def resolve(self, env: dict):
     """Computes the deferred statistics; ``env`` maps the jaxpr's vars to values."""
     done = {}
+    fetch = lambda v: env[v] if isinstance(v, jc.Var) else v
     for view, fn, value, lookup, key in self.pending:
       is_var = isinstance(value, jc.Var)
       memo = (value, key) if is_var and key is not None else None
       if memo not in done:
-        result = fn(env[value] if is_var else value)
+        # A tuple value: several operands (a gathered weight's input and indices).
+        result = fn(tuple(map(fetch, value)) if isinstance(value, tuple) else fetch(value))
         if memo is None:
           self._record(view, *result, lookup=lookup)
           continue
@@ -754,8 +928,13 @@ class _Interpreter:
   def eqn(self, eqn, invals, inkinds, in_mm):
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
+    if any(isinstance(k, _Gathered) for k in inkinds):
+      done = self._gathered_eqn(eqn, invals, inkinds)
+      if done is not None:
+        return done
     if not any(_is_param(k) for k in inkinds) and (
-        not any(isinstance(k, _Mixed) for k in inkinds) or name not in (jc.DOT, jc.CONV)):
+        not any(isinstance(k, _Mixed) for k in inkinds) or name not in (jc.DOT, jc.CONV)) and (
+        not any(isinstance(k, _Gathered) for k in inkinds) or not jc.has_subjaxpr(eqn)):
       outs = self._bind(eqn, invals)
       if name in (jc.DOT, jc.CONV, jc.GATHER) or jc.has_subjaxpr(eqn):
         kind = _DATA if any(_is_data(k) for k in inkinds) else _CONST
@@ -798,7 +977,7 @@ class _Interpreter:
       except _Unsupported as e:
         kinds = [_opaque(inkinds, f"`{name}` ({e})")] * n_out
       return outs, kinds, [False] * n_out
-    if name == "dynamic_slice" and all(jc.is_literal(v) for v in eqn.invars[1:]):
+    if name == jc.DYNAMIC_SLICE and all(jc.is_literal(v) for v in eqn.invars[1:]):
       starts = [jc.literal_value(v) for v in eqn.invars[1:]]
       try:
         kind = self._layout_one(inkinds[0], "slice", eqn.outvars[0].aval.shape, dict(
@@ -807,6 +986,9 @@ class _Interpreter:
       except _Unsupported as e:
         kind = _opaque(inkinds, f"`dynamic_slice` ({e})")
       return outs, [kind], [False]
+    if (name == jc.DYNAMIC_SLICE and isinstance(inkinds[0], _View)
+        and not any(_is_param(k) for k in inkinds[1:])):
+      return outs, [self._dynamic_slice(eqn, invals, inkinds[0])], [False]
     if jc.has_subjaxpr(eqn):
       self.trace.miss(_sources(inkinds), f"it is passed into `{name}`, which the capture "
                       "does not see into")
@@ -927,18 +1109,33 @@ class _Interpreter:
 
   def _gather(self, eqn, invals, inkinds):
     table, ids = inkinds
-    if not isinstance(table, _View):
+    if not isinstance(table, _View) or _is_param(ids):
       return _opaque(inkinds, "`gather`")
     gp = jc.gather_params(eqn)
     shape = table.shape
+    picked = gp["start_index_map"]
+    # Whole slices: size 1 along the picked axes, whole along the others.
+    whole = not gp["batching"] and all(s == (1 if a in picked else n) for a, (s, n) in
+                                       enumerate(zip(gp["slice_sizes"], shape)))
+    out_ndim = eqn.outvars[0].aval.ndim
+    offset_axes = iter(a for a in range(len(shape)) if a not in gp["collapsed"])
+    batch_axes = iter(range(out_ndim))
+    dims = []
+    for v in range(out_ndim):
+      if v in gp["offset_dims"]:
+        t = next(offset_axes)
+        dims.append(None if t in picked else ("table", t))
+      else:
+        dims.append(("index", next(batch_axes)))
+    gathered = _Gathered(table, picked, (invals[1],), False, eqn.invars[1].aval.shape[:-1],
+                         gp["clips"], tuple(dims), "gather")
+    if not whole:
+      return dataclasses.replace(gathered, index=(), broken=(
+          f"and the `gather` takes parts of slices (slice sizes {gp['slice_sizes']} of "
+          f"{shape}) or batches the table"))
     # An embedding lookup: whole rows along one axis, picked by integer ids.
-    lookup = (len(gp["start_index_map"]) == 1 and gp["collapsed"] == gp["start_index_map"]
-              and not gp["batching"]
-              and all(s == (1 if a in gp["collapsed"] else n)
-                      for a, (s, n) in enumerate(zip(gp["slice_sizes"], shape))))
-    if not lookup:
-      return _opaque(inkinds, "`gather`")
-    if self.trace.embeddings is not None:
+    lookup = len(picked) == 1 and gp["collapsed"] == picked
+    if lookup and self.trace.embeddings is not None:
       axis = gp["start_index_map"][0]
 
       def frequencies(ids):
@@ -948,7 +1145,98 @@ class _Interpreter:
         sums = counts_row.reshape([n if a == axis else 1 for a, n in enumerate(shape)])
         return sums, _filled(float(max(index.size, 1)), sums.shape)
       self._stat(table, frequencies, invals[1], lookup=True)
-    return _DATA
+    return gathered
+
+  def _dynamic_slice(self, eqn, invals, view: _View):
+    """``dynamic_slice`` of a parameter at run-time starts: whole slices along the
+    axes of size 1 (a layer of a stacked weight, ``lax.dynamic_index_in_dim``),
+    static slices where the start is a literal, the others ignored (full)."""
+    sizes = eqn.params["slice_sizes"]
+    starts, limits, picked, window = [0] * len(sizes), list(view.shape), [], None
+    for a, (atom, n, dim) in enumerate(zip(eqn.invars[1:], sizes, view.shape)):
+      if n == dim:
+        continue
+      if jc.is_literal(atom):  # clamped as dynamic_slice clamps
+        starts[a] = min(max(int(jc.literal_value(atom)), 0), dim - n)
+        limits[a] = starts[a] + n
+      elif n == 1:
+        picked.append(a)
+      elif window is None:
+        window = (a, n, dim)
+    try:
+      table = _view_slice(view, tuple(l - s_ for s_, l in zip(starts, limits)), starts, limits)
+    except _Unsupported as e:
+      return _opaque([view], f"`dynamic_slice` ({e})")
+    dims = tuple(None if a in picked else ("table", a) for a in range(len(sizes)))
+    gathered = _Gathered(table, tuple(picked), tuple(invals[1 + a] for a in picked), True, (),
+                         True, dims, "dynamic_slice")
+    if window is not None:
+      a, n, dim = window
+      return dataclasses.replace(gathered, index=(), broken=(
+          f"as a dynamic index into a stacked weight: `dynamic_slice` takes a window of {n} "
+          f"of {dim} along axis {a} at a start computed at run time (only whole slices, of "
+          "size 1 along the indexed axis, are followed)"))
+    return gathered
+
+  def _gathered_eqn(self, eqn, invals, inkinds):
+    """An equation with gathered slices among its inputs, or None to treat them as data.
+
+    Layout ops keep following the slices; a ``dot_general`` with data on the
+    other side makes them the weight; a convolution kernel made of them is
+    reported.
+    """
+    name = eqn.primitive.name
+    n_out = len(eqn.outvars)
+    first = inkinds[0]
+    if name == jc.DOT:
+      recorded = self._gathered_dot(eqn, invals, inkinds)
+      if recorded is None:
+        return None
+      return self._bind(eqn, invals), [_DATA], [recorded]
+    if name == jc.CONV and isinstance(inkinds[1], _Gathered) and not _is_param(first):
+      self.trace.miss({p.param for p in inkinds[1].table.pieces}, _gathered_reason(
+          inkinds[1], "and then used as a convolution kernel, which the capture does not "
+          "follow"))
+      return self._bind(eqn, invals), [_DATA], [False]
+    if not isinstance(first, _Gathered) or jc.has_subjaxpr(eqn):
+      return None
+    if name in jc.IDENTITY and n_out == 1 or name in jc.LAYOUT or name in (
+        jc.GATHER, jc.DYNAMIC_SLICE):
+      kind = _gathered_layout(first, name, eqn) if n_out == 1 and name not in (
+          "concatenate", "pad") else dataclasses.replace(
+              first, index=(), broken=f"then laid out by `{name}`, which the capture does "
+              "not follow for gathered slices")
+      return self._bind(eqn, invals), [kind] * n_out, [False] * n_out
+    return None
+
+  def _gathered_dot(self, eqn, invals, inkinds):
+    """Statistics of gathered slices used as the weight of a ``dot_general``.
+
+    Returns whether they were recorded, or None when the slices are not the
+    weight here (the other operand is a parameter, or gathered too): then
+    they are data, as an embedding lookup's rows are.
+    """
+    sides = [i for i in (0, 1) if isinstance(inkinds[i], _Gathered)]
+    if len(sides) == 2 or _is_param(inkinds[1 - sides[0]]):
+      return None
+    w = sides[0]
+    g = inkinds[w]
+    if g.broken is not None:
+      self.trace.miss({p.param for p in g.table.pieces}, _gathered_reason(g, g.broken))
+      return False
+    lc, rc, lb, rb = jc.dot_dimensions(eqn)
+    a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
+    w_ndim, mask, tags = eqn.invars[w].aval.ndim, self.mask, self.tag(eqn.invars[1 - w])
+    w_free = [v for v in range(w_ndim) if v not in w_c and v not in w_b]
+    pooled = _gathered_pooled(g, w_free)
+    table_shape = g.table.shape
+
+    def stats(values):
+      a, index = (values, ()) if pooled else (values[0], values[1:])
+      sums, count = _dot_square_sums(a, a_c, a_b, w_c, w_b, w_ndim, mask, tags)
+      return _gathered_stats(g, table_shape, pooled, sums, count, index)
+    self._stat(g.table, stats, invals[1 - w] if pooled else (invals[1 - w],) + g.index)
+    return True
 
   def _add(self, invals, inkinds, in_mm):
     # A parameter added to a captured contraction's output is its bias: a
@@ -985,7 +1273,7 @@ class _Interpreter:
     self._copy_tags(inner.jaxpr.outvars, eqn.outvars)
     return outs, kinds, mm
 
-  def _nested(self, jaxpr, consts, kinds, depth=None, in_vars=None, tags=None):
+  def _nested(self, jaxpr, consts, kinds, depth=None, in_vars=None, tags=None, thread=False):
     """A function evaluating ``jaxpr`` that also returns its contributions' arrays.
 
     Its ``info`` dict is filled when the function is traced: the child
@@ -993,33 +1281,64 @@ class _Interpreter:
     row mask, the child starts with the tags of ``in_vars`` (the outer
     values passed in), or with explicit ``tags`` for its inputs; ``fn``'s
     first argument is then the child's mask (``None`` to keep this one).
+
+    Gathered slices among the inputs or outputs are reported (their indices
+    live in the other trace), unless ``thread``: then ``fn`` takes the input
+    slices' indices as extra trailing arguments (``info["extra"]``, known now)
+    and returns the output slices' indices as a third result, which
+    ``_threaded_kinds`` puts back into ``info["kinds"]``.
     """
     info = {}
     outer = [None if v is None else self.tag(v) for v in (in_vars or [])]
     in_tags = tags if tags is not None else outer
+    slots = [i for i, k in enumerate(kinds) if thread and isinstance(k, _Gathered)
+             and k.broken is None]
+    info["extra"] = [v for i in slots for v in kinds[i].index]
+    kinds = _across_bodies(kinds, "passed into", keep=slots)
 
     def fn(*args, mask=None):
+      args, extra = args[:len(jaxpr.invars)], iter(args[len(jaxpr.invars):])
+      in_kinds = list(kinds)
+      for i in slots:
+        in_kinds[i] = dataclasses.replace(kinds[i], index=tuple(next(extra)
+                                                                for _ in kinds[i].index))
       child = _Interpreter(self.trace, self.depth if depth is None else depth,
                            mask=self.mask if mask is None else mask)
       if child.mask is not None:
         for var, t in zip(jaxpr.invars, in_tags):
           if t is not None:
             child.tags[var] = t
-      outs, okinds, omm = child.run(jaxpr, consts, args, kinds)
-      info.update(contributions=child.contributions, kinds=okinds, mm=omm,
+      outs, okinds, omm = child.run(jaxpr, consts, args, in_kinds)
+      out_slots = [i for i, k in enumerate(okinds) if thread and isinstance(k, _Gathered)
+                   and k.broken is None]
+      info.update(contributions=child.contributions, out_slots=out_slots,
+                  kinds=_across_bodies(okinds, "returned from", keep=out_slots), mm=omm,
                   tags=[child.tag(v) for v in jaxpr.outvars])
-      return outs, [(c.sums, _materialize(c.counts, c.sums.shape))
-                    for c in child.contributions]
+      arrays = [(c.sums, _materialize(c.counts, c.sums.shape)) for c in child.contributions]
+      if thread:
+        return outs, arrays, [list(okinds[i].index) for i in out_slots]
+      return outs, arrays
     return fn, info
+
+  def _threaded_kinds(self, info, indices) -> list:
+    """``info["kinds"]`` with the output slices' indices (from a threaded ``fn``) put back."""
+    kinds = list(info["kinds"])
+    for i, index in zip(info["out_slots"], indices):
+      kinds[i] = dataclasses.replace(kinds[i], index=tuple(index))
+    return kinds
 
   def _remat(self, eqn, invals, inkinds):
     p = jc.remat_params(eqn)
     inner = jc.closed(p["jaxpr"])
-    fn, info = self._nested(inner.jaxpr, inner.consts, inkinds, in_vars=eqn.invars)
-    outs, arrays = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
+    # Threaded: JAX inlines a checkpoint's forward when it differentiates, so the
+    # differentiated route sees gathered slices cross it; this route must too.
+    fn, info = self._nested(inner.jaxpr, inner.consts, inkinds, in_vars=eqn.invars,
+                            thread=True)
+    outs, arrays, indices = jax.checkpoint(fn, prevent_cse=p["prevent_cse"],
+                                           policy=p["policy"])(*invals, *info["extra"])
     self._adopt(info["contributions"], arrays)
     self._set_tags(eqn.outvars, info["tags"])
-    return list(outs), info["kinds"], info["mm"]
+    return list(outs), self._threaded_kinds(info, indices), info["mm"]
 
   def _set_tags(self, outvars, tags):
     if self.mask is None:
@@ -1283,20 +1602,14 @@ def _assemble(placed, shape):
   return _mean_or_no_rows(total_s, total_n)
 
 
-# The statistic of a feature that met no rows this step (a weight in the
-# `cond` branch not taken, an expert routed no tokens, the part of a
-# parameter no slice used): IEEE negative zero. A real mean square is never
-# negative, and -0.0 pools as an absent term (-0.0 + x == x); the transforms
-# keep that feature's second moment where `jnp.signbit` is set.
-NO_ROWS = -0.0
-
-
 def _mean_or_no_rows(sums, counts) -> jax.Array:
-  """``sums / counts`` as float32, ``NO_ROWS`` where ``counts`` is 0."""
+  """``sums / counts`` as float32, the no-rows marker ``-0.0`` where ``counts`` is 0
+  (a weight in the ``cond`` branch not taken, an expert routed no tokens, the
+  part of a parameter no slice used): the transforms keep its second moment."""
   xp = _xp(counts)
   denominator = xp.where(counts > 0, counts, np.float32(1))
   return jnp.where(counts > 0, jnp.asarray(sums / denominator, jnp.float32),
-                   jnp.float32(NO_ROWS))
+                   jnp.float32(_alignment.NO_ROWS))
 
 
 class CoverageReport(NamedTuple):
@@ -1552,8 +1865,9 @@ def _capture_differentiated(fun, has_aux, params, args, kwargs, floor, row_mask)
   except _NeedsEvaluation:
     return None
   inputs = set(jaxpr.constvars) | set(jaxpr.invars)
-  needed = list(dict.fromkeys(v for _, _, v, _, _ in interp.pending
-                              if isinstance(v, jc.Var) and v not in inputs))
+  values = [v for _, _, value, _, _ in interp.pending
+            for v in (value if isinstance(value, tuple) else (value,))]
+  needed = list(dict.fromkeys(v for v in values if isinstance(v, jc.Var) and v not in inputs))
   args_in = list(closed.consts) + p_leaves + dyn_vals
   outs = jc.call_inline(jc.with_outputs(jaxpr, needed), args_in, "value_grad_and_stats")
   n_out = len(jaxpr.outvars)

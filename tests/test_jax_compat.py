@@ -97,7 +97,13 @@ def test_dot_conv_gather_params():
     gathers = [e for e in jc.call_jaxpr(call).jaxpr.eqns if e.primitive.name == jc.GATHER]
   gp = jc.gather_params(gathers[0])
   assert gp["collapsed"] == (0,) and gp["start_index_map"] == (0,)
-  assert gp["slice_sizes"] == (1, 4) and gp["batching"] == ()
+  assert gp["slice_sizes"] == (1, 4) and gp["batching"] == () and gp["clips"]
+  (fill,) = [e for e in _eqns(lambda t, i: t.at[i].get(mode="fill"), table, jnp.array([1, 2]))
+             if e.primitive.name == jc.GATHER]
+  assert not jc.gather_params(fill)["clips"]
+  (dyn,) = [e for e in _eqns(lambda t, i: lax.dynamic_slice(t, (i, 0), (1, 4)), table, 1)
+            if e.primitive.name == jc.DYNAMIC_SLICE]
+  assert dyn.params["slice_sizes"] == (1, 4) and len(dyn.invars) == 3
 
 
 def test_layout_primitive_names_and_params():
