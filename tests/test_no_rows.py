@@ -174,3 +174,33 @@ def test_axis_name_mean_keeps_the_marker_where_no_device_had_rows():
   _, new = jax.pmap(lambda g, s, a: tx.update(g, s, activation_stats={"w": a}),
                     axis_name="i", devices=jax.devices()[:4])(grads, states, stats)
   np.testing.assert_array_equal(new.skipped, 1)
+
+
+def test_expert_routed_no_rows_keeps_its_v():
+  """Three MoE steps with hash routing; expert 1 gets no tokens at step 2 and expert 3
+  none at all: their V stays as the steps with rows left it (numpy reference)."""
+  n_experts, rows, d_in, d_out = 4, 6, 3, 2
+  params = {"experts": normal(1, n_experts, d_in, d_out)}
+  routes = [jnp.array([0, 1, 2, 1, 0, 2]), jnp.array([0, 2, 2, 0, 0, 2]),
+            jnp.array([1, 1, 0, 2, 2, 0])]
+  xs = [normal(20 + t, rows, d_in) for t in range(3)]
+
+  def loss(p, x, ids):
+    return jnp.sum(jnp.sin(jnp.einsum("bi,bio->bo", x, p["experts"][ids])))
+  tx = adaact_optax.scale_by_adaact(B1, B2, EPS)
+  g = adaact_optax.value_grad_and_stats(loss)
+
+  @jax.jit
+  def step(params, state, x, ids):
+    _, grads, stats = g(params, x, ids)
+    return tx.update(grads, state, params, activation_stats=stats)[1]
+  state = tx.init(params)
+  ref = np.zeros((n_experts, d_in, 1))
+  for t, (x, ids) in enumerate(zip(xs, routes), start=1):
+    state = step(params, state, x, ids)
+    for e in range(n_experts):
+      routed = np.asarray(x, np.float64)[np.asarray(ids) == e]
+      if len(routed):
+        ref[e] = B2 * ref[e] + (1 - B2) * mean_sq(routed, 0)[:, None]
+    np.testing.assert_allclose(state.nu["experts"], ref, rtol=RTOL, atol=ATOL,
+                               err_msg=f"step {t}")
