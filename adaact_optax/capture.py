@@ -1167,6 +1167,8 @@ class _Interpreter:
       table = _view_slice(view, tuple(l - s_ for s_, l in zip(starts, limits)), starts, limits)
     except _Unsupported as e:
       return _opaque([view], f"`dynamic_slice` ({e})")
+    if not picked and window is None:  # only the starts of whole axes are computed
+      return table
     dims = tuple(None if a in picked else ("table", a) for a in range(len(sizes)))
     gathered = _Gathered(table, tuple(picked), tuple(invals[1 + a] for a in picked), True, (),
                          True, dims, "dynamic_slice")

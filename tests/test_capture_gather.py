@@ -360,3 +360,17 @@ def test_gathered_slices_passed_into_a_loop_body_are_reported():
   stats, warned, report = _uncaptured(fun, p, normal(2, B, I), jnp.zeros(B, jnp.int32))
   assert stats["experts"].shape == (0,) and len(warned) == 1
   assert "passed into a loop or `cond` body" in report.unmatched["experts"]
+
+
+def test_out_of_range_indices_in_fill_mode_meet_no_weight():
+  """``mode="fill"``: a token whose index is out of range gets fill values, not an
+  expert: its row counts for no expert (``mode="clip"`` would count it for the last)."""
+  p = {"experts": normal(1, E, I, O)}
+  x, ids = normal(2, B, I), jnp.array([0, 1, 9, 1, 0, 9, 1, 0])
+
+  def fun(p, x, ids):
+    return jnp.sum(jnp.sin(jnp.einsum("bi,bio->bo", x, p["experts"].at[ids].get(mode="fill"))))
+  _, _, stats = jax.jit(adaact_optax.value_grad_and_stats(fun))(p, x, ids)
+  rows = [[_np(x)[b] for b in range(B) if int(ids[b]) == e] for e in range(E)]
+  np.testing.assert_allclose(np.repeat(stats["experts"], O, -1), _per_slice(rows, (E, I, O)),
+                             rtol=1e-5, atol=1e-6)
