@@ -169,8 +169,11 @@ class _Gathered:
   ``experts[ids]`` (routing), ``table[sampled]``, ``lax.dynamic_index_in_dim(W, i)``.
 
   It is data (an embedding lookup's rows are an activation) everywhere but in a
-  ``dot_general`` whose other operand is data: there it is the weight, and each
-  use's statistics go to the slice its index picked (see ``_gathered_stats``).
+  ``dot_general`` whose other operand is data and that contracts the slices'
+  own (table) axes, as a matmul contracts a weight's input axis: there it is
+  the weight, and each use's statistics go to the slice its index picked (see
+  ``_gathered_stats``). A contraction over the index axes only (attention or
+  pooling over looked-up rows) combines rows: the slices are its activation.
 
   ``table``: the view the slices come from; ``picked``: the table axes the
   indices pick, in index-component order; ``index``: the index values (Vars on
@@ -179,8 +182,9 @@ class _Gathered:
   (``gather``); ``clips``: out-of-range indices are clamped (else their slice
   is dropped); ``dims``: per axis of this value, ``("index", j)`` (the
   indices' batch axis j), ``("table", t)`` (table axis t) or ``None`` (size
-  1); ``op``: the primitive that picked them; ``broken``: why the slices can no
-  longer be told apart (then the weight is reported uncaptured), else None.
+  1), or None when a layout op lost track of them; ``op``: the primitive that
+  picked them; ``broken``: why the slices can no longer be told apart (then,
+  used as a weight, they are reported uncaptured), else None.
   """
 
   table: _View
@@ -189,7 +193,7 @@ class _Gathered:
   stacked: bool
   batch_shape: tuple
   clips: bool
-  dims: tuple
+  dims: tuple | None
   op: str
   broken: str | None = None
 
@@ -629,7 +633,7 @@ def _restrict(piece: _Piece, shape, sums, counts):
 def _gathered_layout(g: _Gathered, name: str, eqn) -> _Gathered:
   """The kind of a layout op's output on gathered slices: the axes followed
   through transposes and size-1 axes coming or going, anything else broken."""
-  if g.broken is not None or name in jc.IDENTITY:
+  if g.broken is not None and g.dims is None or name in jc.IDENTITY:
     return g
   in_shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
   p = eqn.params
@@ -652,9 +656,13 @@ def _gathered_layout(g: _Gathered, name: str, eqn) -> _Gathered:
         new[j] = g.dims[i]
       dims = tuple(new)
   if dims is None:
-    return dataclasses.replace(g, index=(), broken=f"then laid out by `{name}`, which the "
-                               "capture does not follow for gathered slices")
+    return _broken_by_layout(g, name)
   return dataclasses.replace(g, dims=dims)
+
+
+def _broken_by_layout(g: _Gathered, name: str) -> _Gathered:
+  return dataclasses.replace(g, index=(), dims=None, broken=g.broken or (
+      f"then laid out by `{name}`, which the capture does not follow for gathered slices"))
 
 
 def _gathered_reason(g: _Gathered, what: str) -> str:
@@ -669,9 +677,18 @@ def _across_bodies(kinds, how: str, keep=()) -> list:
   """Kinds crossing into or out of a loop or ``cond`` body: gathered slices (but
   those at positions ``keep``, whose indices are passed along) are no longer
   followed there (their indices live in another trace)."""
-  return [dataclasses.replace(k, index=(), broken=k.broken or (
+  return [dataclasses.replace(k, index=(), dims=None, broken=k.broken or (
       f"and then {how} a loop or `cond` body")) if isinstance(k, _Gathered) and i not in keep
           else k for i, k in enumerate(kinds)]
+
+
+def _contracts_table_axes(g: _Gathered, w_contract) -> bool:
+  """Whether a contraction sums over the slices' own axes, as a matmul sums over a
+  weight's input axis (unknown axes: assumed so). Over the index axes only, it
+  combines looked-up rows (attention, pooling): they are its activation."""
+  if g.dims is None:
+    return True
+  return any(g.dims[v] is not None and g.dims[v][0] == "table" for v in w_contract)
 
 
 def _gathered_pooled(g: _Gathered, w_free) -> bool:
@@ -1123,8 +1140,8 @@ class _Interpreter:
     dims = []
     for v in range(out_ndim):
       if v in gp["offset_dims"]:
-        t = next(offset_axes)
-        dims.append(None if t in picked else ("table", t))
+        t = next(offset_axes)   # size 1 where picked, unless only part of slices is taken
+        dims.append(None if t in picked and gp["slice_sizes"][t] == 1 else ("table", t))
       else:
         dims.append(("index", next(batch_axes)))
     gathered = _Gathered(table, picked, (invals[1],), False, eqn.invars[1].aval.shape[:-1],
@@ -1200,14 +1217,22 @@ class _Interpreter:
           inkinds[1], "and then used as a convolution kernel, which the capture does not "
           "follow"))
       return self._bind(eqn, invals), [_DATA], [False]
+    if name in ("mul", "div") and not any(_is_param(k) for k in inkinds):
+      # Slices scaled by data (`experts[ids] * gate`): no longer the weight's values.
+      g = inkinds[0] if isinstance(inkinds[0], _Gathered) else inkinds[1]
+      others = [k for k in inkinds if k is not g]
+      if eqn.outvars[0].aval.shape == eqn.invars[inkinds.index(g)].aval.shape and not any(
+          isinstance(k, _Gathered) for k in others):
+        kind = dataclasses.replace(g, index=(), broken=g.broken or (
+            f"then scaled by `{name}` before the matmul (scale its input or output instead)"))
+        return self._bind(eqn, invals), [kind], [False]
+      return None
     if not isinstance(first, _Gathered) or jc.has_subjaxpr(eqn):
       return None
     if name in jc.IDENTITY and n_out == 1 or name in jc.LAYOUT or name in (
         jc.GATHER, jc.DYNAMIC_SLICE):
       kind = _gathered_layout(first, name, eqn) if n_out == 1 and name not in (
-          "concatenate", "pad") else dataclasses.replace(
-              first, index=(), broken=f"then laid out by `{name}`, which the capture does "
-              "not follow for gathered slices")
+          "concatenate", "pad") else _broken_by_layout(first, name)
       return self._bind(eqn, invals), [kind] * n_out, [False] * n_out
     return None
 
@@ -1215,19 +1240,22 @@ class _Interpreter:
     """Statistics of gathered slices used as the weight of a ``dot_general``.
 
     Returns whether they were recorded, or None when the slices are not the
-    weight here (the other operand is a parameter, or gathered too): then
-    they are data, as an embedding lookup's rows are.
+    weight here (the other operand is a parameter, or gathered too, or only
+    the index axes are contracted): then they are data, as an embedding
+    lookup's rows are.
     """
     sides = [i for i in (0, 1) if isinstance(inkinds[i], _Gathered)]
     if len(sides) == 2 or _is_param(inkinds[1 - sides[0]]):
       return None
     w = sides[0]
     g = inkinds[w]
+    lc, rc, lb, rb = jc.dot_dimensions(eqn)
+    a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
+    if not _contracts_table_axes(g, w_c):
+      return None
     if g.broken is not None:
       self.trace.miss({p.param for p in g.table.pieces}, _gathered_reason(g, g.broken))
       return False
-    lc, rc, lb, rb = jc.dot_dimensions(eqn)
-    a_c, w_c, a_b, w_b = (lc, rc, lb, rb) if w == 1 else (rc, lc, rb, lb)
     w_ndim, mask, tags = eqn.invars[w].aval.ndim, self.mask, self.tag(eqn.invars[1 - w])
     w_free = [v for v in range(w_ndim) if v not in w_c and v not in w_b]
     pooled = _gathered_pooled(g, w_free)

@@ -374,3 +374,32 @@ def test_out_of_range_indices_in_fill_mode_meet_no_weight():
   rows = [[_np(x)[b] for b in range(B) if int(ids[b]) == e] for e in range(E)]
   np.testing.assert_allclose(np.repeat(stats["experts"], O, -1), _per_slice(rows, (E, I, O)),
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("combine", ["attention", "bag"])
+def test_rows_combined_over_their_index_axes_are_an_activation(combine):
+  """Attention or a weighted bag over looked-up rows contracts the index axes only: the
+  rows are combined, not applied to features. The table stays without statistics (as an
+  embedding lookup's) and nothing warns; the weight after it is captured."""
+  p = {"table": normal(1, 10, I), "w": normal(2, I, O)}
+  ids, probs = jnp.array([[1, 2, 2], [9, 0, 1]]), jax.nn.softmax(normal(3, 2, 3, 3))
+
+  def fun(p, ids, probs):
+    rows = p["table"][ids]                                        # (2, 3, I)
+    mixed = (jnp.einsum("bqk,bkd->bqd", probs, rows) if combine == "attention"
+             else jnp.einsum("bk,bkd->bd", probs[:, 0], rows))
+    return jnp.sum(jnp.sin(mixed @ p["w"]))
+  stats, warned, report = _uncaptured(fun, p, ids, probs)
+  assert not warned and stats["table"] is None and report.other == ("table",)
+  assert report.matched == {"w": (I, 1)}
+
+
+def test_gathered_slices_scaled_before_their_matmul_are_reported():
+  p = {"experts": normal(1, E, I, O)}
+
+  def fun(p, x, ids, gate):
+    return jnp.sum(jnp.sin(jnp.einsum("bi,bio->bo", x, p["experts"][ids] * gate[:, None, None])))
+  stats, warned, report = _uncaptured(fun, p, normal(2, B, I), jnp.zeros(B, jnp.int32),
+                                      normal(3, B))
+  assert stats["experts"].shape == (0,) and len(warned) == 1
+  assert "scaled by `mul`" in report.unmatched["experts"]
