@@ -126,6 +126,18 @@ def has_subjaxpr(eqn) -> bool:
   return any(is_jaxpr(v) for v in eqn.params.values())
 
 
+def sub_jaxprs(eqn) -> list:
+  """The jaxprs a higher-order primitive carries (as open ``Jaxpr``s)."""
+  out = []
+  for v in eqn.params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if isinstance(x, ClosedJaxpr):
+        out.append(x.jaxpr)
+      elif isinstance(x, Jaxpr):
+        out.append(x)
+  return out
+
+
 # Parameters of the primitives the engine rebuilds through public APIs.
 def scan_params(eqn) -> dict:
   p = eqn.params

@@ -682,6 +682,20 @@ def _across_bodies(kinds, how: str, keep=()) -> list:
           else k for i, k in enumerate(kinds)]
 
 
+def _contracts_inside(eqn) -> bool:
+  """Whether a higher-order primitive's body has a contraction anywhere (gathered
+  slices passed in may be a weight there; ``relu``'s or ``clip``'s body has none,
+  and is bound as is)."""
+  todo = jc.sub_jaxprs(eqn)
+  while todo:
+    jaxpr = todo.pop()
+    for e in jaxpr.eqns:
+      if e.primitive.name in (jc.DOT, jc.CONV):
+        return True
+      todo.extend(jc.sub_jaxprs(e))
+  return False
+
+
 def _contracts_table_axes(g: _Gathered, w_contract) -> bool:
   """Whether a contraction sums over the slices' own axes, as a matmul sums over a
   weight's input axis (unknown axes: assumed so). Over the index axes only, it
@@ -951,7 +965,7 @@ class _Interpreter:
         return done
     if not any(_is_param(k) for k in inkinds) and (
         not any(isinstance(k, _Mixed) for k in inkinds) or name not in (jc.DOT, jc.CONV)) and (
-        not any(isinstance(k, _Gathered) for k in inkinds) or not jc.has_subjaxpr(eqn)):
+        not any(isinstance(k, _Gathered) for k in inkinds) or not _contracts_inside(eqn)):
       outs = self._bind(eqn, invals)
       if name in (jc.DOT, jc.CONV, jc.GATHER) or jc.has_subjaxpr(eqn):
         kind = _DATA if any(_is_data(k) for k in inkinds) else _CONST

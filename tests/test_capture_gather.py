@@ -403,3 +403,19 @@ def test_gathered_slices_scaled_before_their_matmul_are_reported():
                                       normal(3, B))
   assert stats["experts"].shape == (0,) and len(warned) == 1
   assert "scaled by `mul`" in report.unmatched["experts"]
+
+
+def test_looked_up_rows_through_activation_functions_keep_the_fast_route():
+  """``relu`` (a custom_jvp) and ``clip`` (a nested jit) hold no contraction: looked-up
+  rows pass through them as data, with no fallback to the evaluating route."""
+  from adaact_optax import capture
+  p = {"table": normal(1, 10, I), "w": normal(2, I, O)}
+
+  def fun(p, ids):
+    rows = jnp.clip(jax.nn.relu(p["table"][ids]), 0.0, 1.0)
+    return jnp.sum(jnp.sin(rows @ p["w"]))
+  ids = jnp.array([1, 2, 2, 9])
+  done = capture._capture_differentiated(fun, False, p, (ids,), {}, None, None)
+  assert done is not None
+  rows = np.clip(np.maximum(_np(p["table"])[np.asarray(ids)], 0), 0, 1)
+  np.testing.assert_allclose(done[2][1][:, 0], mean_sq(rows, 0), rtol=1e-6)

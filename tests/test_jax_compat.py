@@ -166,6 +166,19 @@ def test_unknown_higher_order_primitive_is_detected():
     assert not jc.has_subjaxpr(_eqns(lambda w: w * 2, W)[0])
 
 
+def test_sub_jaxprs_of_each_higher_order_primitive():
+  def f(w, x):
+    y = lax.cond(x.sum() > 0, lambda a: a @ w, lambda a: a * 2.0, x)
+    y = jax.checkpoint(lambda a: a @ w)(y)
+    y, _ = lax.scan(lambda c, _: (c @ w, None), y, None, length=2)
+    return jax.jit(lambda a: a @ w)(y)
+  counts = {("remat" if e.primitive.name in jc.REMAT else e.primitive.name): len(jc.sub_jaxprs(e))
+            for e in _eqns(f, jnp.ones((3, 3)), X) if jc.has_subjaxpr(e)}
+  assert counts == {jc.COND: 2, "remat": 1, jc.SCAN: 1, "jit": 1}, counts
+  assert all(isinstance(j, jc.Jaxpr) for e in _eqns(f, jnp.ones((3, 3)), X)
+             for j in jc.sub_jaxprs(e))
+
+
 def test_a_jaxpr_with_extra_outputs_is_called_as_one_inlined_jit():
   c = jnp.arange(3.0)  # a constant captured by the jaxpr (a constvar)
 
