@@ -24,6 +24,8 @@ docs/statistics.md states the layout for users:
 * A float32 leaf of shape ``UNCAPTURED_SHAPE == (0,)`` marks a parameter a
   capture saw multiply an activation but could not record: it is unmatched
   (``unmatched="error"`` refuses it).
+* An element equal to ``NO_ROWS == -0.0`` marks a feature that met no rows
+  this step: the transforms leave its second moment as it was.
 * AdaAct's second moment ``nu`` has the keep-rank shape of the statistics:
   by default ``K[:-1] + (1,)`` for rank >= 2, ``(1,)`` for vectors, ``()``
   for scalars; ``stats_shapes=`` overrides it.
@@ -43,6 +45,10 @@ PyTree = Any
 
 #: Shape of the statistics leaf that marks an uncaptured weight.
 UNCAPTURED_SHAPE: tuple[int, ...] = (0,)
+
+#: The statistic of a feature that met no rows this step (IEEE negative zero):
+#: the transforms leave that feature's second moment as it was.
+NO_ROWS: float = -0.0
 
 
 def path_name(path) -> str:
@@ -83,6 +89,30 @@ def is_uncaptured(x) -> bool:
     (True, False)
   """
   return x is not None and _shape_of(x) == UNCAPTURED_SHAPE
+
+
+def is_no_rows(a) -> jax.Array:
+  """Where a statistics array holds the no-rows marker ``NO_ROWS`` (``-0.0``).
+
+  A feature that met no rows in a step (a weight in the ``lax.cond`` branch
+  not taken, an expert routed no tokens) has no mean square; the capture
+  gives it ``-0.0``, which a real mean square never is, and AdaAct keeps
+  that feature's second moment. ``+0.0`` (rows of zeros) and NaNs are not
+  the marker.
+
+  Args:
+    a: a statistics array.
+
+  Returns:
+    A bool array of ``a``'s shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adaact_optax import layout
+    >>> layout.is_no_rows(jnp.array([-0.0, 0.0, 2.0, -jnp.nan])).tolist()
+    [True, False, False, False]
+  """
+  return (a == 0) & jnp.signbit(a)
 
 
 def default_moment_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -137,8 +137,7 @@ class MultiSteps:
     stats = _alignment.align(activation_stats, updates, state.acc_stats)
     is_none = lambda x: x is None
     n = state.mini_step.astype(jnp.float32)
-    # Welford running mean, the same update MultiSteps applies to the gradients.
-    acc = jax.tree.map(lambda m, a: m if a is None else m + (a - m) / (n + 1),
+    acc = jax.tree.map(lambda m, a: m if a is None else _running_mean(m, a, n),
                        state.acc_stats, stats, is_leaf=is_none)
     mean_stats = jax.tree.map(lambda m, a: None if a is None else m, acc, stats,
                               is_leaf=is_none)
@@ -160,6 +159,20 @@ class MultiSteps:
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
     """``init`` and ``update`` as a transformation (for ``TrainState``, ``nnx.Optimizer``)."""
     return optax.GradientTransformationExtraArgs(init=self.init, update=self.update)
+
+
+def _running_mean(mean: jax.Array, a: jax.Array, n: jax.Array) -> jax.Array:
+  """The mean of ``n`` micro-batches' statistics updated with an ``n+1``-th, ``a``.
+
+  Welford's update, the one MultiSteps applies to the gradients. The
+  capture's no-rows marker ``-0.0`` counts as 0 in the mean, and the mean
+  stays ``-0.0`` while no micro-batch had rows (``+0.0 + -0.0`` would be
+  ``+0.0``, and the accumulator starts at ``+0.0``), so AdaAct still leaves
+  that feature's second moment untouched.
+  """
+  new = mean + (a - mean) / (n + 1)
+  no_rows = _alignment.is_no_rows(a) & (_alignment.is_no_rows(mean) | (n == 0))
+  return jnp.where(no_rows, jnp.float32(_alignment.NO_ROWS), new)
 
 
 def _with_stats(state: optax.MultiStepsState, acc_stats: Any) -> MultiStepsState:

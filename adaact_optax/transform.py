@@ -184,6 +184,40 @@ def _step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.A
   return jnp.where(denominator == 0, 0.0, 1 / denominator)
 
 
+def _keep_where_no_rows(a: jax.Array, v_old: jax.Array, v_new: jax.Array) -> jax.Array:
+  """``v_new``, but ``v_old`` at features whose statistic is the no-rows marker.
+
+  The capture marks a feature that met no rows this step (a weight in the
+  ``cond`` branch not taken, an expert routed no tokens) with ``-0.0``: its
+  second moment is left as it was instead of decaying towards 0.
+  """
+  return jnp.where(_alignment.is_no_rows(a), v_old, v_new)
+
+
+def _pmean_keeping_no_rows(stats, axis_name: str):
+  """``lax.pmean`` of the statistics across devices, keeping the no-rows marker.
+
+  A sum of ``-0.0``s reduces to ``+0.0``, so the marker is encoded in the
+  sum itself, keeping one all-reduce of the statistics' own size: a device
+  without rows sends ``-tiny``, one with rows ``a + n * tiny`` (``tiny`` the
+  smallest normal float32, ``n`` devices). The sum is negative exactly when
+  no device had rows (then ``-0.0``); otherwise it is the sum of the
+  devices' statistics (a device without rows counts as 0) plus at most
+  ``n**2 * tiny``, below float32 rounding for any mean square above about
+  ``n * 1e-31``.
+  """
+  n = jax.lax.axis_size(axis_name)
+  tiny = np.float32(np.finfo(np.float32).tiny)
+
+  def encode(a):
+    a = jnp.asarray(a, jnp.float32)
+    return jnp.where(_alignment.is_no_rows(a), -tiny, a + np.float32(n) * tiny)
+
+  total = jax.lax.psum(jax.tree.map(encode, stats), axis_name)
+  decode = lambda s: jnp.where((s < 0) & jnp.isfinite(s), jnp.float32(_alignment.NO_ROWS), s / n)
+  return jax.tree.map(decode, total)
+
+
 def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name):
   """The checks every statistics-taking ``update`` makes, then the aligned statistics."""
   if not isinstance(state, state_type):
@@ -191,7 +225,7 @@ def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name
   if activation_stats is None:
     raise _missing_stats_error()
   if axis_name is not None:  # one mean over the devices' rows
-    activation_stats = jax.lax.pmean(activation_stats, axis_name)
+    activation_stats = _pmean_keeping_no_rows(activation_stats, axis_name)
   return _alignment.align(activation_stats, updates, state.nu)
 
 
@@ -235,6 +269,15 @@ def scale_by_adaact(
   infinite update). Parameters without statistics (norm scales, ...) pass the raw gradient
   (``unmatched="sgd"``, the authors' rule) or :math:`\hat M_t`
   (``unmatched="momentum"``).
+
+  A statistic of ``-0.0`` (IEEE negative zero, ``jnp.signbit`` set) means
+  "no rows this step": the capture gives it to a weight in the ``cond``
+  branch not taken, an expert routed no tokens, a stacked slice no iteration
+  used. That feature's :math:`V` is left as it was (not decayed towards 0);
+  :math:`M` and the step are updated as usual (with the gradient, zero for
+  an unused weight). A real mean square is never negative, so the marker
+  costs nothing; ``MultiSteps`` and ``axis_name`` averaging keep it where
+  every micro-batch (device) had no rows and count it as 0 otherwise.
 
   A step whose statistics are not all finite (an input that overflows
   float32 when squared, a NaN) is skipped as ``optax.apply_if_finite``
@@ -349,7 +392,7 @@ def scale_by_adaact(
       if a is None:
         u = m_new * jnp.where(ok, 1 / bc1, 0.0)
       else:
-        v = decay2 * v + (1 - decay2) * jnp.where(ok, a, 0.0)
+        v = _keep_where_no_rows(a, v, decay2 * v + (1 - decay2) * jnp.where(ok, a, 0.0))
         # 1/bc1 is folded into the small per-input-feature scale, so each weight
         # costs one multiply and no divide; as one reciprocal (not a product of
         # two) XLA:CPU compiles it identically with constant and with
@@ -410,7 +453,9 @@ def scale_by_activation_rms(
   A bias's statistic is the constant 1, so it is divided by ``1 + eps``;
   with ``eps=0`` a feature whose ``V_hat`` is 0 gets a zero update (not
   0/0); the updates of parameters without statistics (or with the UNCAPTURED
-  marker) pass through unchanged. A step whose statistics are not finite
+  marker) pass through unchanged. A ``-0.0`` statistic (no rows this step,
+  see :func:`scale_by_adaact`) leaves that feature's ``V`` as it was. A step
+  whose statistics are not finite
   gives zero updates and leaves ``nu`` and ``count`` unchanged (``skipped``
   counts it); the other transformations of a chain still update their own
   state. AdaAct is the chain::
@@ -465,7 +510,7 @@ def scale_by_activation_rms(
     def leaf(path, u, v, a):
       if a is None:
         return u, v
-      v = b2_ * v + (1 - b2_) * a
+      v = _keep_where_no_rows(a, v, b2_ * v + (1 - b2_) * a)
       scale = _step_scale(v / bc2, power, eps_)
       out = _alignment.apply_scale(u.astype(_compute_dtype(u)), scale, _alignment.path_name(path))
       return out.astype(u.dtype), v

@@ -99,6 +99,13 @@ def test_dot_conv_gather_params():
   gp = jc.gather_params(gathers[0])
   assert gp["collapsed"] == (0,) and gp["start_index_map"] == (0,)
   assert gp["slice_sizes"] == (1, 4) and gp["batching"] == ()
+  assert not gp["clips"]   # jnp.take fills out-of-range rows; indexing clamps them
+  (index,) = [e for e in _eqns(lambda t, i: t[i], table, jnp.array([1, 2]))
+              if e.primitive.name == jc.GATHER]
+  assert jc.gather_params(index)["clips"]
+  (dyn,) = [e for e in _eqns(lambda t, i: lax.dynamic_slice(t, (i, 0), (1, 4)), table, 1)
+            if e.primitive.name == jc.DYNAMIC_SLICE]
+  assert dyn.params["slice_sizes"] == (1, 4) and len(dyn.invars) == 3
 
 
 def test_layout_primitive_names_and_params():
@@ -158,6 +165,19 @@ def test_unknown_higher_order_primitive_is_detected():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert not jc.has_subjaxpr(_eqns(lambda w: w * 2, W)[0])
+
+
+def test_sub_jaxprs_of_each_higher_order_primitive():
+  def f(w, x):
+    y = lax.cond(x.sum() > 0, lambda a: a @ w, lambda a: a * 2.0, x)
+    y = jax.checkpoint(lambda a: a @ w)(y)
+    y, _ = lax.scan(lambda c, _: (c @ w, None), y, None, length=2)
+    return jax.jit(lambda a: a @ w)(y)
+  counts = {("remat" if e.primitive.name in jc.REMAT else e.primitive.name): len(jc.sub_jaxprs(e))
+            for e in _eqns(f, jnp.ones((3, 3)), X) if jc.has_subjaxpr(e)}
+  assert counts == {jc.COND: 2, "remat": 1, jc.SCAN: 1, "jit": 1}, counts
+  assert all(isinstance(j, jc.Jaxpr) for e in _eqns(f, jnp.ones((3, 3)), X)
+             for j in jc.sub_jaxprs(e))
 
 
 def test_a_jaxpr_with_extra_outputs_is_called_as_one_inlined_jit():
