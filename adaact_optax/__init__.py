@@ -13,21 +13,29 @@ from adaact_optax import capture, layout, moments, sharding
 from adaact_optax.capture import (
     ArgumentOrderWarning, CoverageReport, UncapturedWeightWarning, coverage, stats_shapes,
     value_grad_and_stats)
-from adaact_optax.accumulation import MultiSteps, MultiStepsState
-from adaact_optax.diagnostics import activation_summary, scaling_summary
-from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
-                                    migrate_state, scale_by_activation_rms, scale_by_adaact)
+from adaact_optax._src.accumulation import MultiSteps, MultiStepsState
+from adaact_optax._src.diagnostics import activation_summary, scaling_summary
+from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
+                                         migrate_state, scale_by_activation_rms, scale_by_adaact)
 
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers
   from adaact_optax import linen, nnx
-  from adaact_optax.train_state import TrainState
+  from adaact_optax._src.flax.train_state import TrainState
 
 # Public attribute -> (module, attribute or None for the module itself), imported on first use.
 _LAZY = {
     "linen": ("adaact_optax.linen", None),
     "nnx": ("adaact_optax.nnx", None),
-    "TrainState": ("adaact_optax.train_state", "TrainState"),
+    "TrainState": ("adaact_optax._src.flax.train_state", "TrainState"),
 }
+
+
+# Documented, doctested and pickled as members of this package.
+for _obj in (MultiSteps, MultiStepsState, activation_summary, scaling_summary,
+             ScaleByActivationRMSState, ScaleByAdaActState, adaact, migrate_state,
+             scale_by_activation_rms, scale_by_adaact):
+  _obj.__module__ = __name__
+del _obj
 
 
 def __getattr__(name: str):

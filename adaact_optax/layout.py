@@ -8,18 +8,18 @@ weight a capture saw but could not record; an element equal to ``NO_ROWS``
 (``-0.0``) a feature that met no rows this step. See docs/statistics.md.
 """
 
-from adaact_optax import _alignment
-from adaact_optax._alignment import (is_no_rows, is_uncaptured, keep_rank_shape, to_keep_rank,
+from adaact_optax._src import alignment
+from adaact_optax._src.alignment import (is_no_rows, is_uncaptured, keep_rank_shape, to_keep_rank,
                                      with_statistics)
 
 #: The shape, ``(0,)``, of the float32 statistics leaf that marks a weight a capture saw but
 #: could not record (the same object as ``adaact_optax.capture.UNCAPTURED_SHAPE``).
-UNCAPTURED_SHAPE = _alignment.UNCAPTURED_SHAPE
+UNCAPTURED_SHAPE = alignment.UNCAPTURED_SHAPE
 
 #: ``-0.0``: the value of a statistics element whose feature met no rows this step (a weight in
 #: the ``cond`` branch not taken, an expert routed no tokens); the transforms keep its second
 #: moment. See :func:`is_no_rows`.
-NO_ROWS = _alignment.NO_ROWS
+NO_ROWS = alignment.NO_ROWS
 
 __all__ = ["NO_ROWS", "UNCAPTURED_SHAPE", "is_no_rows", "is_uncaptured", "keep_rank_shape",
            "to_keep_rank", "with_statistics"]

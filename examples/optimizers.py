@@ -69,7 +69,7 @@ def adaact_with_unmatched_optimizer(adaact_tx, unmatched_tx, stats_shapes):
   """AdaAct on the parameters with statistics, ``unmatched_tx`` on the rest.
 
   The ``optax.partition`` that ``adaact(..., unmatched=<optax
-  transformation>)`` packages (bit-identical, tests/test_lm.py):
+  transformation>)`` packages (bit-identical, tests/end_to_end/test_lm.py):
   ``unmatched_tx`` is applied as given (its own learning rate, schedule and
   weight decay) and its state covers the unmatched parameters only. Built
   here by hand so the examples' injected peak learning rate can scale

@@ -53,8 +53,10 @@ def test_code_blocks_run(path, tmp_path, monkeypatch):
 
 
 def _modules():
+  # Every module, the private implementation (adaact_optax._src) included: a function's
+  # doctest runs in the module that defines it, a re-exported class's in its public module.
   names = [adaact_optax.__name__]
-  names += [m.name for m in pkgutil.iter_modules(adaact_optax.__path__, "adaact_optax.")]
+  names += [m.name for m in pkgutil.walk_packages(adaact_optax.__path__, "adaact_optax.")]
   return sorted(names)
 
 
@@ -155,7 +157,7 @@ def test_math_is_rendered_by_the_mathjax_shipped_with_the_site(site):
 
 @pytest.mark.slow  # builds the whole site
 def test_notebook_page_shows_its_outputs(site):
-  # The notebook is committed without outputs (tests/test_notebook.py); the build executes it.
+  # The notebook is committed without outputs (tests/end_to_end/test_notebook.py); the build executes it.
   text = (site / "quickstart.html").read_text()
   acc = re.findall(r"test accuracy (\d\.\d+)", text)
   assert len(acc) == 1 and float(acc[0]) > 0.8, acc

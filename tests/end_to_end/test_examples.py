@@ -10,7 +10,7 @@ import pytest
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from adaact_optax import _alignment as matching
+from adaact_optax._src import alignment as matching
 from examples import data as data_lib
 from examples import models
 from examples import train
@@ -265,7 +265,7 @@ def _cli(tmp_path, optimizer, *extra):
 
 @pytest.mark.parametrize("optimizer", ["adaact", "adaact-adam", "sgd", "adam", "adamw"])
 def test_cli_training_run_lowers_the_loss(tmp_path, capsys, monkeypatch, optimizer):
-  # The LM tests (tests/test_lm.py) run every optimizer; these the image CLI.
+  # The LM tests (tests/end_to_end/test_lm.py) run every optimizer; these the image CLI.
   if not optimizer.startswith("adaact"):  # the others must not pay for statistics capture
     monkeypatch.setattr(aa_linen, "apply", lambda *a, **k: pytest.fail("captured for " + optimizer))
   result = train.main(_cli(tmp_path, optimizer))

@@ -14,7 +14,7 @@ import pytest
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from adaact_optax import _alignment as matching
+from adaact_optax._src import alignment as matching
 from examples import compare
 from examples import lm
 from examples import lm_data

@@ -1,7 +1,7 @@
 """notebooks/quickstart.ipynb is committed without outputs.
 
 The documentation build executes it (``nb_execution_mode = "force"`` in docs/conf.py, a failing
-cell fails the build) and tests/test_docs.py checks that its page shows the test accuracy and the
+cell fails the build) and tests/end_to_end/test_docs.py checks that its page shows the test accuracy and the
 figure, so the outputs a reader sees are always those of the current code.
 """
 

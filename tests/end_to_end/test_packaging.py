@@ -24,7 +24,7 @@ def test_py_typed_marker_is_package_data():
 
 
 def test_docs_tooling_is_the_docs_extra_and_in_the_test_extra():
-  # tests/test_docs.py builds the site; the README's test command installs the test extra.
+  # tests/end_to_end/test_docs.py builds the site; the README's test command installs the test extra.
   extras = PYPROJECT["project"]["optional-dependencies"]
   docs = {re.split(r"[<>=\[]", requirement)[0] for requirement in extras["docs"]}
   for package in ("sphinx", "myst-nb", "myst-parser", "sphinx-book-theme",
@@ -60,3 +60,77 @@ def test_sdist_ships_the_library_without_a_partial_test_suite(tmp_path):
   assert "adaact_optax/__init__.py" in names and "adaact_optax/py.typed" in names
   assert "LICENSE" in names and "README.md" in names
   assert not [n for n in names if n.startswith(("tests/", "docs/", "examples/"))], names
+
+
+def _package_imports():
+  """{module: {(imported module, names)}} for every import statement in adaact_optax,
+  the ones inside functions (lazy imports) included."""
+  import ast
+  graph = {}
+  for path in sorted((ROOT / "adaact_optax").rglob("*.py")):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    package = module if parts[-1] == "__init__" else module.rpartition(".")[0]
+    edges = graph.setdefault(module, set())
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        edges |= {(a.name, ()) for a in node.names if a.name.startswith("adaact_optax")}
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+          base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                          + ([base] if base else []))
+        if base.startswith("adaact_optax"):
+          edges.add((base, tuple(a.name for a in node.names)))
+  return graph
+
+
+def test_the_package_has_no_import_cycles():
+  graph = _package_imports()
+  modules = set(graph)
+
+  def targets(module):
+    for base, names in graph[module]:
+      # "from pkg import mod" names a module; "from mod import f" names the module itself.
+      subs = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules]
+      yield from subs or ([base] if base in modules else [])
+
+  state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+  def visit(module, path):
+    state[module] = 1
+    for target in targets(module):
+      if target == "adaact_optax" and module != "adaact_optax":
+        raise AssertionError(f"{module} imports the package root (its __init__)")
+      if state.get(target) == 1:
+        raise AssertionError("import cycle: " + " -> ".join(path + [module, target]))
+      if target not in state:
+        visit(target, path + [module])
+    state[module] = 2
+
+  for module in sorted(modules):
+    if module not in state:
+      visit(module, [])
+
+
+def test_no_module_imports_another_modules_private_names():
+  graph = _package_imports()
+  crossing = sorted(f"{module} <- {base}.{name}" for module, edges in graph.items()
+                    for base, names in edges for name in names
+                    if name.startswith("_") and not name.startswith("__"))
+  assert not crossing, crossing
+
+
+def test_flax_is_imported_only_by_the_flax_layer():
+  import ast
+  offenders = []
+  for path in sorted((ROOT / "adaact_optax").rglob("*.py")):
+    rel = path.relative_to(ROOT).as_posix()
+    if rel.startswith("adaact_optax/_src/flax/") or rel in ("adaact_optax/linen.py",
+                                                            "adaact_optax/nnx.py"):
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      offenders += [f"{rel}: {n}" for n in names if n == "flax" or n.startswith("flax.")]
+  assert not offenders, offenders

@@ -187,7 +187,7 @@ def test_grouped_convention_matches_flax_connectivity():
     x = x0.at[0, 0, c].set(1.0)
     grad = jax.grad(lambda p: layer.apply({"params": p}, x).sum())(params)["kernel"]
     marker = jnp.zeros((1, 4)).at[0, c].set(1.0)
-    mapped = adaact_optax._alignment.apply_scale(jnp.ones((1, 2, 6)), marker, "kernel")
+    mapped = adaact_optax._src.alignment.apply_scale(jnp.ones((1, 2, 6)), marker, "kernel")
     np.testing.assert_array_equal(np.asarray(grad) != 0, np.asarray(mapped) != 0)
 
 

@@ -18,7 +18,7 @@ from test_parity import _close, _tree  # the Linen parity test's fixture helpers
 
 
 def _flat(tree):
-  return {adaact_optax._alignment.path_name(p): np.asarray(v)
+  return {adaact_optax._src.alignment.path_name(p): np.asarray(v)
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -460,7 +460,7 @@ def test_stats_shapes_for_grouped_convs_and_training_step():
   x = jax.random.normal(jax.random.key(5), (3, 5, 5, 4))
   before = _flat(nnx.state(model))
   shapes = aa_nnx.stats_shapes(model, x)
-  assert {adaact_optax._alignment.path_name(p): s.shape
+  assert {adaact_optax._src.alignment.path_name(p): s.shape
           for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]} == {
       "conv/kernel": (3, 3, 2, 2), "conv/bias": (1,), "head/kernel": (6, 1), "head/bias": (1,)}
   after = _flat(nnx.state(model))

@@ -10,7 +10,7 @@ from flax import nnx
 
 import adaact_optax
 from adaact_optax import nnx as aa_nnx
-from adaact_optax.diagnostics import activation_summary, scaling_summary
+from adaact_optax import activation_summary, scaling_summary
 
 
 def _hand_state():

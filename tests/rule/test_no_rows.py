@@ -140,7 +140,7 @@ def test_multisteps_keeps_the_marker_only_while_no_micro_batch_had_rows():
 
 
 def test_running_mean_of_the_marker():
-  from adaact_optax.accumulation import _running_mean
+  from adaact_optax._src.accumulation import _running_mean
   z, m = jnp.float32(0.0), jnp.float32(-0.0)
   mean = _running_mean(z, m, jnp.float32(0))           # first micro-batch: no rows
   assert _is_no_rows(mean)

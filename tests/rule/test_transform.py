@@ -150,7 +150,7 @@ def test_prefix_statistics_fill_multi_output_kernels():
 def test_grouped_kernels_broadcast_per_group():
   # kernel (k, C/G, C_out) with C=4, G=2, C_out=6: output j reads input channel (j // 3) * 2 + i.
   v = jnp.arange(1.0, 4 * 2 + 1).reshape(2, 4)
-  got = adaact_optax._alignment.apply_scale(jnp.ones((2, 2, 6)), v, "conv/kernel")
+  got = adaact_optax._src.alignment.apply_scale(jnp.ones((2, 2, 6)), v, "conv/kernel")
   expected = np.array([[[v[o, (j // 3) * 2 + i] for j in range(6)] for i in range(2)] for o in range(2)])
   np.testing.assert_array_equal(got, expected)
 
@@ -247,7 +247,7 @@ def _repeat_reference(x, stat):
 def test_apply_scale_equals_repeating_the_statistics(param_shape, stat_shape):
   x = jax.random.normal(jax.random.key(0), param_shape)
   stat = jax.random.uniform(jax.random.key(1), stat_shape, minval=0.5, maxval=2.0)
-  got = adaact_optax._alignment.apply_scale(x, stat, "layer/kernel")
+  got = adaact_optax._src.alignment.apply_scale(x, stat, "layer/kernel")
   np.testing.assert_array_equal(got, _repeat_reference(x, np.asarray(stat)))
 
 
@@ -316,7 +316,7 @@ def test_uncaptured_marker_is_unmatched():
   params, grads, stats = _uncaptured_setup()
   assert adaact_optax.layout.is_uncaptured(stats["quant"]["kernel"])
   assert not adaact_optax.layout.is_uncaptured(stats["dense"]["kernel"])
-  assert adaact_optax._alignment.uncaptured_paths(stats) == ["quant/kernel"]
+  assert adaact_optax._src.alignment.uncaptured_paths(stats) == ["quant/kernel"]
   tx = adaact_optax.scale_by_adaact()
   updates, state = jax.jit(lambda s: tx.update(grads, tx.init(params), activation_stats=s))(stats)
   np.testing.assert_array_equal(updates["quant"]["kernel"], grads["quant"]["kernel"])  # sgd

@@ -1,7 +1,7 @@
-"""Subprocess for tests/test_checkpoint.py: train, checkpoint with Orbax, resume.
+"""Subprocess for tests/scaling/test_checkpoint.py: train, checkpoint with Orbax, resume.
 
-  python tests/checkpoint_job.py {linen,nnx} run    DIR  # steps 0..S-1, save at S, go on to S+N
-  python tests/checkpoint_job.py {linen,nnx} resume DIR  # fresh process: restore, go on to S+N
+  python tests/scaling/checkpoint_job.py {linen,nnx} run    DIR  # steps 0..S-1, save at S, go on to S+N
+  python tests/scaling/checkpoint_job.py {linen,nnx} resume DIR  # fresh process: restore, go on to S+N
 
 ``run`` writes DIR/run.npz (final params, and nu/count at the save);
 ``resume`` writes DIR/resume.npz (restored nu/count, final params),
@@ -24,7 +24,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import adaact_optax
-from adaact_optax import _alignment as matching
+from adaact_optax._src import alignment as matching
 from adaact_optax import nnx as aa_nnx
 from conftest import linen_loss_grads_and_stats
 

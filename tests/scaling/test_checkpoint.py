@@ -1,6 +1,6 @@
 """Orbax checkpoints: a resume in a fresh process continues bit for bit.
 
-tests/checkpoint_job.py trains a tiny model on digits, saving mid-training
+tests/scaling/checkpoint_job.py trains a tiny model on digits, saving mid-training
 (``run``), then a second process restores and continues (``resume``). Both
 are subprocesses, so nothing but the checkpoint carries over.
 """

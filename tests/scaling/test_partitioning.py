@@ -32,7 +32,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from adaact_optax import _alignment as matching, moments
+from adaact_optax import moments
+from adaact_optax._src import alignment as matching
 from adaact_optax import nnx as aa_nnx
 from adaact_optax import sharding as aa_sharding
 from conftest import linen_train_step
@@ -364,7 +365,7 @@ def assert_sharded(tree, specs, mesh, got=None):
 
 
 def assert_parity(actual, expected):
-  # The parity tolerance of tests/test_parity.py.
+  # The parity tolerance of tests/rule/test_parity.py.
   def close(path, a, e):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
     ok = np.abs(a - e) <= 1e-5 + 1e-4 * np.abs(e)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from adaact_optax import _alignment
-from adaact_optax import moments
+from adaact_optax._src import alignment
+from adaact_optax._src import moments
 from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture.assemble import finalize
 from adaact_optax._src.capture.kinds import DATA, NeedsEvaluation, identity_view
@@ -49,7 +49,7 @@ def split_dynamic(args, kwargs):
 def flat_inputs(params, args, kwargs):
   """``(treedef, paths, parameter leaves, array args, rebuild)`` for both capture routes."""
   flat, treedef = tree_util.tree_flatten_with_path(params)
-  paths = [_alignment.path_name(p) for p, _ in flat]
+  paths = [alignment.path_name(p) for p, _ in flat]
   dyn_vals, rebuild = split_dynamic(args, kwargs)
   return treedef, paths, [jnp.asarray(x) for _, x in flat], dyn_vals, rebuild
 
@@ -61,7 +61,7 @@ def check_version():
   if not jc.is_tested_version() and not _version_warned:
     _version_warned.append(True)
     warnings.warn(f"adaact_optax.capture was tested on jax {jc.TESTED_JAX[0]}..{jc.TESTED_JAX[1]}, "
-                  f"not {jax.__version__}: run tests/test_jax_compat.py to check the internals "
+                  f"not {jax.__version__}: run tests/capture/test_jax_compat.py to check the internals "
                   "it reads", stacklevel=3)
 
 
@@ -254,7 +254,7 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
     ((3, 1), (1,))
   """
   def g(params, *args, row_mask=None, **kwargs):
-    shapes = {_alignment.path_name(k): jnp.shape(v)
+    shapes = {alignment.path_name(k): jnp.shape(v)
               for k, v in tree_util.tree_flatten_with_path(params)[0]}
     route = capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask)
     if route is None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 import numpy as np
 
-from adaact_optax import _alignment
+from adaact_optax._src import alignment
 from adaact_optax._src.capture.kinds import Factor, Unsupported, norm
 from adaact_optax._src.capture.report import CoverageReport
 from adaact_optax._src.capture.sums import Contribution, pad_zeros, xp
@@ -163,7 +163,7 @@ def finalize(trace: Trace, contributions, paths, shapes):
       except Unsupported as e:
         trace.uncaptured[i] = str(e)
     if i in trace.uncaptured:
-      stat = jnp.zeros(_alignment.UNCAPTURED_SHAPE, jnp.float32)
+      stat = jnp.zeros(alignment.UNCAPTURED_SHAPE, jnp.float32)
       unmatched[path] = trace.uncaptured[i]
     elif stat is not None:
       matched[path] = tuple(stat.shape)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adaact_optax import moments
+from adaact_optax._src import moments
 from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture.kinds import (CONST, DATA, Mixed, Opaque, View, is_data, is_param,
                                               opaque, param_sources)

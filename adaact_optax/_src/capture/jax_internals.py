@@ -6,7 +6,7 @@ a few primitives and on how an equation is re-bound. Those are not public API
 and have moved between JAX releases (``pjit`` became ``jit``;
 ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``;
 ``Primitive.get_bind_params`` once returned ``(subfuns, params)``). Each such
-fact lives here, and ``tests/test_jax_compat.py`` checks every one of them
+fact lives here, and ``tests/capture/test_jax_compat.py`` checks every one of them
 against the installed JAX, so a release that moves one fails loudly there
 rather than silently dropping statistics.
 """

@@ -62,7 +62,7 @@ def other(walker, eqn, invals, inkinds, in_mm):
 OTHER = Rule(other)
 
 # Names that moved between JAX releases are grouped (``pjit`` became ``jit``,
-# ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``); tests/test_jax_compat.py
+# ``custom_vjp_call_jaxpr`` became ``custom_vjp_call``); tests/capture/test_jax_compat.py
 # checks the installed JAX against every group here.
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})  # inlined
 REMAT = frozenset({"checkpoint", "remat2", "remat"})

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaact_optax import _alignment
-from adaact_optax.transform import _missing_stats_error, _not_a_state_error
+from adaact_optax._src import alignment, boxes
+from adaact_optax._src.transform import _missing_stats_error, _not_a_state_error
 
 
 class MultiStepsState(NamedTuple):
@@ -117,7 +117,7 @@ class MultiSteps:
 
   def init(self, params: optax.Params) -> MultiStepsState:
     """``optax.MultiSteps.init``'s state plus zero ``acc_stats``."""
-    acc_stats = _alignment.moment_zeros(params, self._stats_shapes)
+    acc_stats = boxes.moment_zeros(params, self._stats_shapes)
     return _with_stats(self._multi_steps.init(params), acc_stats)
 
   def update(self, updates: optax.Updates, state: MultiStepsState,
@@ -134,7 +134,7 @@ class MultiSteps:
     if activation_stats is None:
       raise _missing_stats_error()
     # Per-parameter, state-shaped statistics (None where a parameter has none).
-    stats = _alignment.align(activation_stats, updates, state.acc_stats)
+    stats = alignment.align(activation_stats, updates, state.acc_stats)
     is_none = lambda x: x is None
     n = state.mini_step.astype(jnp.float32)
     acc = jax.tree.map(lambda m, a: m if a is None else _running_mean(m, a, n),
@@ -171,8 +171,8 @@ def _running_mean(mean: jax.Array, a: jax.Array, n: jax.Array) -> jax.Array:
   that feature's second moment untouched.
   """
   new = mean + (a - mean) / (n + 1)
-  no_rows = _alignment.is_no_rows(a) & (_alignment.is_no_rows(mean) | (n == 0))
-  return jnp.where(no_rows, jnp.float32(_alignment.NO_ROWS), new)
+  no_rows = alignment.is_no_rows(a) & (alignment.is_no_rows(mean) | (n == 0))
+  return jnp.where(no_rows, jnp.float32(alignment.NO_ROWS), new)
 
 
 def _with_stats(state: optax.MultiStepsState, acc_stats: Any) -> MultiStepsState:

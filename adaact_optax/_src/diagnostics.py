@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from adaact_optax import _alignment
-from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
+from adaact_optax._src import alignment
+from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
                                     _step_scale)
 
 # States holding AdaAct's second moment `nu` and its `count`.
@@ -128,11 +128,11 @@ def _v_hat_leaves(caller: str, opt_state: Any, given: dict):
     bias_correction = 1 - jnp.asarray(h["b2"], jnp.float32) ** count.astype(jnp.float32)
     bias_correction = jnp.where(count > 0, bias_correction, 1.0)  # nu is 0 before step 1
     mus = {} if not hasattr(state, "mu") else {
-        _alignment.path_name(p): m for p, m in jax.tree.leaves_with_path(state.mu)}
+        alignment.path_name(p): m for p, m in jax.tree.leaves_with_path(state.mu)}
     for path, nu in jax.tree.leaves_with_path(state.nu):
       if jnp.size(nu) <= 1:  # a bias, a norm scale, an uncaptured marker: nothing to summarise
         continue
-      name = _alignment.path_name(path)
+      name = alignment.path_name(path)
       if name in seen:
         raise ValueError(f"{caller}: two AdaAct states have a parameter at '{name}'")
       seen.add(name)
@@ -214,7 +214,7 @@ def scaling_summary(opt_state: Any, updates: Any | None = None, *,
   given = {"b1": b1, "b2": b2, "eps": eps, "power": power}
   update_leaves = None
   if updates is not None:
-    update_leaves = {_alignment.path_name(p): u for p, u in jax.tree.leaves_with_path(updates)}
+    update_leaves = {alignment.path_name(p): u for p, u in jax.tree.leaves_with_path(updates)}
   out: dict[str, jax.Array] = {}
   for name, state, mu, h, v_hat in _v_hat_leaves("scaling_summary", opt_state, given):
     d = 1 / _step_scale(v_hat, h["power"], h["eps"])   # V_hat**power + eps, as the transform
@@ -238,7 +238,7 @@ def scaling_summary(opt_state: Any, updates: Any | None = None, *,
       # Before step 1 there is no step (and with eps 0 the scale would be 1/0).
       scale = jnp.where(count > 0, _step_scale(v_hat, h["power"], h["eps"], bc1), 0.0)
       mu = mu if jnp.iscomplexobj(mu) else mu.astype(jnp.float32)
-      u = _alignment.apply_scale(mu, scale, name)
+      u = alignment.apply_scale(mu, scale, name)
     else:
       continue
     out[f"{name}/update_rms"] = jnp.sqrt(jnp.mean(jnp.abs(u).astype(jnp.float32) ** 2))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaact_optax import _alignment
+from adaact_optax._src import alignment, boxes
 
 _UNMATCHED = ("sgd", "momentum", "error")
 
@@ -191,7 +191,7 @@ def _keep_where_no_rows(a: jax.Array, v_old: jax.Array, v_new: jax.Array) -> jax
   ``cond`` branch not taken, an expert routed no tokens) with ``-0.0``: its
   second moment is left as it was instead of decaying towards 0.
   """
-  return jnp.where(_alignment.is_no_rows(a), v_old, v_new)
+  return jnp.where(alignment.is_no_rows(a), v_old, v_new)
 
 
 def _pmean_keeping_no_rows(stats, axis_name: str):
@@ -211,10 +211,10 @@ def _pmean_keeping_no_rows(stats, axis_name: str):
 
   def encode(a):
     a = jnp.asarray(a, jnp.float32)
-    return jnp.where(_alignment.is_no_rows(a), -tiny, a + np.float32(n) * tiny)
+    return jnp.where(alignment.is_no_rows(a), -tiny, a + np.float32(n) * tiny)
 
   total = jax.lax.psum(jax.tree.map(encode, stats), axis_name)
-  decode = lambda s: jnp.where((s < 0) & jnp.isfinite(s), jnp.float32(_alignment.NO_ROWS), s / n)
+  decode = lambda s: jnp.where((s < 0) & jnp.isfinite(s), jnp.float32(alignment.NO_ROWS), s / n)
   return jax.tree.map(decode, total)
 
 
@@ -226,7 +226,7 @@ def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name
     raise _missing_stats_error()
   if axis_name is not None:  # one mean over the devices' rows
     activation_stats = _pmean_keeping_no_rows(activation_stats, axis_name)
-  return _alignment.align(activation_stats, updates, state.nu)
+  return alignment.align(activation_stats, updates, state.nu)
 
 
 def scale_by_adaact(
@@ -346,17 +346,17 @@ def scale_by_adaact(
   mu_dtype = _check_mu_dtype(mu_dtype)
 
   def init_fn(params):
-    if unmatched == "error" and _alignment.uncaptured_paths(stats_shapes):
-      raise _uncaptured_error(_alignment.uncaptured_paths(stats_shapes))
+    if unmatched == "error" and alignment.uncaptured_paths(stats_shapes):
+      raise _uncaptured_error(alignment.uncaptured_paths(stats_shapes))
     if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.complexfloating):
-      complex_params = [_alignment.path_name(p) for p, x in
+      complex_params = [alignment.path_name(p) for p, x in
                         jax.tree.leaves_with_path(params) if jnp.iscomplexobj(x)]
       if complex_params:
         raise ValueError(f"mu_dtype={mu_dtype} is real, but the parameters {complex_params} "
                          "are complex: their momentum would lose its imaginary part. Pass "
                          "mu_dtype=None (the parameters' dtype) or a complex dtype.")
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = _alignment.moment_zeros(params, stats_shapes)
+    nu = boxes.moment_zeros(params, stats_shapes)
     zero = jnp.zeros([], jnp.int32)
     return ScaleByAdaActState(count=zero, mu=mu, nu=nu, skipped=zero)
 
@@ -366,8 +366,8 @@ def scale_by_adaact(
                            activation_stats, axis_name)
     if unmatched == "error":
       # Only parameters this transform owns (optax.masked/partition drop the rest).
-      owned = set(_alignment.param_names(updates))
-      refused = [n for n in _alignment.uncaptured_paths(activation_stats) if n in owned]
+      owned = set(alignment.param_names(updates))
+      refused = [n for n in alignment.uncaptured_paths(activation_stats) if n in owned]
       if refused:
         raise _uncaptured_error(refused)
     count = optax.safe_increment(state.count)
@@ -398,7 +398,7 @@ def scale_by_adaact(
         # two) XLA:CPU compiles it identically with constant and with
         # inject_hyperparams' array hyperparameters, bit for bit.
         scale = jnp.where(ok, _step_scale(v / bc2, power, eps_, bc1), 0.0)
-        u = _alignment.apply_scale(m_new, scale, _alignment.path_name(path))
+        u = alignment.apply_scale(m_new, scale, alignment.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
@@ -496,7 +496,7 @@ def scale_by_activation_rms(
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    return ScaleByActivationRMSState(count=zero, nu=_alignment.moment_zeros(params, stats_shapes),
+    return ScaleByActivationRMSState(count=zero, nu=boxes.moment_zeros(params, stats_shapes),
                                      skipped=zero)
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
@@ -512,7 +512,7 @@ def scale_by_activation_rms(
         return u, v
       v = _keep_where_no_rows(a, v, b2_ * v + (1 - b2_) * a)
       scale = _step_scale(v / bc2, power, eps_)
-      out = _alignment.apply_scale(u.astype(_compute_dtype(u)), scale, _alignment.path_name(path))
+      out = alignment.apply_scale(u.astype(_compute_dtype(u)), scale, alignment.path_name(path))
       return out.astype(u.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.nu, stats)
@@ -540,7 +540,7 @@ def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
   """``optax.partition`` of ``adaact_tx`` (parameters with statistics) and ``other``."""
   labels = lambda params: jax.tree.map(
       lambda has: "adaact" if has else "unmatched",
-      _alignment.with_statistics(params, stats_shapes))
+      alignment.with_statistics(params, stats_shapes))
   tx = optax.partition({"adaact": adaact_tx, "unmatched": other}, labels)
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
@@ -548,13 +548,13 @@ def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
       raise _missing_stats_error()
     # The split was fixed at init from stats_shapes; statistics that disagree
     # with it would be dropped (or missed) silently, so they are an error.
-    owned = set(_alignment.param_names(updates))
-    expected = {n for n, has in zip(_alignment.param_names(updates),
-                                    jax.tree.leaves(_alignment.with_statistics(updates,
+    owned = set(alignment.param_names(updates))
+    expected = {n for n, has in zip(alignment.param_names(updates),
+                                    jax.tree.leaves(alignment.with_statistics(updates,
                                                                              stats_shapes)))
                 if has}
-    given = {n for n, leaf in _alignment.stats_leaves(activation_stats).items()
-             if n in owned and not _alignment.is_uncaptured(leaf)}
+    given = {n for n, leaf in alignment.stats_leaves(activation_stats).items()
+             if n in owned and not alignment.is_uncaptured(leaf)}
     if given != expected:
       raise ValueError(
           "adaact(unmatched=<an optax transformation>): activation_stats and the "
@@ -739,13 +739,13 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     ((3, 1), (1,), 0)
   """
   template = jax.eval_shape(tx.init, params)
-  old = {_alignment.path_name(p): leaf
+  old = {alignment.path_name(p): leaf
          for p, leaf in jax.tree.leaves_with_path(old_state)}
-  param_shapes = {_alignment.path_name(p): tuple(jnp.shape(x))
+  param_shapes = {alignment.path_name(p): tuple(jnp.shape(x))
                   for p, x in jax.tree.leaves_with_path(params)}
   states = (ScaleByAdaActState, ScaleByActivationRMSState)
   new_counters = {
-      "/".join(filter(None, (_alignment.path_name(p), "skipped")))
+      "/".join(filter(None, (alignment.path_name(p), "skipped")))
       for p, node in jax.tree.leaves_with_path(
           template, is_leaf=lambda x: isinstance(x, states)) if isinstance(node, states)}
   used = set()
@@ -756,7 +756,7 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     return max(hits, key=len) if hits else None
 
   def convert(path, t):
-    name = _alignment.path_name(path)
+    name = alignment.path_name(path)
     if name not in old:
       if name in new_counters:
         return jnp.zeros(t.shape, t.dtype)
@@ -772,7 +772,7 @@ def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any)
     if param is None:
       raise ValueError(f"migrate_state: '{name}' has shape {value.shape} in the old state and "
                        f"{t.shape} in the new one, and is no parameter's second moment")
-    converted = _alignment.to_keep_rank(value, param_shapes[param], param)
+    converted = alignment.to_keep_rank(value, param_shapes[param], param)
     if not all(d in (1, n) for d, n in zip(converted.shape, t.shape)):
       raise ValueError(
           f"migrate_state: the 0.1.0 second moment at '{name}' of shape {value.shape} "

@@ -1,6 +1,6 @@
 """Flax partitioning metadata on AdaAct's second moment.
 
-Imported only once Flax is loaded (``_alignment.moment_zeros`` checks
+Imported only once Flax is loaded (``adaact_optax._src.boxes`` checks
 ``sys.modules`` first), so the transform and the math stay free of Flax.
 
 ``tx.init`` of boxed parameters (Linen ``nn.Partitioned`` /
@@ -11,7 +11,7 @@ Imported only once Flax is loaded (``_alignment.moment_zeros`` checks
 initialises from) maps its zeros inside the boxes, so every state leaf keeps
 its parameter's box. That is right for parameter-shaped leaves (``mu``) and
 wrong for ``nu``, whose shape differs: ``rebox_moments`` gives each ``nu``
-box the names of the axes ``nu`` keeps (``sharding.state_axes``), so
+box the names of the axes ``nu`` keeps (``alignment.state_axes``), so
 ``nn.get_partition_spec`` / ``nnx.get_partition_spec`` of the state are
 valid without unboxing anything.
 """
@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 from flax.core import meta
 
-from adaact_optax import sharding
+from adaact_optax._src import alignment
 
 PyTree = Any
 
@@ -51,7 +51,7 @@ def rebox_moment(param_box, moment_box):
       the parameter's leaves builds), e.g. ``nu`` of shape ``K[:-1] + (1,)``.
 
   Returns:
-    ``moment_box`` with per-axis names ``sharding.state_axes(names, moment
+    ``moment_box`` with per-axis names ``alignment.state_axes(names, moment
     shape, K)``; boxes without per-axis names are returned as they are.
   """
   param, moment = _value(param_box), _value(moment_box)
@@ -59,9 +59,9 @@ def rebox_moment(param_box, moment_box):
     return moment_box  # e.g. optax.MaskedNode in a box: a branch that owns no array here
   k, shape = tuple(param.shape), tuple(moment.shape)
   if isinstance(moment_box, meta.Partitioned):
-    return moment_box.replace(names=sharding.state_axes(moment_box.names, shape, k))
+    return moment_box.replace(names=alignment.state_axes(moment_box.names, shape, k))
   if isinstance(moment_box, nnx.Variable) and moment_box.get_metadata("out_sharding", None):
-    names = sharding.state_axes(moment_box.get_metadata("out_sharding"), shape, k)
+    names = alignment.state_axes(moment_box.get_metadata("out_sharding"), shape, k)
     return moment_box.replace(out_sharding=names)
   return moment_box
 

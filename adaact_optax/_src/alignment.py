@@ -33,7 +33,6 @@ docs/statistics.md states the layout for users:
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
@@ -303,13 +302,13 @@ def moment_shapes(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
 
 
 def moment_zeros(params: PyTree, stats_shapes: PyTree | None = None) -> PyTree:
-  """float32 zeros of ``moment_shapes(params, stats_shapes)``: a fresh second-moment tree."""
+  """float32 zeros of ``moment_shapes(params, stats_shapes)``: a fresh second-moment tree.
+
+  Boxed parameters (Flax metadata) give zeros in the same boxes, whose axis
+  names still describe the parameter: ``boxes.moment_zeros`` renames them.
+  """
   shapes = moment_shapes(params, stats_shapes)
-  zeros = jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
-  if "flax" in sys.modules:  # boxed params (nn.Partitioned, nnx.Variable): nu's axis names
-    from adaact_optax import _flax_meta
-    zeros = _flax_meta.rebox_moments(params, zeros)
-  return zeros
+  return jax.tree.map(lambda _, s: jnp.zeros(s, jnp.float32), params, shapes)
 
 
 def with_statistics(params: PyTree, stats_shapes: PyTree) -> PyTree:
@@ -434,3 +433,36 @@ def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
     return a if a.shape == state_shape else jnp.broadcast_to(a, state_shape)
 
   return tree_util.tree_map_with_path(place, updates, nu)
+
+
+def state_axes(entries: Sequence[Any], state_shape: Sequence[int],
+               param_shape: Sequence[int]) -> tuple:
+  """The partitioning of a state leaf from its parameter's: the one rule.
+
+  Works on mesh axis names (``PartitionSpec`` entries) and on Flax logical
+  axis names alike.
+
+  Args:
+    entries: the parameter's per-axis names (a ``PartitionSpec``, a tuple of
+      names; shorter than the parameter's rank means replicated after).
+    state_shape: the state leaf's shape.
+    param_shape: the parameter's shape ``K``.
+
+  Returns:
+    A tuple with one entry per axis of the state leaf: ``entries[ax]`` where
+    ``state_shape[ax] == K[ax]``, ``None`` elsewhere. A lower-rank leaf that
+    is a prefix of ``K`` keeps the leading entries; any other shape gets
+    ``None`` everywhere.
+
+  Examples:
+    >>> from adaact_optax import sharding   # state_axes is public there
+    >>> sharding.state_axes(("embed", "mlp"), (8, 1), (8, 16))   # nu of an (8, 16) kernel
+    ('embed', None)
+  """
+  s, k = tuple(state_shape), tuple(param_shape)
+  entries = tuple(entries) + (None,) * max(len(k) - len(tuple(entries)), 0)
+  if len(s) == len(k):
+    return tuple(e if d == kk else None for e, d, kk in zip(entries, s, k))
+  if len(s) < len(k) and k[:len(s)] == s:
+    return entries[:len(s)]
+  return (None,) * len(s)
