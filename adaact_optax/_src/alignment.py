@@ -33,7 +33,7 @@ docs/statistics.md states the layout for users:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -241,5 +241,6 @@ def scaling_summary(opt_state: Any, updates: Any | None = None, *,
       u = alignment.apply_scale(mu, scale, name)
     else:
       continue
+    assert u is not None
     out[f"{name}/update_rms"] = jnp.sqrt(jnp.mean(jnp.abs(u).astype(jnp.float32) ** 2))
   return out

@@ -18,8 +18,9 @@ class InputMoments(NamedTuple):
 
   Attributes:
     mean: float32 array of the kernel's input-feature shape, ``mean(a*a)``.
-    rows: Python int, how many rows (example x position) the mean is over;
-      used to average several applications of one layer exactly.
+    rows: how many rows (example x position) the mean is over, a Python int
+      (a traced float32 scalar when a row mask weighs the rows); used to
+      average several applications of one layer exactly.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -29,7 +30,7 @@ class InputMoments(NamedTuple):
   """
 
   mean: jax.Array
-  rows: int
+  rows: int | jax.Array
 
 
 def combine(first: InputMoments, second: InputMoments) -> InputMoments:
@@ -200,10 +201,10 @@ def conv_moments(
       mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
     # As Flax does to x: pad before any input dilation, then convolve VALID.
     s = jnp.pad(s, [(0, 0)] + pads + [(0, 0)], mode=mode)
-    pads = ((0, 0),) * rank
+    pads = [(0, 0)] * rank
   elif isinstance(padding, str):
     # lax resolves SAME against the undilated input; mirror it exactly.
-    pads = tuple(lax.padtype_to_pads(spatial_and_c[:-1], dilated_kernel, strides, padding))
+    pads = list(lax.padtype_to_pads(spatial_and_c[:-1], dilated_kernel, strides, padding))
   else:
     pads = _pairs(padding, rank)
 
@@ -330,8 +331,9 @@ def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int]
                      f"match the parameter's axes {param_axes} of its shape {tuple(param_shape)}")
   weights = None
   if row_weights is not None:
-    m = jnp.ndim(row_weights)
-    if tuple(x.shape[:m]) == tuple(jnp.shape(row_weights)) and not set(range(m)) & set(x_axes):
+    mask_rank = jnp.ndim(row_weights)
+    if (tuple(x.shape[:mask_rank]) == tuple(jnp.shape(row_weights))
+        and not set(range(mask_rank)) & set(x_axes)):
       weights = lax.stop_gradient(jnp.asarray(row_weights, jnp.float32))
   if weights is not None:
     # sqrt(w) * x has squares w * x**2: its plain mean, rescaled to the total weight.

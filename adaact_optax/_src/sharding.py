@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import jax
 from jax import tree_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from adaact_optax._src import alignment, boxes
 
@@ -65,7 +65,7 @@ def state_leaf_spec(state_leaf, spec: PartitionSpec | NamedSharding | None,
   """
   if isinstance(spec, NamedSharding):
     spec = spec.spec
-  return PartitionSpec(*alignment.state_axes(spec or (), state_leaf.shape, param.shape))
+  return PartitionSpec(*alignment.state_axes(tuple(spec or ()), state_leaf.shape, param.shape))
 
 
 def _unbox(tree: PyTree) -> PyTree:
@@ -109,7 +109,7 @@ def state_partition_specs(tx, params_specs: PyTree, params: PyTree) -> PyTree:
       lambda s: PartitionSpec() if s is None else (s.spec if isinstance(s, NamedSharding) else s),
       params_specs, is_leaf=_is_spec_leaf)
   try:
-    spec_leaves = params_treedef.flatten_up_to(specs)
+    spec_leaves = params_treedef.flatten_up_to(specs)  # type: ignore[attr-defined]  # jaxlib's PyTreeDef
   except ValueError as e:
     raise ValueError(f"params_specs must have the structure of params: {e}") from None
   flat_params = tree_util.tree_flatten_with_path(params)[0]
@@ -161,7 +161,7 @@ def state_partition_specs(tx, params_specs: PyTree, params: PyTree) -> PyTree:
 
 
 def state_shardings(tx, params_shardings: PyTree, params: PyTree,
-                    mesh: Mesh | None = None) -> PyTree:
+                    mesh: Mesh | AbstractMesh | None = None) -> PyTree:
   """``NamedSharding`` of every leaf of ``tx.init(params)``, for ``out_shardings``.
 
   Args:
@@ -200,6 +200,7 @@ def state_shardings(tx, params_shardings: PyTree, params: PyTree,
     if not meshes:
       raise ValueError("state_shardings needs NamedSharding leaves or mesh=")
     mesh = meshes[0]
+  assert mesh is not None
   axes = set(mesh.axis_names)
 
   def check(path, s):

@@ -44,7 +44,7 @@ class ScaleByAdaActState(NamedTuple):
     (0, {'b': (2,), 'w': (3, 2)}, {'b': (1,), 'w': (3, 1)})
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadowing tuple.count as optax's states do
   mu: optax.Updates
   nu: optax.Updates
   skipped: jax.Array
@@ -428,7 +428,7 @@ class ScaleByActivationRMSState(NamedTuple):
     (0, 0, {'w': (3, 1)})
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadowing tuple.count as optax's states do
   nu: optax.Updates
   skipped: jax.Array
 

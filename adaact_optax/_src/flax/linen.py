@@ -116,6 +116,7 @@ def _with_bias(kernel: moments.InputMoments, use_bias: bool) -> dict[str, moment
 def _record(module: nn.Module, name: str, stat: moments.InputMoments, seen: dict):
   # Each call of a shared layer gets a fresh scope object, so key by path. A
   # leaf this apply has not written yet (stale input or a re-trace) starts over.
+  assert module.scope is not None  # a bound module (apply / the interceptor)
   key = (module.scope.path, name)
   if module.has_variable(COLLECTION, name) and key in seen:
     previous = moments.InputMoments(module.get_variable(COLLECTION, name), seen[key])
@@ -128,6 +129,7 @@ def _record_attend(module: nn.Embed, query: jax.Array, seen: dict):
   """``Embed.attend(query)`` is ``query @ table.T``: the table's input axis is its last
   (features), so its statistic is the keep-rank ``(1, features)`` mean of ``query**2``.
   As in ``apply``, it replaces the table's lookup frequencies (``embeddings=``)."""
+  assert module.scope is not None  # a bound module (apply / the interceptor)
   if ("attend", module.scope.path) not in seen:  # the first attend: lookups recorded so far go
     seen[("attend", module.scope.path)] = 0
     seen.pop((module.scope.path, "embedding"), None)
@@ -445,6 +447,6 @@ def sow_input(module: nn.Module, name: str, x: jax.Array, *, x_axes=(-1,), param
   seen = _rows_seen.get()
   if seen is None or module.is_initializing() or not module.is_mutable_collection(COLLECTION):
     return
-  shape = module.get_variable("params", name).shape
+  shape: tuple[int, ...] = module.get_variable("params", name).shape
   _record(module, name, moments.input_moments(x, x_axes, param_axes, shape, _row_mask.get()),
           seen)

@@ -129,7 +129,7 @@ def apply(model: nnx.Module, *args, embeddings: bool | float = False, row_mask=N
     >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(stats))
     {'bias': (1,), 'kernel': (3, 1)}
   """
-  graphdef, params, rest = nnx.split(model, wrt, ...)
+  graphdef, params, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]  # two filters: three parts
 
   def fun(p, rest, *args, **kwargs):
     m = nnx.merge(graphdef, p, rest)
