@@ -349,7 +349,7 @@ def input_moments(x: jax.Array, x_axes: Sequence[int], param_axes: Sequence[int]
   return InputMoments(mean.reshape(shape), m.rows)
 
 
-def constant_moments(rows: int = 1) -> InputMoments:
+def constant_moments(rows: int | jax.Array = 1) -> InputMoments:
   """The statistic of a bias: a weight on the constant input 1.
 
   Args:
