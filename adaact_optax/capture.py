@@ -45,9 +45,11 @@ README says how to add a primitive).
 
 from adaact_optax._src.capture.api import (capture_call, coverage, stats_shapes,
                                            value_grad_and_stats)
-from adaact_optax._src.capture.report import CoverageReport, UncapturedWeightWarning
+from adaact_optax._src.capture.report import (ArgumentOrderWarning, CoverageReport,
+                                              UncapturedWeightWarning)
 
 __all__ = [
+    "ArgumentOrderWarning",
     "CoverageReport",
     "UncapturedWeightWarning",
     "capture_call",

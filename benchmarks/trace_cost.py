@@ -138,8 +138,8 @@ def traced(mode, heads):
     return adaact_optax.value_grad_and_stats(loss)
   if mode == "evaluating":
     def evaluating(params, x):
-      value, grads, stats, _ = api.evaluate_differentiated(loss, False, params, (x,), {}, False,
-                                                           None)
+      value, grads, stats, _, _ = api.evaluate_differentiated(loss, False, params, (x,), {},
+                                                              False, None)
       return value, grads, jax.tree.structure(params).unflatten(stats)
     return evaluating
   return jax.value_and_grad(loss)

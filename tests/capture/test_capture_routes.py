@@ -23,7 +23,7 @@ from adaact_optax._src.capture import api as capture_api
 
 def _evaluating_engine(fun, params, *args, has_aux=False, embeddings=False, row_mask=None):
   """The fallback route, run explicitly: value_and_grad over capture_call."""
-  value, grads, stats, _ = capture_api.evaluate_differentiated(
+  value, grads, stats, _, _ = capture_api.evaluate_differentiated(
       fun, has_aux, params, args, {}, embeddings, row_mask)
   return value, grads, jax.tree.structure(params).unflatten(stats)
 

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import adaact_optax
+from adaact_optax._src.capture import api as capture_api
 from conftest import warning_messages
 
 
@@ -249,8 +250,7 @@ def _argument_order_warnings(fn, *args, **kwargs):
 @pytest.mark.parametrize("name", sorted(_SWAPPED))
 def test_data_as_first_argument_warns_in_every_entry_point(name):
   fun, x, params, where = _SWAPPED[name]
-  fast = adaact_optax.capture._capture_differentiated(  # pylint: disable=protected-access
-      fun, False, x, (params,), {}, None, None)
+  fast = capture_api.capture_differentiated(fun, False, x, (params,), {}, None, None)
   assert (fast is None) == (name == "jitted mlp")       # both routes are exercised
   calls = {"value_grad_and_stats": lambda: adaact_optax.value_grad_and_stats(fun)(x, params),
            "stats_shapes": lambda: adaact_optax.stats_shapes(fun, x, params),

@@ -13,9 +13,11 @@ from jax import tree_util
 from adaact_optax._src import alignment
 from adaact_optax._src import moments
 from adaact_optax._src.capture import jax_internals as jc
+from adaact_optax._src.capture.argument_order import data_as_weight
 from adaact_optax._src.capture.assemble import finalize
 from adaact_optax._src.capture.kinds import DATA, NeedsEvaluation, identity_view
-from adaact_optax._src.capture.report import CoverageReport, warn_uncaptured
+from adaact_optax._src.capture.report import (CoverageReport, warn_argument_order,
+                                              warn_uncaptured)
 from adaact_optax._src.capture.walker import (Interpreter, Reader, Trace, forward_part,
                                                top_interpreter)
 
@@ -31,12 +33,14 @@ def embedding_floor(embeddings) -> float | None:
   return float(embeddings)
 
 
+DYNAMIC = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
 def split_dynamic(args, kwargs):
   """``(arrays, rebuild)``: the array leaves of ``(args, kwargs)`` and a function
   putting new values for them back (other leaves, e.g. flags, stay static)."""
   leaves, treedef = tree_util.tree_flatten((args, kwargs))
-  dynamic = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
-  idx = [i for i, x in enumerate(leaves) if isinstance(x, dynamic)]
+  idx = [i for i, x in enumerate(leaves) if isinstance(x, DYNAMIC)]
 
   def rebuild(values):
     full = list(leaves)
@@ -52,6 +56,18 @@ def flat_inputs(params, args, kwargs):
   paths = [alignment.path_name(p) for p, _ in flat]
   dyn_vals, rebuild = split_dynamic(args, kwargs)
   return treedef, paths, [jnp.asarray(x) for _, x in flat], dyn_vals, rebuild
+
+
+def argument_names(args, kwargs) -> list:
+  """Names of the array leaves of ``(args, kwargs)`` in ``split_dynamic``'s order
+  (``args[1]`` is ``fun``'s second argument)."""
+  names = []
+  for path, x in tree_util.tree_flatten_with_path((args, kwargs))[0]:
+    if isinstance(x, DYNAMIC):
+      kind, rest = path[0].idx, path[1:]
+      head = f"args[{rest[0].idx + 1}]" if kind == 0 else f"kwargs[{rest[0].key!r}]"
+      names.append(head + tree_util.keystr(rest[1:]))
+  return names
 
 
 _version_warned = []
@@ -87,6 +103,10 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
     statistic, the ``(0,)``-shaped uncaptured marker, or ``None``; and a
     ``CoverageReport``.
 
+  Raises:
+    ValueError: a ``row_mask`` whose shape is the leading shape of none of
+      the array arguments (it would weigh no rows).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from adaact_optax import capture
@@ -97,6 +117,13 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
     >>> [leaf.shape for leaf in leaves]                # leaves order: "b", "w"
     [(1,), (3, 1)]
   """
+  return capture_core(fun, params, args, kwargs, embeddings, row_mask)[:3]
+
+
+def capture_core(fun, params, args, kwargs, embeddings, row_mask, check_order=False):
+  """``capture_call``'s ``(output, stats_leaves, report)``, plus, with
+  ``check_order``, ``data_as_weight``'s evidence that ``fun``'s arguments are
+  swapped (else None)."""
   check_version()
   kwargs = kwargs or {}
   floor = embedding_floor(embeddings)
@@ -115,7 +142,9 @@ def capture_call(fun: Callable, params, args: tuple = (), kwargs: dict | None = 
   outs, _, _ = interp.run(closed.jaxpr, closed.consts, p_leaves + dyn_vals, kinds)
   out = tree_util.tree_unflatten(tree_util.tree_structure(out_shape), outs)
   stats, report = finalize(trace, interp.contributions, paths, shapes)
-  return out, stats, report
+  hint = (data_as_weight(closed.jaxpr, len(p_leaves), argument_names(args, kwargs))
+          if check_order else None)
+  return out, stats, report, hint
 
 
 def capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask):
@@ -137,7 +166,8 @@ def capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_m
     embeddings: the ``embeddings=`` flag or its floor (``embedding_floor``).
 
   Returns:
-    ``(value, grads, stats_leaves, report)`` or ``None``.
+    ``(value, grads, stats_leaves, report, hint)`` or ``None``; ``hint``:
+    ``data_as_weight``'s evidence that ``fun``'s arguments are swapped.
   """
   check_version()
   floor = embedding_floor(embeddings)
@@ -174,7 +204,9 @@ def capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_m
   reader.resolve(env)
   stats, report = finalize(trace, reader.contributions, paths, shapes)
   value = tree_util.tree_unflatten(value_tree, outs[:n_value])
-  return value, treedef.unflatten(outs[n_value:n_out]), stats, report
+  hint = data_as_weight(forward_part(jaxpr, n_value), len(p_leaves),
+                        argument_names(args, kwargs))
+  return value, treedef.unflatten(outs[n_value:n_out]), stats, report, hint
 
 
 def evaluate_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask):
@@ -185,20 +217,20 @@ def evaluate_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_
   ``value_and_grad``.
 
   Returns:
-    ``(value, grads, stats_leaves, report)``, as ``capture_differentiated``.
+    ``(value, grads, stats_leaves, report, hint)``, as ``capture_differentiated``.
   """
-  reports = []  # the report is not an array: it leaves the trace on the side
+  found = []  # the report and hint are not arrays: they leave the trace on the side
 
   def inner(p):
-    out, stats, report = capture_call(fun, p, args, kwargs, embeddings=embeddings,
-                                      row_mask=row_mask)
-    reports.append(report)
+    out, stats, report, hint = capture_core(fun, p, args, kwargs, embeddings, row_mask,
+                                            check_order=True)
+    found.append((report, hint))
     loss, aux = out if has_aux else (out, None)
     return loss, (aux, stats)
 
   (loss, (aux, stats)), grads = jax.value_and_grad(inner, has_aux=True)(params)
   value = (loss, aux) if has_aux else loss
-  return value, grads, stats, reports[-1]
+  return (value, grads, stats) + found[-1]
 
 
 def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
@@ -209,6 +241,8 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
   is the parameter pytree (Flax ``variables['params']``, the ``nnx.Param``
   state of ``nnx.split``, an ``eqx.filter``-ed model, Haiku params, a dict)
   and that returns a scalar loss (or ``(loss, aux)`` with ``has_aux``). The
+  first argument is the one differentiated: a loss written ``fun(x, params)``
+  whose other arguments hold the weights gets an ``ArgumentOrderWarning``. The
   returned function runs one forward pass and is jittable. Its jaxpr is
   ``jax.value_and_grad(fun)``'s plus a few equations per weight (see the
   module docstring for the fallback route).
@@ -218,7 +252,8 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
   ``conv_general_dilated`` gets the mean of the squared input elements each
   of its elements multiplies, in the keep-rank layout (same rank as the
   parameter; size 1 along the axes the statistic does not vary along); a
-  bias added to such a product gets ones; embedding tables used only by a
+  bias added to such a product (or to a part or a sum of such products,
+  ``W_i x + W_h h + b``) gets ones; embedding tables used only by a
   lookup get token frequencies when ``embeddings`` is set. A weight that
   meets an activation but cannot be captured gets the ``(0,)``-shaped
   uncaptured marker and an ``UncapturedWeightWarning``.
@@ -241,7 +276,8 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
     ``tx.update(grads, opt_state, params, activation_stats=stats)``.
     ``row_mask`` (optional, float or bool, shape of the leading batch/time
     axes of the inputs) excludes padded rows from the statistics of every
-    weight whose input carries those leading axes.
+    weight whose input carries those leading axes; a mask whose shape is no
+    input's leading shape raises a ValueError (at trace time).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -259,24 +295,25 @@ def value_grad_and_stats(fun: Callable, has_aux: bool = False, *,
     route = capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask)
     if route is None:
       route = evaluate_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_mask)
-    value, grads, stats, report = route
+    value, grads, stats, report, hint = route
     warn_uncaptured(report, shapes)
+    warn_argument_order(hint, "value_grad_and_stats")
     return value, grads, jax.tree.structure(params).unflatten(stats)
   return g
 
 
 def abstract_capture(fun, params, args, kwargs, embeddings):
-  """``(stats_leaves as ShapeDtypeStructs, report)`` of ``capture_call``, without FLOPs."""
-  reports = []  # the report is not an array: it leaves the trace on the side
+  """``(stats_leaves as ShapeDtypeStructs, report, hint)`` of ``capture_core``, without FLOPs."""
+  found = []  # the report and hint are not arrays: they leave the trace on the side
   dyn_vals, rebuild = split_dynamic(args, kwargs)
 
   def run(p, d):
     a, kw = rebuild(d)
-    _, stats, report = capture_call(fun, p, a, kw, embeddings=embeddings)
-    reports.append(report)
+    _, stats, report, hint = capture_core(fun, p, a, kw, embeddings, None, check_order=True)
+    found.append((report, hint))
     return stats
   stats = jax.eval_shape(run, params, dyn_vals)
-  return stats, reports[-1]
+  return (stats,) + found[-1]
 
 
 def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False, **kwargs):
@@ -313,7 +350,8 @@ def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False,
     >>> tx.init(params)[0].nu["kernel"].shape
     (3, 3, 2, 2)
   """
-  stats, _ = abstract_capture(fun, params, args, kwargs, embeddings)
+  stats, _, hint = abstract_capture(fun, params, args, kwargs, embeddings)
+  warn_argument_order(hint, "stats_shapes")
   return jax.tree.structure(params).unflatten(stats)
 
 
@@ -321,7 +359,9 @@ def coverage(fun: Callable, params, *args, embeddings: bool | float = False,
              **kwargs) -> CoverageReport:
   """Which parameters of ``fun(params, *args, **kwargs)`` get statistics, and why not.
 
-  Traces ``fun`` abstractly (no FLOPs, no warnings). ``print(report)``
+  Traces ``fun`` abstractly (no FLOPs, no ``UncapturedWeightWarning``: the
+  report lists those weights; an ``ArgumentOrderWarning`` when ``fun``'s
+  first argument looks like data). ``print(report)``
   gives a table; ``report.unmatched`` maps each uncaptured weight's path to
   the reason.
 
@@ -347,4 +387,6 @@ def coverage(fun: Callable, params, *args, embeddings: bool | float = False,
       ok    w  (3, 1)
       --    scale
   """
-  return abstract_capture(fun, params, args, kwargs, embeddings)[1]
+  _, report, hint = abstract_capture(fun, params, args, kwargs, embeddings)
+  warn_argument_order(hint, "coverage")
+  return report

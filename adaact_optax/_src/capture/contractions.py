@@ -177,12 +177,17 @@ def gather(interp, eqn, invals, inkinds, in_mm):
 
 
 def bias(interp, eqn, invals, inkinds, in_mm):
-  # A parameter added to a captured contraction's output is its bias: a
-  # weight on the constant input 1.
+  """An ``add`` with a parameter operand.
+
+  A parameter added to a captured contraction's output (or to a sum or a
+  part of such outputs, see ``Rule.is_contraction_output``) is its bias: a
+  weight on the constant input 1, statistic 1. The sum is still an affine
+  output, so a second bias added to it is a bias too.
+  """
   for b, o in ((0, 1), (1, 0)):
     if isinstance(inkinds[b], View) and in_mm[o]:
       view = inkinds[b]
       ones = np.ones((1,) * len(view.shape), np.float32)
       interp.stat(view, lambda _: (ones, ones), None)
-      return [DATA], [False]
+      return [DATA], [True]
   return [opaque(inkinds, f"`{eqn.primitive.name}`")], [False]

@@ -75,9 +75,14 @@ def nested(interp, jaxpr, consts, kinds, depth=None, in_vars=None, tags=None):
   return fn, info
 
 
+def remat_body(eqn) -> jc.ClosedJaxpr:
+  """A ``checkpoint``'s body."""
+  return jc.closed(jc.remat_params(eqn)["jaxpr"])
+
+
 def remat(interp, eqn, invals, inkinds, in_mm):
   p = jc.remat_params(eqn)
-  inner = jc.closed(p["jaxpr"])
+  inner = remat_body(eqn)
   fn, info = nested(interp, inner.jaxpr, inner.consts, inkinds, in_vars=eqn.invars)
   outs, arrays = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
   interp.adopt(info["contributions"], arrays)

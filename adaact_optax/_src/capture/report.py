@@ -1,4 +1,4 @@
-"""What the capture tells the user: the coverage report and the uncaptured-weight warning."""
+"""What the capture tells the user: the coverage report and the warnings."""
 
 from __future__ import annotations
 
@@ -26,6 +26,36 @@ class UncapturedWeightWarning(UserWarning):
     ...       {"w": jnp.ones((3, 3))}, jnp.ones((2, 3)))
     >>> caught[0].category.__name__, stats["w"].shape    # the uncaptured marker
     ('UncapturedWeightWarning', (0,))
+  """
+
+
+class ArgumentOrderWarning(UserWarning):
+  """The loss's first argument looks like data, and its other arguments hold the weights.
+
+  ``value_grad_and_stats``, ``stats_shapes`` and ``coverage`` differentiate
+  and capture ``fun``'s first argument as the parameters. Warned (at trace
+  time) when an array of the other arguments multiplies, in a
+  ``dot_general`` (not batched, leaving an axis of its own) or as a
+  convolution's kernel, a value computed from both the first argument and
+  the data, as a weight multiplies an activation, while no array of the first
+  argument multiplies a computed value so: ``fun(x, params)`` where
+  ``fun(params, x)`` was meant (the gradients returned are then with respect
+  to ``x``). One matmul of the two arguments alone (``x @ w``) is symmetric
+  and not flagged. A separate class from ``UncapturedWeightWarning``: the
+  cause and the fix differ, and silencing one must not silence the other.
+
+  Examples:
+    >>> import warnings
+    >>> import jax.numpy as jnp
+    >>> import adaact_optax
+    >>> def loss(x, params):   # arguments swapped
+    ...   return jnp.mean(jnp.tanh(x @ params["w1"]) @ params["w2"])
+    >>> params = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = adaact_optax.value_grad_and_stats(loss)(jnp.ones((5, 3)), params)
+    >>> caught[0].category.__name__
+    'ArgumentOrderWarning'
   """
 
 
@@ -77,3 +107,16 @@ def warn_uncaptured(report: CoverageReport, shapes: dict | None = None, skip=())
         "category=adaact_optax.UncapturedWeightWarning); adaact(..., unmatched='error') "
         "makes it an error."), stacklevel=3)
 
+
+
+def warn_argument_order(hint: str | None, entry: str):
+  """An ``ArgumentOrderWarning`` from ``entry`` when ``hint`` (the evidence of
+  ``argument_order.data_as_weight``) is not None."""
+  if hint is not None:
+    warnings.warn(ArgumentOrderWarning(
+        f"adaact_optax.{entry}(fun) differentiates fun's first argument and captures it as "
+        f"the parameters, but {hint}. If fun is written fun(x, params), pass "
+        "lambda params, x: fun(x, params) (fun(params, *args) is the expected order; the "
+        "gradients returned are with respect to the first argument). If the other arguments "
+        "hold frozen weights on purpose, silence this with warnings.filterwarnings('ignore', "
+        "category=adaact_optax.ArgumentOrderWarning)."), stacklevel=3)

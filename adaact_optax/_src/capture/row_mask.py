@@ -31,6 +31,26 @@ def row_weights(mask, tags, shape, free: Sequence[int]):
   return w, jnp.sum(w) * untagged
 
 
+def check_row_mask(mask_shape: tuple, input_shapes: list):
+  """Raises a ValueError unless ``mask_shape`` is the leading shape of an input.
+
+  A mask that matches no input would weigh no rows: every statistic would
+  silently ignore it.
+  """
+  m = len(mask_shape)
+  if m and any(tuple(s[:m]) == mask_shape for s in input_shapes):
+    return
+  shown = list(dict.fromkeys(tuple(s) for s in input_shapes))
+  listed = ", ".join(map(str, shown[:8])) + (", ..." if len(shown) > 8 else "")
+  why = ("has no axes: it names no rows" if not m else
+         "is the leading shape of none of the inputs")
+  raise ValueError(
+      f"row_mask of shape {mask_shape} {why}; the inputs' shapes are [{listed}]. A row_mask "
+      "weighs the rows of the inputs' leading axes: for an input of shape (batch, time, "
+      "features) pass a mask of shape (batch,) or (batch, time), e.g. 1.0 for real rows "
+      "and 0.0 for padding.")
+
+
 # ----------------------------------------------------------------------------
 # Row tags: with a row mask, which mask axis each activation axis is, followed
 # from the inputs' leading axes through the ops that keep rows apart.

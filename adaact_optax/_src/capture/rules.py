@@ -37,8 +37,15 @@ class Rule(NamedTuple):
       norm's scale) is no longer combined with it.
     sees_mixed: ``apply`` also runs when an input is such a combination
       (to report a weight passed in as data and scaled by a parameter).
-    passes_mm: the output of a captured contraction stays one through this
-      op (a bias added after it is still its bias).
+    passes_mm: the output of a captured contraction (or a sum of them) stays
+      one through this op, a view or a part of it (a bias added after it is
+      still its bias).
+    sums_mm: a sum of captured contractions' outputs is one too (``W_i x +
+      W_h h`` in an LSTM cell): a parameter added to it is a bias.
+    moves: the op only moves or retypes the elements of its first operand
+      (for ``argument_order``: a raw input stays raw through it).
+    inlined_body: for a call-like primitive whose body is inlined, its body
+      as a ``ClosedJaxpr`` (``inlined_body(eqn)``; for ``argument_order``).
   """
 
   apply: Callable
@@ -47,6 +54,18 @@ class Rule(NamedTuple):
   data_out: bool = False
   sees_mixed: bool = False
   passes_mm: bool = False
+  sums_mm: bool = False
+  moves: bool = False
+  inlined_body: Callable | None = None
+
+  def is_contraction_output(self, in_mm) -> bool:
+    """Whether a parameter-free equation's outputs are captured contractions'
+    outputs; ``in_mm``: whether each operand is one (literals are not)."""
+    if not in_mm:
+      return False
+    if self.passes_mm:
+      return in_mm[0]
+    return self.sums_mm and all(in_mm)
 
 
 def other(walker, eqn, invals, inkinds, in_mm):
@@ -80,17 +99,18 @@ _view = views.layout_rule
 # Layout ops, followed symbolically (views.py).
 LAYOUT_RULES: dict[str, Rule] = {
     "transpose": Rule(_view(views.single(views.view_transpose)), tags=row_mask.transpose_tags,
-                      passes_mm=True),
+                      passes_mm=True, moves=True),
     "reshape": Rule(_view(views.single(views.view_reshape)), tags=row_mask.reshape_tags,
-                    passes_mm=True),
+                    passes_mm=True, moves=True),
     "squeeze": Rule(_view(views.single(views.view_squeeze)), tags=row_mask.squeeze_tags,
-                    passes_mm=True),
+                    passes_mm=True, moves=True),
     "broadcast_in_dim": Rule(_view(views.single(views.view_broadcast)),
-                             tags=row_mask.broadcast_tags, passes_mm=True),
-    "slice": Rule(_view(views.single(views.view_slice))),
-    "rev": Rule(_view(views.single(views.view_rev)), tags=row_mask.forget_tags),
+                             tags=row_mask.broadcast_tags, passes_mm=True, moves=True),
+    "slice": Rule(_view(views.single(views.view_slice)), passes_mm=True, moves=True),
+    "rev": Rule(_view(views.single(views.view_rev)), tags=row_mask.forget_tags, moves=True),
     "pad": Rule(_view(views.pad)),
-    "split": Rule(_view(views.split)),
+    # One gate of a fused projection: still a contraction's output.
+    "split": Rule(_view(views.split), passes_mm=True, moves=True),
     "concatenate": Rule(_view(views.concatenate)),
     "dynamic_slice": Rule(_view(views.dynamic_slice)),
 }
@@ -101,14 +121,16 @@ TABLE: dict[str, Rule] = {
     DOT: Rule(contractions.dot, tags=row_mask.dot_tags, data_out=True, sees_mixed=True),
     CONV: Rule(contractions.conv, tags=row_mask.conv_tags, data_out=True, sees_mixed=True),
     GATHER: Rule(contractions.gather, tags=row_mask.gather_tags, data_out=True),
-    "add": Rule(contractions.bias),
-    "add_any": Rule(contractions.bias),
+    "add": Rule(contractions.bias, sums_mm=True),
+    "add_any": Rule(contractions.bias, sums_mm=True),
     **LAYOUT_RULES,
-    **{name: Rule(views.identity, passes_mm=True) for name in IDENTITY},
+    **{name: Rule(views.identity, passes_mm=True, moves=True) for name in IDENTITY},
     # Higher-order primitives (control_flow.py).
-    **{name: Rule(control_flow.call, nested=True) for name in CALLS},
-    **{name: Rule(control_flow.remat, nested=True) for name in REMAT},
-    **{name: Rule(control_flow.custom_call, nested=True) for name in CUSTOM_JVP | CUSTOM_VJP},
+    **{name: Rule(control_flow.call, nested=True, inlined_body=jc.call_jaxpr) for name in CALLS},
+    **{name: Rule(control_flow.remat, nested=True, inlined_body=control_flow.remat_body)
+       for name in REMAT},
+    **{name: Rule(control_flow.custom_call, nested=True, inlined_body=jc.call_jaxpr)
+       for name in CUSTOM_JVP | CUSTOM_VJP},
     SCAN: Rule(control_flow.scan, nested=True),
     WHILE: Rule(control_flow.while_loop, nested=True),
     COND: Rule(control_flow.cond, nested=True),

@@ -25,7 +25,7 @@ from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture import rules
 from adaact_optax._src.capture.kinds import (CONST, DATA, Mixed, NeedsEvaluation, Unsupported,
                                               View, is_data, is_param, opaque)
-from adaact_optax._src.capture.row_mask import propagate_tags
+from adaact_optax._src.capture.row_mask import check_row_mask, propagate_tags
 from adaact_optax._src.capture.sums import Contribution, restrict
 
 
@@ -163,8 +163,7 @@ class Interpreter:
         kind = DATA if any(is_data(k) for k in inkinds) else CONST
       else:
         kind = opaque(inkinds, f"`{eqn.primitive.name}`")
-      passes_mm = bool(in_mm) and in_mm[0] and rule.passes_mm
-      return outs, [kind] * n_out, [passes_mm] * n_out
+      return outs, [kind] * n_out, [rule.is_contraction_output(in_mm)] * n_out
     if rule.nested:
       self.check_nested(eqn.primitive.name)
       return rule.apply(self, eqn, invals, inkinds, in_mm)
@@ -206,10 +205,12 @@ Walker = TypeVar("Walker", bound=Interpreter)
 
 def top_interpreter(trace: Trace, row_mask, data_vars, walker: type[Walker]) -> Walker:
   """The top-level ``walker`` (``Interpreter`` or ``Reader``); with a row mask,
-  the data inputs' leading axes that match the mask's shape are its axes."""
+  the data inputs' leading axes that match the mask's shape are its axes (a
+  ValueError if none do)."""
   interp = walker(trace, mask=None if row_mask is None else jnp.asarray(row_mask))
   if row_mask is not None:
     m = tuple(jnp.shape(row_mask))
+    check_row_mask(m, [var.aval.shape for var in data_vars])
     for var in data_vars:
       if tuple(var.aval.shape[:len(m)]) == m:
         interp.tags[var] = tuple(range(len(m))) + (None,) * (len(var.aval.shape) - len(m))
