@@ -10,6 +10,7 @@ from flax import nnx
 import adaact_optax
 from adaact_optax import nnx as aa_nnx
 from adaact_optax.diagnostics import activation_summary
+from conftest import assert_f32_close, bias_correction_ulps
 
 
 def _hand_state():
@@ -32,11 +33,11 @@ HAND = {  # V_hat and 1 / (sqrt(V_hat) + eps) with eps = 0.01
 }
 
 
-def _check(summary, expected, rtol=1e-6):
+def _check(summary, expected, ulps=16):
   assert summary.keys() == expected.keys()
   for k, v in expected.items():
     assert summary[k].shape == () and summary[k].dtype == jnp.float32
-    np.testing.assert_allclose(summary[k], v, rtol=rtol, err_msg=k)
+    assert_f32_close(summary[k], np.float64(v), ulps_per_step=ulps, err_msg=k)
 
 
 def test_hand_computed_values_and_jit():
@@ -46,12 +47,12 @@ def test_hand_computed_values_and_jit():
   _check(jitted, HAND)
   # power 1: scale = 1 / (V_hat + eps).
   summary = activation_summary(state, b2=0.5, eps=0.01, power=1.0)
-  np.testing.assert_allclose(summary["Dense_0/kernel/scale_max"], 1 / 0.11, rtol=1e-6)
+  assert_f32_close(summary["Dense_0/kernel/scale_max"], np.float64(1 / 0.11))
   # Before the first update: V_hat 0, scale 1/eps.
   fresh = state._replace(count=jnp.array(0, jnp.int32), nu=jax.tree.map(jnp.zeros_like, state.nu))
   summary = activation_summary(fresh, eps=0.01)
   assert float(summary["Conv_0/kernel/v_hat_max"]) == 0
-  np.testing.assert_allclose(summary["Conv_0/kernel/scale_mean"], 100, rtol=1e-6)
+  assert_f32_close(summary["Conv_0/kernel/scale_mean"], np.float64(100))
   with pytest.raises(ValueError, match="no ScaleByAdaActState"):
     activation_summary(optax.adam(1e-3).init({"w": jnp.ones(2)}))
 
@@ -70,7 +71,7 @@ def _trained(tx, params, steps=3):
 
 
 def _expected(scale_state, b2, eps, power):
-  """float64 numpy; the summary's float32 ``1 - b2**t`` differs by ~1e-5 relative."""
+  """float64 numpy; compare with ``bias_correction_ulps``: the summary computes ``1 - b2**t`` in float32."""
   t = int(scale_state.count)
   out = {}
   for name, nu in [("a/kernel", scale_state.nu["a"]["kernel"]),
@@ -87,21 +88,24 @@ PARAMS = {"a": {"kernel": jnp.full((3, 2), 0.5)}, "b": {"kernel": jnp.full((2, 1
 
 def test_chain_and_inject_hyperparams_states():
   chain_state = _trained(adaact_optax.adaact(0.05), PARAMS)
-  _check(activation_summary(chain_state), _expected(chain_state[0], 0.999, 1e-8, 0.5), rtol=1e-4)
+  _check(activation_summary(chain_state), _expected(chain_state[0], 0.999, 1e-8, 0.5),
+         bias_correction_ulps(0.999, 3))
   # inject_hyperparams: b2, eps and power come from the state...
   tx = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.05, b2=0.9, eps=1e-3,
                                                      power=0.25)
   injected = _trained(tx, PARAMS)
   scale_state = injected.inner_state[0]
-  _check(activation_summary(injected), _expected(scale_state, 0.9, 1e-3, 0.25), rtol=1e-4)
+  _check(activation_summary(injected), _expected(scale_state, 0.9, 1e-3, 0.25),
+         bias_correction_ulps(0.9, 3))
   # ... unless passed explicitly.
-  _check(activation_summary(injected, b2=0.99), _expected(scale_state, 0.99, 1e-3, 0.25), rtol=1e-4)
+  _check(activation_summary(injected, b2=0.99), _expected(scale_state, 0.99, 1e-3, 0.25),
+         bias_correction_ulps(0.99, 3))
   # Through gradient accumulation around inject_hyperparams.
   accumulated = _trained(adaact_optax.MultiSteps(tx, every_k_schedule=2), PARAMS, steps=4)
   scale_state = accumulated.inner_opt_state.inner_state[0]
   assert int(scale_state.count) == 2
   _check(adaact_optax.activation_summary(accumulated), _expected(scale_state, 0.9, 1e-3, 0.25),
-         rtol=1e-4)
+         bias_correction_ulps(0.9, 2))
 
 
 def test_nnx_optimizer_state():
@@ -121,8 +125,8 @@ def test_nnx_optimizer_state():
   step(model, optimizer)
   summary = step(model, optimizer)
   # Input x is fixed, so layer 0's V_hat is exactly this batch's mean square.
-  np.testing.assert_allclose(summary["layers/0/kernel/v_hat_max"], np.max(np.mean(x ** 2, 0)),
-                             rtol=1e-5)
+  assert_f32_close(summary["layers/0/kernel/v_hat_max"], np.max(np.mean(x ** 2, 0)), steps=2,
+                   ulps_per_step=bias_correction_ulps(0.999, 2))
   assert set(summary) == {f"layers/{i}/kernel/{s}" for i in (0, 1)
                           for s in ("v_hat_mean", "v_hat_max", "scale_mean", "scale_max")}
 

@@ -12,6 +12,7 @@ import pytest
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
+from conftest import assert_f32_close
 
 
 class TokenMLP(nn.Module):
@@ -92,13 +93,12 @@ def test_chain_with_clipping_and_warmup_cosine_schedule():
     norm, updates, state, ref_updates, ref_state = step(params, state, ref_state, t,
                                                         _batch(1 + t))
     assert norm > 1.0  # the clip is active
-    jax.tree.map(lambda u, r: np.testing.assert_allclose(u, r, rtol=2e-5, atol=1e-9),
-                 updates, ref_updates)
+    assert_f32_close(updates, ref_updates, err_msg=f"step {t + 1}: ")
     params = optax.apply_updates(params, updates)
   assert float(schedule(0)) == 0.0  # warmup: the first step did not move the params
 
 
-def test_inject_hyperparams_reads_changes_and_is_bit_identical():
+def test_inject_hyperparams_reads_changes_and_equals_the_plain_optimizer():
   injected = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=0.1, weight_decay=2e-3)
   params, state = _train(injected, steps=2)
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.1)
@@ -113,8 +113,9 @@ def test_inject_hyperparams_reads_changes_and_is_bit_identical():
   ref, ref_state = _train(adaact_optax.adaact(0.1, weight_decay=2e-3), steps=2)
   ref, ref_state = _train(adaact_optax.adaact(0.05, weight_decay=0.0), steps=2, params=ref,
                           opt_state=ref_state, first_batch=3)
-  _assert_trees_equal(params, ref)
-  _assert_trees_equal(state.inner_state, ref_state)
+  # The same arithmetic in float32, but another program: hyperparameters as arguments.
+  assert_f32_close(params, ref, steps=4)
+  assert_f32_close(state.inner_state, ref_state, steps=4)
 
 
 def test_inject_hyperparams_with_a_schedule_exposes_its_current_value():
@@ -122,7 +123,7 @@ def test_inject_hyperparams_with_a_schedule_exposes_its_current_value():
   injected = optax.inject_hyperparams(adaact_optax.adaact)(learning_rate=schedule)
   params, state = _train(injected, steps=2)
   ref, _ = _train(adaact_optax.adaact(schedule), steps=2)
-  _assert_trees_equal(params, ref)
+  assert_f32_close(params, ref, steps=2)
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(schedule(1)))
 
 
@@ -153,10 +154,10 @@ def test_partition_routes_statistics_to_the_adaact_branch(adamw_modules):
   for t in range(3):
     updates, state, u_act, s_act, u_adam, s_adam = step(params, state, s_act, s_adam,
                                                         _batch(1 + t))
-    # Each parameter moves exactly as the optimizer that owns it would move it alone.
+    # Each parameter moves as the optimizer that owns it would move it alone.
     for module in params:
       expected = u_adam if owner(module) == "adamw" else u_act
-      _assert_trees_equal(updates[module], expected[module])
+      assert_f32_close(updates[module], expected[module], steps=t + 1, err_msg=module)
     params = optax.apply_updates(params, updates)
   nu = state.inner_states["adaact"].inner_state[0].nu
   assert not jax.tree.leaves(nu["Embed_0"])  # masked: no state
@@ -188,8 +189,7 @@ def test_masked_adaact_ignores_the_statistics_of_masked_parameters():
   _assert_trees_equal(updates["Dense_1"], grads["Dense_1"])  # masked: passed through
   ref, _ = adaact_optax.adaact(0.1).update(grads, adaact_optax.adaact(0.1).init(params), params,
                                            activation_stats=stats)
-  jax.tree.map(lambda u, r: np.testing.assert_allclose(u, r, rtol=1e-6),
-               updates["Dense_0"], ref["Dense_0"])
+  assert_f32_close(updates["Dense_0"], ref["Dense_0"])
   assert float(jnp.min(state.inner_state[0].nu["Dense_0"]["kernel"])) > 0
 
 
