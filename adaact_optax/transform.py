@@ -301,8 +301,10 @@ def scale_by_adaact(
                          "mu_dtype=None (the parameters' dtype) or a complex dtype.")
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
     nu = _alignment.moment_zeros(params, stats_shapes)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByAdaActState(count=zero, mu=mu, nu=nu, skipped=zero)
+    # Two arrays, not one twice: a step that donates its state (donate_argnums)
+    # needs every leaf in its own buffer.
+    return ScaleByAdaActState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu,
+                              skipped=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
     del params, extra_args
@@ -435,9 +437,9 @@ def scale_by_activation_rms(
   _validate(0.0, b2, eps, power, "sgd")
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByActivationRMSState(count=zero, nu=_alignment.moment_zeros(params, stats_shapes),
-                                     skipped=zero)
+    return ScaleByActivationRMSState(count=jnp.zeros([], jnp.int32),  # own buffers, as above
+                                     nu=_alignment.moment_zeros(params, stats_shapes),
+                                     skipped=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
     del params, extra_args

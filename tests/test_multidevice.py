@@ -188,6 +188,33 @@ def test_sharded_jit_fsdp_tp_equals_one_device():
   assert kernel_nu.addressable_shards[0].data.shape == (FEATURES // 4, 1)
 
 
+@pytest.mark.parametrize("wrapper", ["adaact", "MultiSteps"])
+def test_donated_sharded_step_from_an_eager_init(wrapper):
+  # The usual large-model loop: params placed by their partition specs, the state from a
+  # plain (eager) tx.init, then a step that donates both. Donation needs every state leaf
+  # in its own buffer (test_donation.py checks the buffers on one device).
+  model, xs, ys = Net(), *batches()
+  tx = adaact_optax.adaact(0.1)
+  if wrapper == "MultiSteps":
+    tx = adaact_optax.MultiSteps(tx, every_k_schedule=1).gradient_transformation()
+  ref_params, ref_state = reference(model, tx, xs, ys)
+  mesh = mesh_4x2()
+  abstract = jax.eval_shape(model.init, jax.random.key(1), xs[0])
+  p_shard = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                         nn.get_partition_spec(abstract)["params"], is_leaf=lambda x: isinstance(x, P))
+  params = jax.jit(lambda: init_params(model, xs[0]), out_shardings=p_shard)()
+  opt_state = tx.init(params)
+  step = jax.jit(linen_train_step(model, tx, jit=False), donate_argnums=(0, 1))
+  data = NamedSharding(mesh, P("data"))
+  for x, y in zip(xs, ys):
+    old = params
+    params, opt_state = step(params, opt_state, jax.device_put(x, data), jax.device_put(y, data))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))
+  assert all(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(params))
+  assert_trees_close(params, ref_params)
+  assert_trees_close(opt_state, ref_state)
+
+
 def test_scan_stacked_partitioned_layers_under_mesh():
   model, xs, ys = ScanNet(), *batches()
   tx = adaact_optax.adaact(0.1)
