@@ -8,6 +8,7 @@ from adaact_optax.diagnostics import activation_summary
 from adaact_optax.train_state import TrainState
 from adaact_optax.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
                                     migrate_state, scale_by_activation_rms, scale_by_adaact)
+from adaact_optax.wrappers import lookahead
 
 __all__ = [
     "CoverageReport",
@@ -25,6 +26,7 @@ __all__ = [
     "adaact",
     "linen",
     "layout",
+    "lookahead",
     "migrate_state",
     "moments",
     "nnx",

@@ -124,7 +124,8 @@ def _missing_stats_error():
       "apply_gradients calls tx.update(grads, opt_state, params) and never forwards "
       "activation_stats= (it treats extra keywords as fields to replace), so the "
       "statistics are lost even when you pass them; use adaact_optax.TrainState, whose "
-      "apply_gradients(grads=..., activation_stats=...) passes them to the optimizer.")
+      "apply_gradients(grads=..., activation_stats=...) passes them to the optimizer. "
+      "optax.lookahead does not pass them on either: use adaact_optax.lookahead.")
 
 
 def _not_a_state_error(state, expected: str):

@@ -13,6 +13,7 @@ import pytest
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from conftest import assert_f32_close
+from test_transform import _batches as mlp_batches, mlp_loss_and_stats, mlp_params
 
 
 class TokenMLP(nn.Module):
@@ -209,3 +210,64 @@ def test_apply_if_finite_skips_a_nan_step():
   after, final = _train(tx, steps=1, params=params, opt_state=new_state, first_batch=10)
   assert int(final.inner_state[0].count) == 3
   assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(after))
+
+
+# --- optax.lookahead: adaact_optax.lookahead passes the statistics on --------
+
+def _lookahead_reference(params, batches, sync_period, slow_step_size, reset_state):
+  """Lookahead by hand: AdaAct on the fast weights; every ``sync_period`` steps the slow
+  weights move ``slow_step_size`` towards them and the fast ones restart there."""
+  tx = adaact_optax.adaact(0.1)
+  step = jax.jit(lambda p, s, x, y: _tx_step(tx, p, s, x, y))
+  fast, slow, state = params, params, tx.init(params)
+  for t, (x, y) in enumerate(batches):
+    fast, state = step(fast, state, x, y)
+    if (t + 1) % sync_period == 0:
+      slow = jax.tree.map(lambda s, f: s + slow_step_size * (f - s), slow, fast)
+      fast = slow
+      state = tx.init(fast) if reset_state else state
+  return fast, slow
+
+
+def _tx_step(tx, params, state, x, y):
+  (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
+  updates, state = tx.update(grads, state, params, activation_stats=stats)
+  return optax.apply_updates(params, updates), state
+
+
+@pytest.mark.parametrize("reset_state", [False, True])
+def test_lookahead_passes_the_statistics_to_adaact(reset_state):
+  params, batches = mlp_params(jax.random.key(0)), mlp_batches(7)
+  tx = adaact_optax.lookahead(adaact_optax.adaact(0.1), sync_period=3, slow_step_size=0.5,
+                              reset_state=reset_state)
+  pair = optax.LookaheadParams.init_synced(params)
+  state = tx.init(pair)
+  step = jax.jit(lambda p, s, x, y: _pair_step(tx, p, s, x, y))
+  for x, y in batches:
+    pair, state = step(pair, state, x, y)
+  assert int(state.fast_state[0].count) == (1 if reset_state else 7)
+  fast, slow = _lookahead_reference(params, batches, 3, 0.5, reset_state)
+  assert_f32_close(pair.slow, slow, steps=len(batches))
+  assert_f32_close(pair.fast, fast, steps=len(batches))
+
+
+def _pair_step(tx, pair, state, x, y):
+  (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(pair.fast, x, y)
+  updates, state = tx.update(grads, state, pair, activation_stats=stats)
+  return optax.apply_updates(pair, updates), state
+
+
+def test_optax_lookahead_cannot_pass_the_statistics_and_the_error_says_what_to_use():
+  params = mlp_params(jax.random.key(0))
+  pair = optax.LookaheadParams.init_synced(params)
+  x, y = mlp_batches(1)[0]
+  (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
+  plain = optax.lookahead(adaact_optax.adaact(0.1), sync_period=3, slow_step_size=0.5)
+  with pytest.raises(TypeError, match="activation_stats"):   # optax's own signature
+    plain.update(grads, plain.init(pair), pair, activation_stats=stats)
+  chained = optax.chain(plain)   # drops the statistics: AdaAct says where they went
+  with pytest.raises(ValueError, match="optax.lookahead.*adaact_optax.lookahead"):
+    chained.update(grads, chained.init(pair), pair, activation_stats=stats)
+  ours = adaact_optax.lookahead(adaact_optax.adaact(0.1), sync_period=3, slow_step_size=0.5)
+  with pytest.raises(ValueError, match="LookaheadParams.*init_synced"):
+    ours.update(grads, ours.init(params), params, activation_stats=stats)
