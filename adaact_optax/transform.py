@@ -474,9 +474,8 @@ def _unmatched_needs_stats_shapes():
   return ValueError(
       "adaact(unmatched=<an optax transformation>) needs stats_shapes=: which parameters "
       "have statistics must be known at init, so the transformation's state covers only the "
-      "others. Pass the layout the capture reports, e.g. stats_shapes="
-      "adaact_optax.linen.stats_shapes(model, variables, x) (or adaact_optax.nnx."
-      "stats_shapes(model, x)); or use a string unmatched='sgd'/'momentum'.")
+      f"others. Pass the layout the capture reports: {_alignment.STATS_SHAPES_CALLS}; or "
+      "use a string unmatched='sgd'/'momentum'.")
 
 
 def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):

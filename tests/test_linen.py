@@ -273,3 +273,52 @@ def test_train_state_passes_statistics():
   assert int(new_state.step) == 1
   with pytest.raises(TypeError):
     state.apply_gradients(grads=grads)   # statistics are required, never silently dropped
+
+
+class _TiedLM(nn.Module):
+  """A language model whose output projection is its embedding table (Embed.attend, as
+  lm1b's logits_via_embedding and GPT-2's wte)."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(11, 6)
+    h = embed(tokens)
+    h = h + nn.Dense(6)(jnp.tanh(nn.Dense(8)(h)))
+    return embed.attend(nn.LayerNorm()(h))
+
+
+def test_tied_embedding_lm_without_stats_shapes_names_the_fix_and_trains_with_it():
+  from test_transform import assert_names_every_stats_shapes_call
+
+  model = _TiedLM()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 7)), jnp.int32)
+  variables = model.init(jax.random.key(0), tokens)
+
+  def train(tx, steps):
+    @jax.jit
+    def step(params, opt_state):
+      def loss_fn(p):
+        logits, mutated = aa_linen.apply(model, {"params": p}, tokens[:, :-1])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return loss, mutated[COLLECTION]
+      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    params, opt_state, losses = variables["params"], tx.init(variables["params"]), []
+    for _ in range(steps):
+      params, opt_state, loss = step(params, opt_state)
+      losses.append(float(loss))
+    return losses, opt_state
+
+  with pytest.raises(ValueError) as info:
+    train(adaact_optax.adaact(0.1), 1)
+  message = str(info.value)
+  assert "'Embed_0/embedding' have shape (1, 6)" in message, message
+  assert "(11, 6) has shape (11, 1)" in message and "vary along axis 1" in message
+  assert_names_every_stats_shapes_call(message)
+
+  shapes = aa_linen.stats_shapes(model, variables, tokens[:, :-1])
+  losses, opt_state = train(adaact_optax.adaact(0.1, stats_shapes=shapes), 30)
+  assert opt_state[0].nu["Embed_0"]["embedding"].shape == (1, 6)   # per d feature the head reads
+  assert losses[-1] < 0.7 * losses[0]

@@ -406,3 +406,65 @@ def test_unmatched_strings_keep_their_meaning_with_stats_shapes():
                                       stats_shapes=_gain_stats_shapes(params)), params)
     want, _ = _run(adaact_optax.adaact(0.1, unmatched=mode), params)
     chex.assert_trees_all_equal(got, want)
+
+
+# --- statistics on a non-leading axis need stats_shapes, and the error says so ----
+
+STATS_SHAPES_CALLS = ("adaact_optax.stats_shapes(loss_fn, params, *batch)",
+                      "adaact_optax.linen.stats_shapes(model, variables, *args)",
+                      "adaact_optax.nnx.stats_shapes(model, *args)")
+
+
+def assert_names_every_stats_shapes_call(message):
+  for call in STATS_SHAPES_CALLS:
+    assert f"stats_shapes={call}" in message, (call, message)
+
+
+def _out_in_loss(params, x, y):
+  """Weights stored (out, in) and applied as x @ W.T (Equinox, PyTorch-style code)."""
+  h = jnp.tanh(x @ params["hidden"]["w"].T + params["hidden"]["b"])
+  return jnp.mean((h @ params["out"]["w"].T - y) ** 2)
+
+
+def test_out_in_weights_without_stats_shapes_name_the_fix_and_train_with_it():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {"hidden": {"w": jax.random.normal(k1, (5, 6)) * 0.5, "b": jnp.zeros(5)},
+            "out": {"w": jax.random.normal(k2, (3, 5)) * 0.5}}
+  x, y = _batches(1)[0]
+  _, grads, stats = adaact_optax.value_grad_and_stats(_out_in_loss)(params, x, y)
+  assert stats["hidden"]["w"].shape == (1, 6)          # varies along the input axis, axis 1
+  tx = adaact_optax.adaact(0.1)
+  with pytest.raises(ValueError) as info:
+    jax.jit(lambda g, s, p, a: tx.update(g, s, p, activation_stats=a))(
+        grads, tx.init(params), params, stats)
+  message = str(info.value)
+  assert "'hidden/w' have shape (1, 6)" in message and "(5, 6) has shape (5, 1)" in message
+  assert "vary along axis 1" in message and "sized at init for the default layout" in message
+  assert_names_every_stats_shapes_call(message)
+
+  tx = adaact_optax.adaact(0.1, stats_shapes=adaact_optax.stats_shapes(_out_in_loss, params, x, y))
+  state = tx.init(params)
+  assert state[0].nu["hidden"]["w"].shape == (1, 6) and state[0].nu["out"]["w"].shape == (1, 5)
+
+  @jax.jit
+  def step(params, state, x, y):
+    loss, grads, stats = adaact_optax.value_grad_and_stats(_out_in_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params, activation_stats=stats)
+    return optax.apply_updates(params, updates), state, loss, grads, stats, updates
+
+  new_params, state, first_loss, grads, stats, updates = step(params, state, x, y)
+  # Step 1: -lr * (g / sqrt(A) + wd * w), A broadcast down the output axis 0.
+  expected = -0.1 * (np.asarray(grads["hidden"]["w"]) / (np.sqrt(stats["hidden"]["w"]) + 1e-8)
+                     + 2e-3 * np.asarray(params["hidden"]["w"]))
+  assert_f32_close(updates["hidden"]["w"], expected)
+  losses = [float(first_loss)]
+  for _ in range(20):
+    new_params, state, loss, *_ = step(new_params, state, x, y)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_unmatched_optimizer_without_stats_shapes_names_every_capture():
+  with pytest.raises(ValueError) as info:
+    adaact_optax.adaact(0.1, unmatched=optax.adam(1e-3))
+  assert_names_every_stats_shapes_call(str(info.value))
