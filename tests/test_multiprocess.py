@@ -86,9 +86,10 @@ def reference():
 
 
 def assert_close(params: dict, ref: dict):
-  # The runs differ in summation order (across processes) in each step's passes and means.
+  # The runs differ in summation order (across processes) in each step's passes and means;
+  # the attention key biases (zero gradient in exact arithmetic) hold rounding only.
   assert params.keys() == ref.keys()
-  assert_f32_close(params, ref, steps=STEPS, ulps_per_step=64)
+  assert_f32_close(params, ref, steps=STEPS, ulps_per_step=64, scale="tree")
 
 
 def shard_views(saved: dict) -> dict:

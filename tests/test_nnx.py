@@ -313,7 +313,7 @@ def test_nnx_matches_authors_trajectory(fixtures_dir, name):
     nu = _flat(nnx.as_pure(optimizer.opt_state)[0].nu)
     for path, value in _flat(_renamed(_tree(data, f"nu{t + 1}"), names)).items():
       assert nu[path].shape == value.shape + (1,)  # keep-rank (*input axes, 1)
-      _close(nu[path][..., 0] / (1 - meta["b2"] ** (t + 1)), value,
+      _close(nu[path][..., 0] / (1 - float(np.float32(meta["b2"])) ** (t + 1)), value,
              f"V_hat of {path} after step {t + 1}", t + 1)
   assert int(optimizer.step[...]) == meta["steps"]
 
