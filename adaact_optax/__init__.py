@@ -17,6 +17,7 @@ from adaact_optax._src.accumulation import MultiSteps, MultiStepsState
 from adaact_optax._src.diagnostics import activation_summary, scaling_summary
 from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
                                          migrate_state, scale_by_activation_rms, scale_by_adaact)
+from adaact_optax._src.wrappers import lookahead
 
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers
   from adaact_optax import linen, nnx
@@ -33,7 +34,7 @@ _LAZY = {
 # Documented, doctested and pickled as members of this package.
 for _obj in (MultiSteps, MultiStepsState, activation_summary, scaling_summary,
              ScaleByActivationRMSState, ScaleByAdaActState, adaact, migrate_state,
-             scale_by_activation_rms, scale_by_adaact):
+             scale_by_activation_rms, scale_by_adaact, lookahead):
   _obj.__module__ = __name__
 del _obj
 
@@ -69,6 +70,7 @@ __all__ = [
     "adaact",
     "linen",
     "layout",
+    "lookahead",
     "migrate_state",
     "moments",
     "nnx",

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-RTOL = 1e-5
-ATOL = 1e-6
+from conftest import assert_f32_close
 
 # Expected-statistics markers besides a full float64 array.
 BIAS = "bias"              # ones of shape (1,) * rank: a weight on the constant input 1
@@ -101,8 +100,7 @@ def assert_stat(stat, expected, shape: tuple[int, ...], name: str,
     if exact_shape is not None:
       assert stat is not None and tuple(stat.shape) == tuple(exact_shape), (
           f"{name}: stats shape {getattr(stat, 'shape', None)}, expected {exact_shape}")
-    np.testing.assert_allclose(expand(stat, shape, name), expected, rtol=RTOL, atol=ATOL,
-                               err_msg=name)
+    assert_f32_close(expand(stat, shape, name), expected, err_msg=name)
 
 
 def assert_stats_tree(stats, params, expected: dict, exact_shapes: dict | None = None):
@@ -278,13 +276,13 @@ class Case:
     return loss_of(self.forward)
 
 
-def assert_proofs(case: Case, rtol=RTOL, atol=1e-5):
+def assert_proofs(case: Case):
   assert case.proofs, "a reference without a proof"
   for name, actual, rebuilt in case.proofs:
     actual = np.asarray(actual, np.float64)
     rebuilt = np.asarray(rebuilt, np.float64)
     assert actual.shape == rebuilt.shape, (name, actual.shape, rebuilt.shape)
-    np.testing.assert_allclose(rebuilt, actual, rtol=rtol, atol=atol, err_msg=name)
+    assert_f32_close(rebuilt, actual, err_msg=name)
 
 
 def uncaptured_warnings(records) -> list:
@@ -328,11 +326,11 @@ def check_engine(case: Case, *, jit=True):
   fast); ``jit=False`` runs the engine eagerly."""
   import adaact_optax
   value, grads, stats, records, (ref_value, ref_grads) = engine_result(case, jit)
-  np.testing.assert_allclose(value, ref_value, rtol=RTOL, atol=ATOL)
+  assert_f32_close(value, ref_value)
   ref_g = by_path(ref_grads)
   for name, grad in by_path(grads).items():
     if ref_g.get(name) is not None:
-      np.testing.assert_allclose(grad, ref_g[name], rtol=RTOL, atol=ATOL, err_msg=name)
+      assert_f32_close(grad, ref_g[name], err_msg=name)
   assert set(k for k, v in by_path(grads).items() if v is not None) == set(
       k for k, v in ref_g.items() if v is not None), "grads not in the params' structure"
   assert_stats_tree(stats, case.params, case.expected, case.exact_shapes)

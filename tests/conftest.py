@@ -1,13 +1,31 @@
+import math
 import os
 import pathlib
+import sys
+
+
+def xla_flags(device_count: int) -> str:
+  """``XLA_FLAGS`` of this process with ``device_count`` simulated CPU devices.
+
+  The caller's other flags (``--xla_cpu_max_isa=SSE4_2``, ...) are kept, so
+  the suite and the processes it starts run under the same XLA options.
+  """
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={device_count}"])
+
 
 # Multi-device tests run on 8 simulated CPU devices; XLA reads this flag once,
 # before jax is first imported, so it is set here for the whole session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = xla_flags(8)
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# tests/rule's modules hold helpers other folders import (test_parity's trajectory
+# readers, test_transform's MLP): importable whichever files a run collects.
+sys.path.insert(0, str(ROOT / "tests" / "rule"))
 # The authors' trajectories live in ../shared/fixtures beside the checkout; a
 # copy is vendored in tests/fixtures so a bare clone can run the suite too.
 _CANDIDATES = [
@@ -15,6 +33,71 @@ _CANDIDATES = [
     ROOT.parent / "shared" / "fixtures",
     ROOT / "tests" / "fixtures",
 ]
+
+
+#: float32's machine epsilon, 2**-23: the relative spacing of float32 numbers.
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def f32_rtol(steps: int = 1, ulps_per_step: int = 16) -> float:
+  """Relative tolerance between two DIFFERENT float32 programs computing the same values.
+
+  Programs that fuse, reorder or vectorise the same arithmetic differently (a
+  chain of transforms against the fused one, jit against eager, a sharded
+  step against one device, another CPU: ``XLA_FLAGS=--xla_cpu_max_isa=SSE4_2``)
+  round at different places, so each may drift a few float32 ulps per step
+  from the other, and ``steps`` dependent steps (optimizer steps; 1 for a single
+  evaluation) add up. ``ulps_per_step`` bounds the drift of one step: the
+  default, 16, covers an elementwise formula or one optimizer update; callers
+  pass more for a step that also runs a model's forward and backward pass (long
+  dot products and means over rows), and say so. The same program run twice
+  is compared with ``np.testing.assert_array_equal`` instead.
+  """
+  return steps * ulps_per_step * F32_EPS
+
+
+def bias_correction_ulps(b: float, t: int, ulps: int = 16) -> int:
+  """``ulps`` for a value divided by a bias correction ``1 - b**t`` computed in float32.
+
+  The subtraction keeps only the low bits of ``b**t``: its rounding error, and
+  so the quotient's, grows by ``1 / (1 - b**t)`` (500x for ``b = 0.999, t = 2``).
+  """
+  return math.ceil(ulps / (1 - b ** t))
+
+
+def assert_f32_close(actual, expected, *, steps: int = 1, ulps_per_step: int = 16,
+                     scale: str = "leaf", err_msg: str = "") -> None:
+  """Trees ``actual`` and ``expected`` agree to ``f32_rtol(steps, ulps_per_step)``.
+
+  Per leaf, ``|a - e| <= rtol * max|e|``: relative to the leaf's largest
+  magnitude, because an element that cancels to near zero still carries the
+  rounding of the larger values it was computed from. ``scale="tree"`` takes
+  the largest magnitude of the whole tree instead, for trees in which a whole
+  leaf can be such a cancellation (an attention key bias, whose gradient is
+  zero in exact arithmetic, holds only the rounding of the other gradients).
+  """
+  import jax
+
+  rtol = f32_rtol(steps, ulps_per_step)
+  expected_leaves = jax.tree_util.tree_leaves_with_path(expected)
+  actual_leaves = jax.tree.leaves(actual)
+  assert len(actual_leaves) == len(expected_leaves), (
+      f"{err_msg}: {len(actual_leaves)} leaves, expected {len(expected_leaves)}")
+  wide = lambda x: np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+  largest = lambda x: float(np.max(np.abs(wide(x)))) if np.size(x) else 0.0
+  assert scale in ("leaf", "tree"), scale
+  tree_scale = max([largest(e) for _, e in expected_leaves], default=0.0)
+  for (path, e), a in zip(expected_leaves, actual_leaves):
+    a, e = wide(a), wide(e)
+    e = np.broadcast_to(e, a.shape) if e.ndim == 0 else e  # a scalar expected everywhere
+    assert a.shape == e.shape, f"{err_msg}{jax.tree_util.keystr(path)}: {a.shape} != {e.shape}"
+    magnitude = largest(e) if scale == "leaf" else tree_scale
+    worst = float(np.max(np.abs(a - e))) if e.size else 0.0
+    assert worst <= rtol * magnitude, (
+        f"{err_msg}{jax.tree_util.keystr(path)}: differs by {worst:.3g} = "
+        f"{worst / (magnitude or 1) / F32_EPS:.0f} float32 ulps of the {scale}'s largest "
+        f"magnitude {magnitude:.3g}, more than {steps} step(s) x {ulps_per_step} ulps "
+        f"(rtol {rtol:.3g})")
 
 
 @pytest.fixture(scope="session")

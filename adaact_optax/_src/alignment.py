@@ -377,6 +377,41 @@ def apply_scale(x: jax.Array, scale: jax.Array, name: str) -> jax.Array:
   return (x.reshape(x_view) * scale.reshape(s_view)).reshape(k)
 
 
+#: The calls that give ``stats_shapes=`` its tree, one per model style.
+STATS_SHAPES_CALLS = (
+    "stats_shapes=adaact_optax.stats_shapes(loss_fn, params, *batch) for a pure-JAX loss "
+    "(the function value_grad_and_stats differentiates), "
+    "stats_shapes=adaact_optax.linen.stats_shapes(model, variables, *args) for Linen, "
+    "stats_shapes=adaact_optax.nnx.stats_shapes(model, *args) for NNX")
+
+
+def _layout_mismatch_error(name: str, given, stat_shape, param_shape, state_shape) -> ValueError:
+  """Statistics whose layout is not the one the state was sized for at ``init``."""
+  k, s, state = tuple(param_shape), tuple(stat_shape), tuple(state_shape)
+  shapes = (f"AdaAct statistics at '{name}' have shape {tuple(given)} (keep-rank {s}), but the "
+            f"optimizer state for the parameter of shape {k} has shape {state}.")
+  if state == UNCAPTURED_SHAPE:
+    return ValueError(f"{shapes} The optimizer was built with stats_shapes marking this "
+                      "parameter as uncaptured (no statistics): rebuild it with the "
+                      f"stats_shapes of this model: {STATS_SHAPES_CALLS}.")
+  axes = [ax for ax, (d, n) in enumerate(zip(s, state)) if d not in (1, n)]
+  if len(state) != len(k) or not axes:
+    why = ""
+  elif any(1 < d < n for d, n in zip(s, k)):
+    why = (f" The statistics come in blocks along axis {axes[0]} (a grouped convolution, a "
+           "per-block fused projection), which the state, sized at init for another layout, "
+           "does not have.")
+  else:
+    where = "axis" if len(axes) == 1 else "axes"
+    sized = ("for the default layout (every axis but the last is an input axis)"
+             if state == default_moment_shape(k) else "for another layout")
+    why = (f" The statistics vary along {where} {', '.join(map(str, axes))}, the weight's "
+           f"input {where} (as for a tied Embed.attend table or an (out, in) kernel used as "
+           f"x @ W.T), while the state was sized at init {sized}.")
+  return ValueError(f"{shapes}{why} Build the optimizer with the statistics' shapes so init "
+                    f"sizes the state like them: {STATS_SHAPES_CALLS}.")
+
+
 def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
   """Places each statistics leaf at its parameter, shaped like the state.
 
@@ -411,25 +446,8 @@ def align(stats: PyTree, updates: PyTree, nu: PyTree) -> PyTree:
     k, state_shape = tuple(jnp.shape(g)), tuple(v.shape)
     a = to_keep_rank(a, k, name)
     if not all(d in (1, n) for d, n in zip(a.shape, state_shape)) or len(state_shape) != len(k):
-      hint = ""
-      if state_shape == UNCAPTURED_SHAPE:
-        hint = (" The optimizer was built with stats_shapes marking this parameter as "
-                "uncaptured (no statistics): rebuild it with the stats_shapes of this model.")
-      elif any(1 < d < n for d, n in zip(a.shape, k)):
-        hint = (" This looks like a grouped convolution (statistics in blocks along an output "
-                "axis): build the optimizer with stats_shapes=adaact_optax.linen.stats_shapes("
-                "model, variables, x) (or adaact_optax.nnx.stats_shapes(model, x)) so its "
-                "state has the statistics' shape.")
-      elif state_shape == default_moment_shape(k):
-        hint = (" The state has the default shape (every axis but the last an input axis); "
-                "these statistics vary along other axes (an Embed.attend table: (1, d), an "
-                "(out, in) weight: (1, in)). Build the optimizer with stats_shapes= from the "
-                "capture (adaact_optax.linen.stats_shapes(model, variables, x), "
-                "adaact_optax.nnx.stats_shapes(model, x) or adaact_optax.stats_shapes(loss, "
-                "params, x)) so its state has the statistics' shape.")
-      raise ValueError(f"AdaAct statistics at '{name}' have shape {tuple(jnp.shape(by_name[name]))}"
-                       f" (keep-rank {tuple(a.shape)}), but the optimizer state for the "
-                       f"parameter of shape {k} has shape {state_shape}.{hint}")
+      raise _layout_mismatch_error(name, tuple(jnp.shape(by_name[name])), tuple(a.shape), k,
+                                   state_shape)
     return a if a.shape == state_shape else jnp.broadcast_to(a, state_shape)
 
   return tree_util.tree_map_with_path(place, updates, nu)

@@ -124,7 +124,8 @@ def _missing_stats_error():
       "apply_gradients calls tx.update(grads, opt_state, params) and never forwards "
       "activation_stats= (it treats extra keywords as fields to replace), so the "
       "statistics are lost even when you pass them; use adaact_optax.TrainState, whose "
-      "apply_gradients(grads=..., activation_stats=...) passes them to the optimizer.")
+      "apply_gradients(grads=..., activation_stats=...) passes them to the optimizer. "
+      "optax.lookahead does not pass them on either: use adaact_optax.lookahead.")
 
 
 def _not_a_state_error(state, expected: str):
@@ -357,8 +358,10 @@ def scale_by_adaact(
                          "mu_dtype=None (the parameters' dtype) or a complex dtype.")
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
     nu = boxes.moment_zeros(params, stats_shapes)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByAdaActState(count=zero, mu=mu, nu=nu, skipped=zero)
+    # Two arrays, not one twice: a step that donates its state (donate_argnums)
+    # needs every leaf in its own buffer.
+    return ScaleByAdaActState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu,
+                              skipped=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
     del params, extra_args
@@ -495,9 +498,9 @@ def scale_by_activation_rms(
   _validate(0.0, b2, eps, power, "sgd")
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByActivationRMSState(count=zero, nu=boxes.moment_zeros(params, stats_shapes),
-                                     skipped=zero)
+    return ScaleByActivationRMSState(count=jnp.zeros([], jnp.int32),  # own buffers, as above
+                                     nu=boxes.moment_zeros(params, stats_shapes),
+                                     skipped=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
     del params, extra_args
@@ -531,9 +534,8 @@ def _unmatched_needs_stats_shapes():
   return ValueError(
       "adaact(unmatched=<an optax transformation>) needs stats_shapes=: which parameters "
       "have statistics must be known at init, so the transformation's state covers only the "
-      "others. Pass the layout the capture reports, e.g. stats_shapes="
-      "adaact_optax.linen.stats_shapes(model, variables, x) (or adaact_optax.nnx."
-      "stats_shapes(model, x)); or use a string unmatched='sgd'/'momentum'.")
+      f"others. Pass the layout the capture reports: {_alignment.STATS_SHAPES_CALLS}; or "
+      "use a string unmatched='sgd'/'momentum'.")
 
 
 def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):

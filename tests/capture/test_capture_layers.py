@@ -22,6 +22,7 @@ from _bruteforce import (BIAS, UNCAPTURED, Case, assert_proofs, assert_stat, ass
                          conv_patches, dense_full, jacobian_reference, mean_sq, normal,
                          param_paths, random_params, rows_of, run_engine,
                          uncaptured_warnings)
+from conftest import assert_f32_close
 
 KEY = jax.random.key(0)
 
@@ -209,8 +210,7 @@ def conv_local():
   # The Jacobian's inputs are the layer's patches: their multiset per position
   # equals the explicit patch loop's (the feature order is Flax's business).
   patches = conv_patches(x, (3, 3), padding="SAME").reshape(2, 4, 4, -1)
-  np.testing.assert_allclose(np.sort(full[..., 0], -1), np.sort(mean_sq(patches, 0), -1),
-                             rtol=1e-6)
+  assert_f32_close(np.sort(full[..., 0], -1), np.sort(mean_sq(patches, 0), -1))
   return Case(fwd, p, (x,), {"kernel": full, "bias": BIAS},
               [("conv_local", y, rebuilt), ("jacobian's layer", y, y_jac)],
               {"kernel": (4, 4, 27, 1)}, linen=(m, {"params": p}, (x,)))
@@ -430,7 +430,7 @@ def test_reference_patches_agree_with_jacobian():
     layer = lambda k: module.apply({"params": {"kernel": k, "bias": c.params["bias"]}}, x)
     rows = int(np.prod(layer(c.params["kernel"]).shape[:-1]))
     full, _, _ = jacobian_reference(layer, c.params["kernel"], rows)
-    np.testing.assert_allclose(full, c.expected["kernel"], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert_f32_close(full, c.expected["kernel"], err_msg=name)
 
 
 def test_reference_patches_hand_computed():
@@ -494,7 +494,7 @@ def test_linen_adapter_matches_bruteforce(name):
   out, mutated = jax.jit(apply)(variables, *args)
   ref = module.apply(variables, *args)
   for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(o, r, rtol=1e-6)
+    assert_f32_close(o, r)
   _assert_adapter_stats(mutated[adaact_optax.linen.COLLECTION], c)
 
 
@@ -504,7 +504,7 @@ def test_nnx_adapter_matches_bruteforce(name):
   c = case(name)
   module, args = c.nnx
   out, stats = adaact_optax.nnx.apply(module, *args)
-  np.testing.assert_allclose(out, module(*args), rtol=1e-6)
+  assert_f32_close(out, module(*args))
   _assert_adapter_stats(stats, c)
 
 
@@ -673,5 +673,5 @@ def test_uncaptured_marker_reaches_the_optimizer():
     strict.update(grads, strict.init(p), p, activation_stats=stats)
   tx = adaact_optax.adaact(0.1, weight_decay=0.0, stats_shapes=shapes)
   updates, _ = tx.update(grads, tx.init(p), p, activation_stats=stats)
-  np.testing.assert_allclose(updates["w"], -0.1 * grads["w"], rtol=1e-6)
+  assert_f32_close(updates["w"], -0.1 * grads["w"])
   assert not np.allclose(updates["v"], -0.1 * grads["v"])

@@ -25,6 +25,7 @@ from _bruteforce import (BIAS, Case, assert_proofs, assert_stat, by_path, check_
                          check_stats_shapes, conv_from_patches, conv_full, conv_patches,
                          dense_full, engine_result, normal, out_in_full, param_paths,
                          random_params, sigmoid)
+from conftest import assert_f32_close
 
 KEY = jax.random.key(0)
 
@@ -750,8 +751,8 @@ def test_has_aux_returns_the_aux_and_the_same_stats():
     return jnp.sum(jnp.sin(y)), {"y": y}
   (loss, aux), grads, stats = jax.jit(adaact_optax.value_grad_and_stats(with_aux, has_aux=True))(
       c.params, *c.args)
-  np.testing.assert_allclose(loss, c.fun(c.params, *c.args), rtol=1e-6)
-  np.testing.assert_allclose(aux["y"], c.forward(c.params, *c.args), rtol=1e-6)
+  assert_f32_close(loss, c.fun(c.params, *c.args))
+  assert_f32_close(aux["y"], c.forward(c.params, *c.args))
   for name, shape in param_paths(c.params).items():
     assert_stat(by_path(stats)[name], c.expected[name], shape, name, c.exact_shapes.get(name))
 
@@ -762,7 +763,7 @@ def test_linen_adapter_matches_bruteforce(name):
   c = case(name)
   module, variables, args = c.linen
   out, mutated = jax.jit(lambda v, *a: adaact_optax.linen.apply(module, v, *a))(variables, *args)
-  np.testing.assert_allclose(out, module.apply(variables, *args), rtol=1e-6)
+  assert_f32_close(out, module.apply(variables, *args))
   got = by_path(mutated[adaact_optax.linen.COLLECTION])
   for name, shape in param_paths(c.params).items():
     assert_stat(got.get(name), c.expected[name], shape, name, c.exact_shapes.get(name))
@@ -774,7 +775,7 @@ def test_nnx_adapter_on_scan_vmap_remat():
   c = case("nnx_scan_vmap_remat")
   module, args = c.nnx
   out, stats = adaact_optax.nnx.apply(module, *args)
-  np.testing.assert_allclose(out, module(*args), rtol=1e-6)
+  assert_f32_close(out, module(*args))
   got = by_path(stats)
   for name, shape in param_paths(c.params).items():
     assert_stat(got.get(name), c.expected[name], shape, name, c.exact_shapes.get(name))

@@ -19,6 +19,7 @@ import pytest
 
 import adaact_optax
 from adaact_optax._src.capture import api as capture_api
+from conftest import assert_f32_close
 
 
 def _evaluating_engine(fun, params, *args, has_aux=False, embeddings=False, row_mask=None):
@@ -164,8 +165,7 @@ def test_differentiated_route_is_taken_and_matches_the_evaluating_engine(name):
   value, grads, stats = jax.jit(lambda p, *a: g(p, *a, row_mask=row_mask))(p, *args)
   ref_value, ref_grads, ref_stats = _evaluating_engine(
       loss, p, *args, has_aux=has_aux, embeddings=embeddings, row_mask=row_mask)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               (value, grads), (ref_value, ref_grads))
+  assert_f32_close((value, grads), (ref_value, ref_grads))
   assert jax.tree.structure(stats) == jax.tree.structure(ref_stats)
   if name == "cell_sum_then_bias":  # both routes give the biases statistics
     assert ref_stats["b"] is not None and ref_stats["b_n"] is not None
@@ -174,7 +174,7 @@ def test_differentiated_route_is_taken_and_matches_the_evaluating_engine(name):
       assert stats[key] is None, key
     else:
       assert stats[key].shape == ref_stats[key].shape, key
-      np.testing.assert_allclose(stats[key], ref_stats[key], rtol=1e-5, err_msg=key)
+      assert_f32_close(stats[key], ref_stats[key], err_msg=key)
 
 
 def test_differentiated_route_runs_the_forward_once():
@@ -245,9 +245,9 @@ def test_parameters_inside_higher_order_primitives_use_the_evaluating_engine(mak
       loss, False, p, args, {}, None, None) is None
   value, grads, stats = adaact_optax.value_grad_and_stats(loss)(p, *args)
   ref_value, ref_grads, ref_stats = _evaluating_engine(loss, p, *args)
-  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-  np.testing.assert_allclose(grads["w"], ref_grads["w"], rtol=1e-5)
-  np.testing.assert_allclose(stats["w"], ref_stats["w"], rtol=1e-6)
+  assert_f32_close(value, ref_value)
+  assert_f32_close(grads["w"], ref_grads["w"])
+  assert_f32_close(stats["w"], ref_stats["w"])
   assert stats["w"].shape[-1] == 1
 
 

@@ -11,18 +11,19 @@ import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax import moments
 from adaact_optax import nnx as aa_nnx
+from conftest import assert_f32_close, bias_correction_ulps
 
 
 def test_token_moments_is_one_hot_second_moment_plus_floor():
   ids = jnp.array([[3, 1, 3, 0], [3, 9, 1, 3]])
   stat = moments.token_moments(ids, 10, floor=0.05)
   one_hot = np.eye(10)[np.asarray(ids).reshape(-1)]
-  np.testing.assert_allclose(stat.mean, np.mean(one_hot ** 2, 0) + 0.05, rtol=1e-6)
+  assert_f32_close(stat.mean, np.mean(one_hot ** 2, 0) + 0.05)
   assert stat.rows == 8 and stat.mean.dtype == jnp.float32
   assert moments.token_moments(ids, 10).mean[5] == moments.EMBEDDING_FLOOR  # unseen token
   # Out-of-range ids are not counted (nn.Embed would read NaN rows for them).
-  np.testing.assert_allclose(moments.token_moments(jnp.array([0, 7, -1, 2]), 4, 0.0).mean,
-                             [0.25, 0, 0.25, 0])
+  assert_f32_close(moments.token_moments(jnp.array([0, 7, -1, 2]), 4, 0.0).mean,
+                   np.array([0.25, 0, 0.25, 0]))
 
 
 def test_token_moments_builds_no_one_hot():
@@ -36,7 +37,7 @@ def test_token_moments_builds_no_one_hot():
 def test_pooling_uses_is_exact_because_the_floor_is_added():
   a, b = jnp.array([1, 1, 2]), jnp.array([0])
   pooled = moments.combine(moments.token_moments(a, 3, 0.1), moments.token_moments(b, 3, 0.1))
-  np.testing.assert_allclose(pooled.mean, moments.token_moments(jnp.array([1, 1, 2, 0]), 3, 0.1).mean)
+  assert_f32_close(pooled.mean, moments.token_moments(jnp.array([1, 1, 2, 0]), 3, 0.1).mean)
 
 
 class _LinenLM(nn.Module):
@@ -67,10 +68,9 @@ def test_linen_embed_unmatched_by_default_and_opt_in():
   stats = aa_linen.apply(model, variables, IDS)[1][aa_linen.COLLECTION]
   assert "Embed_0" not in stats and "Dense_0" in stats
   stats = aa_linen.apply(model, variables, IDS, embeddings=True)[1][aa_linen.COLLECTION]
-  np.testing.assert_allclose(stats["Embed_0"]["embedding"][:, 0], FREQ + moments.EMBEDDING_FLOOR,
-                             rtol=1e-6)
+  assert_f32_close(stats["Embed_0"]["embedding"][:, 0], FREQ + moments.EMBEDDING_FLOOR)
   stats = aa_linen.apply(model, variables, IDS, embeddings=0.25)[1][aa_linen.COLLECTION]
-  np.testing.assert_allclose(stats["Embed_0"]["embedding"][:, 0], FREQ + 0.25, rtol=1e-6)
+  assert_f32_close(stats["Embed_0"]["embedding"][:, 0], FREQ + 0.25)
   with pytest.raises(ValueError, match="floor >= 0"):
     aa_linen.apply(model, variables, IDS, embeddings=-1.0)
 
@@ -80,8 +80,7 @@ def test_nnx_embed_unmatched_by_default_and_opt_in():
   _, stats = aa_nnx.apply(model, IDS)
   assert "embed" not in stats and "out" in stats
   _, stats = aa_nnx.apply(model, IDS, embeddings=True)
-  np.testing.assert_allclose(stats["embed"]["embedding"][:, 0], FREQ + moments.EMBEDDING_FLOOR,
-                             rtol=1e-6)
+  assert_f32_close(stats["embed"]["embedding"][:, 0], FREQ + moments.EMBEDDING_FLOOR)
   assert stats["embed"]["embedding"].shape == model.embed.embedding.shape[:-1] + (1,)  # keep-rank
 
 
@@ -112,8 +111,8 @@ def test_floor_bounds_the_step_of_a_rare_token():
   scales = _step_scales(True)
   assert np.all(scales <= bound * (1 + 1e-5)) and np.all(scales > 0.5 * bound)
   unfloored = _step_scales(0.0)  # V_hat ~ (1/272) / 2: scale ~ sqrt(544) ~ 23
-  np.testing.assert_allclose(unfloored, np.sqrt(1 / ((0.999 * 0.001 / 272) / (1 - 0.999 ** 2))),
-                             rtol=1e-3)
+  assert_f32_close(unfloored, np.sqrt(1 / ((0.999 * 0.001 / 272) / (1 - 0.999 ** 2))),
+                   ulps_per_step=bias_correction_ulps(0.999, 2))
   assert np.all(unfloored > bound)
 
 

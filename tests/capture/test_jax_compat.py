@@ -14,6 +14,7 @@ from jax import lax
 
 from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture import rules
+from conftest import assert_f32_close
 
 
 def _eqns(fun, *args):
@@ -142,7 +143,7 @@ def test_bind_reproduces_every_equation():
     ins = [jc.literal_value(v) if jc.is_literal(v) else env[v] for v in eqn.invars]
     for var, val in zip(eqn.outvars, jc.bind(eqn, ins)):
       env[var] = val
-  np.testing.assert_allclose(env[closed.jaxpr.outvars[0]], f(W, X), rtol=1e-6)
+  assert_f32_close(env[closed.jaxpr.outvars[0]], f(W, X))
 
 
 def test_nested_jit_shardings_are_read():
@@ -194,9 +195,9 @@ def test_a_jaxpr_with_extra_outputs_is_called_as_one_inlined_jit():
   # On arrays: the original outputs, then the intermediate.
   value, grad, extra = jc.call_inline(jaxpr, args, "check")
   ref_value, ref_grad = jax.value_and_grad(f)(W, X)
-  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-  np.testing.assert_allclose(grad, ref_grad, rtol=1e-6)
-  np.testing.assert_allclose(extra, X @ W, rtol=1e-6)
+  assert_f32_close(value, ref_value)
+  assert_f32_close(grad, ref_grad)
+  assert_f32_close(extra, X @ W)
   # Under a trace: the equations are copied in (no nested jit), none re-bound one by one.
   outer = jax.make_jaxpr(lambda *a: jc.call_inline(jaxpr, a, "check"))(*args)
   assert [e.primitive.name for e in outer.jaxpr.eqns] == [

@@ -11,6 +11,7 @@ import pytest
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax._src import alignment as matching
+from conftest import assert_f32_close
 from examples import data as data_lib
 from examples import models
 from examples import train
@@ -66,7 +67,7 @@ def test_cifar10_binary_reader(tmp_path):
     np.testing.assert_array_equal(ds.y_train, train_labels)
     red_pixel = contents["data_batch_2.bin"][1][1, 0, 5, 7]       # record 1, R, row 5, col 7
     expected = (red_pixel / 255.0 - data_lib.CIFAR_MEAN[0]) / data_lib.CIFAR_STD[0]
-    np.testing.assert_allclose(ds.x_train[3 + 1, 5, 7, 0], expected, rtol=1e-6)
+    assert_f32_close(ds.x_train[3 + 1, 5, 7, 0], expected)
 
 
 def test_cifar10_errors_name_the_missing_file(tmp_path):
@@ -254,7 +255,7 @@ def test_cosine_schedule_with_warmup_scaled_by_the_learning_rate():
     u, state = update(state)
     steps.append(float(u["w"]))
   # The update is -lr * unit(step) * gradient.
-  np.testing.assert_allclose([steps[10], steps[20], steps[60]], [-0.1, -0.2, -0.1], rtol=1e-5)
+  assert_f32_close(np.array([steps[10], steps[20], steps[60]]), np.array([-0.1, -0.2, -0.1]))
 
 
 def _cli(tmp_path, optimizer, *extra):

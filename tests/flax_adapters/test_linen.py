@@ -13,6 +13,7 @@ import pytest
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
+from conftest import assert_f32_close
 
 COLLECTION = aa_linen.COLLECTION
 
@@ -33,7 +34,7 @@ def test_collection_name_and_apply_returns_pair():
   # Stale statistics in the input variables are ignored, not pooled.
   _, again = aa_linen.apply(model, {**variables, **mutated}, 2 * x)
   assert again[COLLECTION]["kernel"].shape == (4, 1)   # keep-rank (in, 1)
-  np.testing.assert_allclose(again[COLLECTION]["kernel"], 4.0)
+  assert_f32_close(again[COLLECTION]["kernel"], 4.0)
 
 
 def test_dense_any_rank_and_stats_mirror_params():
@@ -47,8 +48,8 @@ def test_dense_any_rank_and_stats_mirror_params():
   x = jax.random.normal(jax.random.key(1), (2, 3, 4))
   variables, stats = _stats(Model(), x)
   assert set(stats) == {"Dense_0", "Dense_1"}          # LayerNorm is unmatched
-  np.testing.assert_allclose(stats["Dense_0"]["kernel"],
-                             np.mean(np.asarray(x).reshape(6, 4) ** 2, 0)[:, None], rtol=1e-6)
+  assert_f32_close(stats["Dense_0"]["kernel"],
+                   np.mean(np.asarray(x).reshape(6, 4) ** 2, 0)[:, None])
   assert stats["Dense_0"]["kernel"].shape == (4, 1) and stats["Dense_1"]["kernel"].shape == (5, 1)
   np.testing.assert_array_equal(stats["Dense_0"]["bias"], np.ones((1,), np.float32))
   assert "bias" not in stats["Dense_1"]
@@ -56,7 +57,7 @@ def test_dense_any_rank_and_stats_mirror_params():
   tx = adaact_optax.scale_by_adaact()
   grads = jax.tree.map(jnp.ones_like, variables["params"])
   updates, _ = tx.update(grads, tx.init(variables["params"]), activation_stats=stats)
-  np.testing.assert_allclose(updates["Dense_0"]["bias"], 1 / (1 + 1e-8), rtol=1e-7)
+  assert_f32_close(updates["Dense_0"]["bias"], 1 / (1 + 1e-8))
   np.testing.assert_array_equal(updates["LayerNorm_0"]["scale"], 1.0)
 
 
@@ -77,8 +78,7 @@ def test_dense_general_several_axes_and_attention():
   layer = nn.DenseGeneral(features=(6, 7), axis=(1, -1))
   variables, stats = _stats(layer, x)
   assert variables["params"]["kernel"].shape == (3, 5, 6, 7)
-  np.testing.assert_allclose(stats["kernel"], np.mean(np.asarray(x) ** 2, axis=(0, 2))[:, :, None, None],
-                             rtol=1e-6)
+  assert_f32_close(stats["kernel"], np.mean(np.asarray(x) ** 2, axis=(0, 2))[:, :, None, None])
   assert stats["kernel"].shape == (3, 5, 1, 1) and stats["bias"].shape == (1, 1)
 
   attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
@@ -86,12 +86,11 @@ def test_dense_general_several_axes_and_attention():
   variables, stats = _stats(attention, tokens)
   assert set(stats) == {"query", "key", "value", "out"}
   for name in ("query", "key", "value"):   # kernel (8, heads, 4): input axis 8
-    np.testing.assert_allclose(stats[name]["kernel"],
-                               np.mean(np.asarray(tokens) ** 2, axis=(0, 1))[:, None, None], rtol=1e-6)
+    assert_f32_close(stats[name]["kernel"],
+                     np.mean(np.asarray(tokens) ** 2, axis=(0, 1))[:, None, None])
   # 'out' kernel (heads, 4, 8) contracts the per-head attention output: statistics (heads, 4, 1).
   heads_out = _attention_reference(variables["params"], tokens, 2)
-  np.testing.assert_allclose(stats["out"]["kernel"], np.mean(heads_out ** 2, axis=(0, 1))[:, :, None],
-                             rtol=1e-5)
+  assert_f32_close(stats["out"]["kernel"], np.mean(heads_out ** 2, axis=(0, 1))[:, :, None])
   tx = adaact_optax.adaact(0.1)
   state = tx.init(variables["params"])
   updates, _ = jax.jit(tx.update)(variables["params"], state, variables["params"],
@@ -109,15 +108,13 @@ def test_einsum_and_conv_local_are_captured():
 
   x = jax.random.normal(jax.random.key(11), (5, 2, 3))
   variables, stats = _stats(Model(), x)
-  np.testing.assert_allclose(stats["Einsum_0"]["kernel"], np.mean(np.asarray(x) ** 2, 0)[:, :, None],
-                             rtol=1e-6)
+  assert_f32_close(stats["Einsum_0"]["kernel"], np.mean(np.asarray(x) ** 2, 0)[:, :, None])
   # ConvLocal: kernel (positions, window * C, O), one statistic per position and window element.
   h = np.asarray(x).reshape(5, 6) @ np.asarray(variables["params"]["Einsum_0"]["kernel"]).reshape(6, 4)
   kernel_shape = variables["params"]["ConvLocal_0"]["kernel"].shape
   assert kernel_shape == (3, 2, 2)
   patches = np.stack([h[:, i:i + 2] for i in range(3)], axis=1)          # (B, positions, window)
-  np.testing.assert_allclose(stats["ConvLocal_0"]["kernel"], np.mean(patches ** 2, 0)[:, :, None],
-                             rtol=1e-5)
+  assert_f32_close(stats["ConvLocal_0"]["kernel"], np.mean(patches ** 2, 0)[:, :, None])
 
 
 def test_repeated_use_averages_all_rows():
@@ -133,8 +130,7 @@ def test_repeated_use_averages_all_rows():
   variables = model.init(jax.random.key(0), x, z)
   _, mutated = aa_linen.apply(model, variables, x, z)
   rows = np.concatenate([np.asarray(x), np.asarray(z)])
-  np.testing.assert_allclose(mutated[COLLECTION]["Dense_0"]["kernel"], np.mean(rows ** 2, 0)[:, None],
-                             rtol=1e-6)
+  assert_f32_close(mutated[COLLECTION]["Dense_0"]["kernel"], np.mean(rows ** 2, 0)[:, None])
 
 
 def test_grouped_and_depthwise_convs_train_with_stats_shapes():
@@ -171,10 +167,9 @@ def test_grouped_and_depthwise_convs_train_with_stats_shapes():
   xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
   windows = np.stack([np.stack([xp[:, i:i + 6, j:j + 6] for j in range(3)], 1) for i in range(3)], 1)
   per_channel = np.mean(windows ** 2, axis=(0, 3, 4))                     # (3, 3, C)
-  np.testing.assert_allclose(stats["Conv_0"]["kernel"],
-                             per_channel.reshape(3, 3, 2, 2).transpose(0, 1, 3, 2), rtol=1e-5)
-  np.testing.assert_allclose(state[0].nu["Conv_0"]["kernel"], 1e-3 * stats["Conv_0"]["kernel"],
-                             rtol=1e-4)
+  assert_f32_close(stats["Conv_0"]["kernel"], per_channel.reshape(3, 3, 2, 2).transpose(0, 1, 3, 2))
+  one_minus_b2 = 1 - float(np.float32(0.999))  # as the optimizer computes it, in float32
+  assert_f32_close(state[0].nu["Conv_0"]["kernel"], one_minus_b2 * stats["Conv_0"]["kernel"])
 
 
 def test_grouped_convention_matches_flax_connectivity():
@@ -217,7 +212,7 @@ def test_scan_vmap_and_remat_stack_statistics():
   for i in range(3):
     expected.append(np.mean(h ** 2, 0))
     h = np.tanh(h @ np.asarray(kernels[i]) + np.asarray(variables["params"]["ScanBlock_0"]["Dense_0"]["bias"][i]))
-  np.testing.assert_allclose(stats["kernel"], np.stack(expected)[:, :, None], rtol=1e-5)
+  assert_f32_close(stats["kernel"], np.stack(expected)[:, :, None])
   np.testing.assert_array_equal(stats["bias"], np.ones((3, 1), np.float32))
   tx = adaact_optax.adaact(0.1)
   state = tx.init(variables["params"])
@@ -230,8 +225,7 @@ def test_scan_vmap_and_remat_stack_statistics():
   v = ensemble.init(jax.random.key(0), xs)
   _, m = aa_linen.apply(ensemble, v, xs)
   assert v["params"]["kernel"].shape == (3, 4, 2)
-  np.testing.assert_allclose(m[COLLECTION]["kernel"], np.mean(np.asarray(xs) ** 2, axis=1)[:, :, None],
-                             rtol=1e-6)
+  assert_f32_close(m[COLLECTION]["kernel"], np.mean(np.asarray(xs) ** 2, axis=1)[:, :, None])
 
   remat = nn.remat(Block)
   class Remat(nn.Module):
@@ -240,8 +234,8 @@ def test_scan_vmap_and_remat_stack_statistics():
       return remat()(x, None)[0]
   v = Remat().init(jax.random.key(0), x)
   _, m = aa_linen.apply(Remat(), v, x)
-  np.testing.assert_allclose(m[COLLECTION]["CheckpointBlock_0"]["Dense_0"]["kernel"],
-                             np.mean(np.asarray(x) ** 2, 0)[:, None], rtol=1e-6)
+  assert_f32_close(m[COLLECTION]["CheckpointBlock_0"]["Dense_0"]["kernel"],
+                   np.mean(np.asarray(x) ** 2, 0)[:, None])
 
 
 def test_batchnorm_collections_pass_through_and_init_is_untouched():
@@ -274,8 +268,57 @@ def test_train_state_passes_statistics():
   (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = jax.jit(lambda s, g, a: s.apply_gradients(grads=g, activation_stats=a))(state, grads, stats)
   updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"], activation_stats=stats)
-  np.testing.assert_allclose(new_state.params["kernel"],
-                             optax.apply_updates(variables["params"], updates)["kernel"], rtol=1e-6)
+  assert_f32_close(new_state.params["kernel"],
+                   optax.apply_updates(variables["params"], updates)["kernel"])
   assert int(new_state.step) == 1
   with pytest.raises(TypeError):
     state.apply_gradients(grads=grads)   # statistics are required, never silently dropped
+
+
+class _TiedLM(nn.Module):
+  """A language model whose output projection is its embedding table (Embed.attend, as
+  lm1b's logits_via_embedding and GPT-2's wte)."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(11, 6)
+    h = embed(tokens)
+    h = h + nn.Dense(6)(jnp.tanh(nn.Dense(8)(h)))
+    return embed.attend(nn.LayerNorm()(h))
+
+
+def test_tied_embedding_lm_without_stats_shapes_names_the_fix_and_trains_with_it():
+  from test_transform import assert_names_every_stats_shapes_call
+
+  model = _TiedLM()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 7)), jnp.int32)
+  variables = model.init(jax.random.key(0), tokens)
+
+  def train(tx, steps):
+    @jax.jit
+    def step(params, opt_state):
+      def loss_fn(p):
+        logits, mutated = aa_linen.apply(model, {"params": p}, tokens[:, :-1])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return loss, mutated[COLLECTION]
+      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    params, opt_state, losses = variables["params"], tx.init(variables["params"]), []
+    for _ in range(steps):
+      params, opt_state, loss = step(params, opt_state)
+      losses.append(float(loss))
+    return losses, opt_state
+
+  with pytest.raises(ValueError) as info:
+    train(adaact_optax.adaact(0.1), 1)
+  message = str(info.value)
+  assert "'Embed_0/embedding' have shape (1, 6)" in message, message
+  assert "(11, 6) has shape (11, 1)" in message and "vary along axis 1" in message
+  assert_names_every_stats_shapes_call(message)
+
+  shapes = aa_linen.stats_shapes(model, variables, tokens[:, :-1])
+  losses, opt_state = train(adaact_optax.adaact(0.1, stats_shapes=shapes), 30)
+  assert opt_state[0].nu["Embed_0"]["embedding"].shape == (1, 6)   # per d feature the head reads
+  assert losses[-1] < 0.7 * losses[0]

@@ -17,7 +17,7 @@ from flax import nnx
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax import nnx as aa_nnx
-from conftest import warning_messages
+from conftest import assert_f32_close, warning_messages
 
 COLLECTION = aa_linen.COLLECTION
 X = np.asarray(jax.random.normal(jax.random.key(0), (6, 5)))
@@ -86,8 +86,8 @@ def test_linen_sow_input_replaces_the_warning_and_trains():
                                            p["QuantDense_0"]["kernel"])
   stats = mutated[COLLECTION]["QuantDense_0"]
   assert stats["kernel"].shape == (4, 1) and stats["scale"].shape == (3,)
-  np.testing.assert_allclose(stats["kernel"], kernel_ref, rtol=1e-5)
-  np.testing.assert_allclose(stats["scale"], scale_ref, rtol=1e-5)
+  assert_f32_close(stats["kernel"], kernel_ref)
+  assert_f32_close(stats["scale"], scale_ref)
 
   shapes = aa_linen.stats_shapes(model, variables, X)
   tx = adaact_optax.adaact(3e-3, stats_shapes=shapes, unmatched="error")
@@ -145,8 +145,8 @@ def test_nnx_sow_input_replaces_the_warning_and_trains():
   assert messages == []
   kernel_ref, scale_ref = _quant_reference(model.dense.kernel[...], model.dense.bias[...],
                                            model.quant.kernel[...])
-  np.testing.assert_allclose(stats["quant"]["kernel"], kernel_ref, rtol=1e-5)
-  np.testing.assert_allclose(stats["quant"]["scale"], scale_ref, rtol=1e-5)
+  assert_f32_close(stats["quant"]["kernel"], kernel_ref)
+  assert_f32_close(stats["quant"]["scale"], scale_ref)
 
   tx = adaact_optax.adaact(3e-3, stats_shapes=aa_nnx.stats_shapes(model, X), unmatched="error")
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -216,8 +216,8 @@ def test_row_mask_linen_apply_and_value_grad_and_stats():
   first, _, head = _tagger_reference(variables["params"])
   _, mutated = aa_linen.apply(model, variables, SEQ, row_mask=MASK)
   stats = mutated[COLLECTION]
-  np.testing.assert_allclose(stats["Dense_0"]["kernel"], first, rtol=1e-5)
-  np.testing.assert_allclose(stats["head"]["kernel"], head, rtol=1e-5)
+  assert_f32_close(stats["Dense_0"]["kernel"], first)
+  assert_f32_close(stats["head"]["kernel"], head)
   # The mask changes the statistics (the padded rows are not zeros in SEQ).
   _, unmasked = aa_linen.apply(model, variables, SEQ)
   assert not np.allclose(unmasked[COLLECTION]["Dense_0"]["kernel"], first, rtol=1e-3)
@@ -228,14 +228,14 @@ def test_row_mask_linen_apply_and_value_grad_and_stats():
 
   grad_fn = jax.jit(adaact_optax.value_grad_and_stats(loss))
   value, grads, vstats = grad_fn(variables["params"], SEQ, row_mask=jnp.asarray(MASK))
-  np.testing.assert_allclose(vstats["Dense_0"]["kernel"], first, rtol=1e-5)
-  np.testing.assert_allclose(vstats["head"]["kernel"], head, rtol=1e-5)
+  assert_f32_close(vstats["Dense_0"]["kernel"], first)
+  assert_f32_close(vstats["head"]["kernel"], head)
   ref_value, ref_grads = jax.value_and_grad(loss)(variables["params"], SEQ)
-  np.testing.assert_allclose(value, ref_value, rtol=1e-6)     # the mask touches statistics only
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), grads, ref_grads)
+  assert_f32_close(value, ref_value)     # the mask touches statistics only
+  jax.tree.map(lambda a, b: assert_f32_close(a, b), grads, ref_grads)
   # A boolean mask means the same.
   _, _, bstats = grad_fn(variables["params"], SEQ, row_mask=jnp.asarray(MASK, bool))
-  np.testing.assert_allclose(bstats["Dense_0"]["kernel"], first, rtol=1e-5)
+  assert_f32_close(bstats["Dense_0"]["kernel"], first)
 
 
 class NNXTagger(nnx.Module):
@@ -251,8 +251,8 @@ def test_row_mask_nnx_apply():
   model = NNXTagger(nnx.Rngs(0))
   _, stats = aa_nnx.apply(model, SEQ, row_mask=MASK)
   h = np.tanh(SEQ @ np.asarray(model.first.kernel[...]) + np.asarray(model.first.bias[...]))
-  np.testing.assert_allclose(stats["first"]["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
-  np.testing.assert_allclose(stats["second"]["kernel"], _masked_mean_sq(h, MASK)[:, None], rtol=1e-5)
+  assert_f32_close(stats["first"]["kernel"], _masked_mean_sq(SEQ, MASK)[:, None])
+  assert_f32_close(stats["second"]["kernel"], _masked_mean_sq(h, MASK)[:, None])
   np.testing.assert_array_equal(stats["second"]["bias"], np.ones((1,), np.float32))
 
 
@@ -268,16 +268,16 @@ def test_row_mask_on_the_batch_axis_of_a_conv():
   layer = nn.Conv(2, (3,), padding="SAME")
   variables = layer.init(jax.random.key(0), x)
   _, mutated = aa_linen.apply(layer, variables, x, row_mask=mask)
-  np.testing.assert_allclose(mutated[COLLECTION]["kernel"], expected, rtol=1e-5)
+  assert_f32_close(mutated[COLLECTION]["kernel"], expected)
 
   conv = nnx.Conv(3, 2, (3,), padding="SAME", rngs=nnx.Rngs(0))
   _, stats = aa_nnx.apply(conv, x, row_mask=mask)
-  np.testing.assert_allclose(stats["kernel"], expected, rtol=1e-5)
+  assert_f32_close(stats["kernel"], expected)
 
   def loss(params, x):
     return jnp.sum(layer.apply({"params": params}, x) ** 2)
   _, _, vstats = adaact_optax.value_grad_and_stats(loss)(variables["params"], x, row_mask=mask)
-  np.testing.assert_allclose(vstats["kernel"], expected, rtol=1e-5)
+  assert_f32_close(vstats["kernel"], expected)
 
 
 @pytest.mark.parametrize("mask_shape", [(B + 1,), (T, B), ()])
@@ -344,8 +344,7 @@ def test_interception_capture_warns_for_einsum():
   # apply() (the jaxpr capture) does see into it.
   (_, mutated), messages = _quiet_apply(aa_linen.apply, model, variables, X)
   assert messages == []
-  np.testing.assert_allclose(mutated[COLLECTION]["Einsum_0"]["kernel"], np.mean(X ** 2, 0)[:, None],
-                             rtol=1e-5)
+  assert_f32_close(mutated[COLLECTION]["Einsum_0"]["kernel"], np.mean(X ** 2, 0)[:, None])
 
 
 def test_row_mask_applies_to_sown_statistics():
@@ -359,14 +358,13 @@ def test_row_mask_applies_to_sown_statistics():
   _, mutated = aa_linen.apply(SeqQuant(), variables, SEQ, row_mask=MASK)
   kernel = np.asarray(variables["params"]["QuantDense_0"]["kernel"])
   stats = mutated[COLLECTION]["QuantDense_0"]
-  np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
-  np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ kernel, MASK), rtol=1e-5)
+  assert_f32_close(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None])
+  assert_f32_close(stats["scale"], _masked_mean_sq(SEQ @ kernel, MASK))
 
   quant = NNXQuantDense(D, 3, nnx.Rngs(0))
   _, stats = aa_nnx.apply(quant, SEQ, row_mask=jnp.asarray(MASK, bool))
-  np.testing.assert_allclose(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None], rtol=1e-5)
-  np.testing.assert_allclose(stats["scale"], _masked_mean_sq(SEQ @ np.asarray(quant.kernel[...]), MASK),
-                             rtol=1e-5)
+  assert_f32_close(stats["kernel"], _masked_mean_sq(SEQ, MASK)[:, None])
+  assert_f32_close(stats["scale"], _masked_mean_sq(SEQ @ np.asarray(quant.kernel[...]), MASK))
 
 
 def test_interception_capture_around_a_function_traced_outside_warns():

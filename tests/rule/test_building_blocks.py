@@ -2,7 +2,6 @@
 
 import json
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +9,8 @@ import optax
 import pytest
 
 import adaact_optax
-from conftest import linen_loss_grads_and_stats
-from test_parity import MODELS, _close, _tree
+from conftest import assert_f32_close, linen_loss_grads_and_stats
+from test_parity import MODELS, _tree
 from test_transform import _batches, mlp_loss_and_stats, mlp_params, train_mlp
 
 
@@ -43,29 +42,25 @@ def test_chain_equals_fused_adaact_with_momentum(fixtures_dir, name, injected):
   else:
     fused, chain = adaact_optax.adaact(**hyper, unmatched="momentum"), adaact_chain(**hyper)
 
-  def grads_and_stats(params, batch_stats, x, y):
-    _, grads, stats, batch_stats = linen_loss_grads_and_stats(model, params, x, y, batch_stats)
-    return grads, stats, batch_stats
-
   @jax.jit
-  def step(pf, sf, bf, pc, sc, bc, x, y):
-    g, a, bf = grads_and_stats(pf, bf, x, y)
+  def step(pf, sf, bf, pc, sc, x, y):
+    # Both optimizers get the same gradients and statistics (the fused run's), so the
+    # optimizers are compared and not the model's sensitivity to rounding: a ReLU input
+    # within an ulp of 0 flips after a few steps and moves a whole row's contribution.
+    _, g, a, bf = linen_loss_grads_and_stats(model, pf, x, y, bf)
     u, sf = fused.update(g, sf, pf, activation_stats=a)
-    g, a, bc = grads_and_stats(pc, bc, x, y)
     v, sc = chain.update(g, sc, pc, activation_stats=a)
-    return optax.apply_updates(pf, u), sf, bf, optax.apply_updates(pc, v), sc, bc
+    return optax.apply_updates(pf, u), sf, bf, optax.apply_updates(pc, v), sc
 
   pf, sf, bf = params, fused.init(params), batch_stats
-  pc, sc, bc = params, chain.init(params), batch_stats
+  pc, sc = params, chain.init(params)
   for t in range(meta["steps"]):
-    pf, sf, bf, pc, sc, bc = step(pf, sf, bf, pc, sc, bc, jnp.asarray(data[f"x/{t}"]),
-                                  jnp.asarray(data[f"y/{t}"]))
-    for (path, ours), ref in zip(jax.tree_util.tree_flatten_with_path(pc)[0],
-                                 jax.tree.leaves(pf)):
-      _close(ours, ref, f"{jax.tree_util.keystr(path)} after step {t + 1}")
+    pf, sf, bf, pc, sc = step(pf, sf, bf, pc, sc, jnp.asarray(data[f"x/{t}"]),
+                              jnp.asarray(data[f"y/{t}"]))
+    assert_f32_close(pc, pf, steps=t + 1, err_msg=f"after step {t + 1}: ")
   fused_nu = (sf.inner_state if injected else sf)[0].nu
   chain_nu = (sc.inner_state if injected else sc)[1].nu
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chain_nu, fused_nu)
+  assert_f32_close(chain_nu, fused_nu, steps=meta["steps"])
 
 
 # --- the block on its own ---------------------------------------------------
@@ -83,9 +78,8 @@ def test_preconditioner_divides_by_v_hat_and_passes_the_rest():
       jnp.shape, adaact_optax.scale_by_adaact().init(params).nu)
   out, state = jax.jit(lambda u, s, a: tx.update(u, s, activation_stats=a))(updates, state, stats)
   # One step: V_hat = A exactly (bias correction 1 - b2).
-  np.testing.assert_allclose(out["w"], 2.0 / (np.sqrt([[4.0], [1.0], [0.25]]) + 0.01) *
-                             np.ones((3, 2)), rtol=1e-6)
-  np.testing.assert_allclose(out["b"], np.array([1.0, -1.0]) / 1.01, rtol=1e-6)
+  assert_f32_close(out["w"], 2.0 / (np.sqrt([[4.0], [1.0], [0.25]]) + 0.01) * np.ones((3, 2)))
+  assert_f32_close(out["b"], np.array([1.0, -1.0]) / 1.01)
   np.testing.assert_array_equal(out["norm"], updates["norm"])      # no statistics
   np.testing.assert_array_equal(out["quant"], updates["quant"])    # uncaptured marker
   assert int(state.count) == 1
@@ -104,7 +98,7 @@ def test_activation_summary_reads_the_chain_state():
   _, state = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activation_stats=a))(
       grads, state, params, stats)
   summary = jax.jit(adaact_optax.activation_summary)(state)
-  np.testing.assert_allclose(summary["layer0/w/v_hat_max"], stats["layer0"]["w"].max(), rtol=1e-5)
+  assert_f32_close(summary["layer0/w/v_hat_max"], stats["layer0"]["w"].max())
 
 
 # --- recipes (docs/building-blocks.md) against float64 numpy ----------------
@@ -191,7 +185,8 @@ def test_recipe_follows_its_rule(recipe):
   batches = _batches(4)
   ours, _ = train_mlp(make_tx(), params, batches)
   expected = _numpy_run(params, batches, make_direction(), 0.05, RMS["b2"], RMS["eps"], wd)
-  chex.assert_trees_all_close(ours, jax.tree.map(np.float32, expected), rtol=2e-5, atol=1e-6)
+  # float32 against float64, each step with the MLP's forward and backward pass.
+  assert_f32_close(ours, expected, steps=len(batches), ulps_per_step=64)
 
 
 def _state_bytes(tx, params):

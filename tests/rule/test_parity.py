@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import adaact_optax
-from conftest import linen_loss_grads_and_stats
+from conftest import assert_f32_close, linen_loss_grads_and_stats
 
 
 class ParityMLP(nn.Module):
@@ -42,10 +42,13 @@ def _tree(data, prefix):
   return out
 
 
-def _close(ours, ref, what):
-  ours, ref = np.asarray(ours), np.asarray(ref)
-  err = np.abs(ours - ref) - (1e-5 + 1e-4 * np.abs(ref))
-  assert err.max() <= 0, f"{what}: worst excess {err.max():.3g}"
+# The authors' step is PyTorch's program (its own convolution and reduction orders),
+# ours is XLA's: per step, a forward and backward pass and the update round differently.
+PARITY_ULPS = 256
+
+
+def _close(ours, ref, what, steps=1):
+  assert_f32_close(ours, ref, steps=steps, ulps_per_step=PARITY_ULPS, err_msg=f"{what}: ")
 
 
 @pytest.mark.parametrize("via", ["linen.apply", "value_grad_and_stats"])
@@ -86,19 +89,24 @@ def test_matches_authors_trajectory(fixtures_dir, name, via):
             opt_state, loss)
 
   for t in range(steps):
-    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state,
+    # Each step starts from the authors' parameters, so one step of each program is compared
+    # (the optimizer state carries on): two free-running trajectories would also part where
+    # a ReLU input within rounding of 0 flips, moving a whole row's contribution.
+    start = params if t == 0 else _tree(data, f"step{t}")
+    params, batch_stats, opt_state, loss = step(start, batch_stats, opt_state,
                                                 jnp.asarray(data[f"x/{t}"]),
                                                 jnp.asarray(data[f"y/{t}"]))
     _close(loss, data["loss"][t], f"loss at step {t}")
     ref = _tree(data, f"step{t + 1}")
     for module, leaves in ref.items():
       for pname, value in leaves.items():
-        _close(params[module][pname], value, f"{module}/{pname} after step {t + 1}")
+        _close(params[module][pname], value, f"{module}/{pname} after step {t + 1}", t + 1)
     scale_state = opt_state[0]
-    v_hat_denominator = 1 - meta["b2"] ** (t + 1)
+    # The optimizer's bias correction: b2 as float32 holds it (0.999 is 0.99900001...).
+    v_hat_denominator = 1 - float(np.float32(meta["b2"])) ** (t + 1)
     for module, leaves in _tree(data, f"nu{t + 1}").items():
       # The state is keep-rank, (*input axes, 1); the fixtures store (*input axes,).
       nu = scale_state.nu[module]["kernel"]
       assert nu.shape == leaves["kernel"].shape + (1,)
       _close(nu[..., 0] / v_hat_denominator, leaves["kernel"],
-             f"V_hat of {module} after step {t + 1}")
+             f"V_hat of {module} after step {t + 1}", t + 1)

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -36,7 +38,7 @@ def _relative_distance(a, b, keys) -> float:
 
 def _job(framework, mode, directory):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             XLA_FLAGS=xla_flags(1),
              PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                          os.environ.get("PYTHONPATH", "")]))
   done = subprocess.run([sys.executable, str(JOB), framework, mode, str(directory)], env=env,

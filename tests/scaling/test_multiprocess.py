@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import assert_f32_close, xla_flags
 from examples import multihost
 
 pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
@@ -36,7 +37,7 @@ def launch(tmp: pathlib.Path, *flags: str, n: int = 2):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              # Each child has 2 devices (conftest gives this process 8), and the
              # runs share compiled programs through a cache in tmp.
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             XLA_FLAGS=xla_flags(2),
              JAX_COMPILATION_CACHE_DIR=str(tmp.parent / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   procs, logs = [], []
@@ -87,11 +88,10 @@ def reference():
 
 
 def assert_close(params: dict, ref: dict):
-  # Relative to each leaf's scale: the runs differ only in summation order.
+  # The runs differ in summation order (across processes) in each step's passes and means;
+  # the attention key biases (zero gradient in exact arithmetic) hold rounding only.
   assert params.keys() == ref.keys()
-  for k, r in ref.items():
-    err = np.max(np.abs(params[k] - r))
-    assert err <= 1e-5 * np.max(np.abs(r)) + 1e-9, f"{k}: max difference {err:.3g}"
+  assert_f32_close(params, ref, steps=STEPS, ulps_per_step=64, scale="tree")
 
 
 def shard_views(saved: dict) -> dict:
