@@ -15,8 +15,10 @@ from adaact_optax.capture import (
     value_grad_and_stats)
 from adaact_optax._src.accumulation import MultiSteps, MultiStepsState
 from adaact_optax._src.diagnostics import activation_summary, scaling_summary
-from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
-                                         migrate_state, scale_by_activation_rms, scale_by_adaact)
+from adaact_optax._src.alias import adaact
+from adaact_optax._src.migration import migrate_state
+from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState,
+                                         scale_by_activation_rms, scale_by_adaact)
 from adaact_optax._src.wrappers import lookahead
 
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers

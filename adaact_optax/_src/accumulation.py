@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from adaact_optax._src import alignment, boxes
-from adaact_optax._src.transform import _missing_stats_error, _not_a_state_error
+from adaact_optax._src import errors
 
 
 class MultiStepsState(NamedTuple):
@@ -130,9 +130,9 @@ class MultiSteps:
         is missing.
     """
     if not isinstance(state, MultiStepsState):
-      raise _not_a_state_error(state, "adaact_optax.MultiSteps")
+      raise errors.not_a_state_error(state, "adaact_optax.MultiSteps")
     if activation_stats is None:
-      raise _missing_stats_error()
+      raise errors.missing_stats_error()
     # Per-parameter, state-shaped statistics (None where a parameter has none).
     stats = alignment.align(activation_stats, updates, state.acc_stats)
     is_none = lambda x: x is None

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from jax import tree_util
 
 from adaact_optax._src import alignment
-from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState, adaact,
-                                    _step_scale)
+from adaact_optax._src.alias import adaact
+from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState,
+                                         step_scale)
 
 # States holding AdaAct's second moment `nu` and its `count`.
 _STATES = (ScaleByAdaActState, ScaleByActivationRMSState)
@@ -96,7 +97,7 @@ def activation_summary(opt_state: Any, *, b2: jax.typing.ArrayLike | None = None
   given = {"b2": b2, "eps": eps, "power": power}
   out: dict[str, jax.Array] = {}
   for name, _, _, h, v_hat in _v_hat_leaves("activation_summary", opt_state, given):
-    scale = _step_scale(v_hat, h["power"], h["eps"])
+    scale = step_scale(v_hat, h["power"], h["eps"])
     out[f"{name}/v_hat_mean"] = jnp.mean(v_hat)
     out[f"{name}/v_hat_max"] = jnp.max(v_hat)
     out[f"{name}/scale_mean"] = jnp.mean(scale)
@@ -217,7 +218,7 @@ def scaling_summary(opt_state: Any, updates: Any | None = None, *,
     update_leaves = {alignment.path_name(p): u for p, u in jax.tree.leaves_with_path(updates)}
   out: dict[str, jax.Array] = {}
   for name, state, mu, h, v_hat in _v_hat_leaves("scaling_summary", opt_state, given):
-    d = 1 / _step_scale(v_hat, h["power"], h["eps"])   # V_hat**power + eps, as the transform
+    d = 1 / step_scale(v_hat, h["power"], h["eps"])   # V_hat**power + eps, as the transform
     mean, d_max, d_min = jnp.mean(d), jnp.max(d), jnp.min(d)
     out[f"{name}/denom_cv"] = jnp.where(mean > 0, jnp.std(d) / jnp.where(mean > 0, mean, 1), 0.0)
     out[f"{name}/denom_max_over_min"] = jnp.where(d_max > 0, d_max / d_min, 1.0)
@@ -236,7 +237,7 @@ def scaling_summary(opt_state: Any, updates: Any | None = None, *,
       bc1 = 1 - jnp.asarray(h["b1"], jnp.float32) ** count.astype(jnp.float32)
       bc1 = jnp.where(count > 0, bc1, 1.0)
       # Before step 1 there is no step (and with eps 0 the scale would be 1/0).
-      scale = jnp.where(count > 0, _step_scale(v_hat, h["power"], h["eps"], bc1), 0.0)
+      scale = jnp.where(count > 0, step_scale(v_hat, h["power"], h["eps"], bc1), 0.0)
       mu = mu if jnp.iscomplexobj(mu) else mu.astype(jnp.float32)
       u = alignment.apply_scale(mu, scale, name)
     else:

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaact_optax._src import alignment, boxes
-
-_UNMATCHED = ("sgd", "momentum", "error")
+from adaact_optax._src import alignment, boxes, checks, errors
 
 
 class ScaleByAdaActState(NamedTuple):
@@ -50,94 +46,6 @@ class ScaleByAdaActState(NamedTuple):
   skipped: jax.Array
 
 
-def _concrete(name, value):
-  """``value`` as a Python float, or None when it is traced (exempt from checks).
-
-  Python numbers, numpy scalars and concrete jax arrays (also the arrays
-  ``optax.inject_hyperparams`` passes at ``init``) are converted with
-  ``float()``; a tracer refuses the conversion and is exempt.
-  """
-  if isinstance(value, (str, bytes)):
-    raise ValueError(f"{name} must be a number, got the string {value!r}")
-  try:
-    return float(value)
-  except jax.errors.ConcretizationTypeError:
-    return None  # traced (jit, inject_hyperparams under jit): cannot be checked here
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a real scalar, got {value!r} of type "
-                     f"{type(value).__name__}") from None
-
-
-def _check(name, value, ok, requirement):
-  v = _concrete(name, value)
-  if v is not None and not ok(v):
-    raise ValueError(f"{name} must be {requirement}, got {value!r}")
-
-
-def _below_one_in_float32(v) -> bool:
-  # The transform computes 1 - b**t in float32: b must stay below 1 there.
-  return 0 <= v and float(np.float32(v)) < 1
-
-
-def _validate(b1, b2, eps, power, unmatched):
-  requirement = "in [0, 1) (also once rounded to float32, where the optimizer computes)"
-  _check("b1", b1, _below_one_in_float32, requirement)
-  _check("b2", b2, _below_one_in_float32, requirement)
-  _check("eps", eps, lambda v: 0 <= v < math.inf, "finite and >= 0")
-  _check("power", power, lambda v: 0 < v < math.inf, "finite and > 0")
-  if isinstance(unmatched, str) and unmatched not in _UNMATCHED or not isinstance(
-      unmatched, (str, optax.GradientTransformation)):
-    raise ValueError(f"unmatched must be one of {_UNMATCHED} or, for adaact(), an optax "
-                     f"transformation; got {unmatched!r}")
-  if not isinstance(unmatched, str):
-    raise ValueError("unmatched=<an optax transformation> is accepted by adaact(), not by "
-                     "scale_by_adaact: wrap scale_by_adaact in optax.partition instead")
-
-
-def _check_mu_dtype(mu_dtype):
-  if mu_dtype is None:
-    return None
-  try:
-    dtype = jnp.dtype(mu_dtype)
-  except TypeError:
-    raise ValueError(f"mu_dtype must be a floating dtype (e.g. jnp.bfloat16), got "
-                     f"{mu_dtype!r}") from None
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise ValueError(f"mu_dtype must be a floating (or complex) dtype, got {dtype}: an "
-                     "integer or bool first moment would truncate the momentum. Use e.g. "
-                     "jnp.bfloat16 or jnp.float32, or None for the parameters' dtype.")
-  return dtype
-
-
-def _check_learning_rate(learning_rate):
-  if not callable(learning_rate):
-    _check("learning_rate", learning_rate, math.isfinite, "a finite number or an optax schedule")
-
-
-def _missing_stats_error():
-  return ValueError(
-      "AdaAct needs the layer-input statistics: call "
-      "tx.update(grads, opt_state, params, activation_stats=stats), with stats = "
-      "adaact_optax.linen.apply(model, variables, x)[1][adaact_optax.linen.COLLECTION] "
-      "or adaact_optax.nnx.apply(model, x)[1]. Pass activation_stats={} to update every "
-      "parameter as unmatched. With flax.training.train_state.TrainState: its "
-      "apply_gradients calls tx.update(grads, opt_state, params) and never forwards "
-      "activation_stats= (it treats extra keywords as fields to replace), so the "
-      "statistics are lost even when you pass them; use adaact_optax.TrainState, whose "
-      "apply_gradients(grads=..., activation_stats=...) passes them to the optimizer. "
-      "optax.lookahead does not pass them on either: use adaact_optax.lookahead.")
-
-
-def _not_a_state_error(state, expected: str):
-  return ValueError(
-      f"{expected}.update got a state of type {type(state).__name__}, not the state "
-      f"{expected}.init returns. A checkpoint restored without a target gives plain "
-      "dicts and lists: restore it with the target tx.init(params) (orbax: "
-      "ocp.args.StandardRestore(tx.init(params))). A checkpoint written by adaact-optax "
-      "0.1.0 (no skip counter, second moment of shape K[:-1]) converts with "
-      "adaact_optax.migrate_state(old_state, tx, params).")
-
-
 def _tree_unzip(updates, results, n):
   """``n`` trees shaped like ``updates`` from its tree of ``n``-tuples ``results``."""
   outer = jax.tree.structure(updates)
@@ -157,17 +65,7 @@ def _compute_dtype(x):
   return jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32
 
 
-def _uncaptured_error(names):
-  return ValueError(
-      f"AdaAct has no statistics for {names}: the capture saw these weights multiply an "
-      "activation but could not record their input (see the UncapturedWeightWarning it "
-      "emitted), and unmatched='error' refuses to train them without. Fix: record the "
-      "layer's input with the sow hatch (adaact_optax.linen.sow_input / the NNX "
-      "equivalent) in the custom layer, or pass unmatched='sgd' or unmatched='momentum' "
-      "to accept plain updates for them.")
-
-
-def _step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
+def step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
                bc1: jax.typing.ArrayLike = 1.0) -> jax.Array:
   """The factor AdaAct multiplies ``M_hat`` by: ``1 / (v_hat ** power + eps)``.
 
@@ -222,9 +120,9 @@ def _pmean_keeping_no_rows(stats, axis_name: str):
 def _aligned_stats(state, state_type, name, updates, activation_stats, axis_name):
   """The checks every statistics-taking ``update`` makes, then the aligned statistics."""
   if not isinstance(state, state_type):
-    raise _not_a_state_error(state, name)
+    raise errors.not_a_state_error(state, name)
   if activation_stats is None:
-    raise _missing_stats_error()
+    raise errors.missing_stats_error()
   if axis_name is not None:  # one mean over the devices' rows
     activation_stats = _pmean_keeping_no_rows(activation_stats, axis_name)
   return alignment.align(activation_stats, updates, state.nu)
@@ -343,12 +241,12 @@ def scale_by_adaact(
     Enhanced Generalization <https://arxiv.org/abs/2506.08353>`_, ICDM
     Workshops 2024.
   """
-  _validate(b1, b2, eps, power, unmatched)
-  mu_dtype = _check_mu_dtype(mu_dtype)
+  checks.validate(b1, b2, eps, power, unmatched)
+  mu_dtype = checks.check_mu_dtype(mu_dtype)
 
   def init_fn(params):
     if unmatched == "error" and alignment.uncaptured_paths(stats_shapes):
-      raise _uncaptured_error(alignment.uncaptured_paths(stats_shapes))
+      raise errors.uncaptured_error(alignment.uncaptured_paths(stats_shapes))
     if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.complexfloating):
       complex_params = [alignment.path_name(p) for p, x in
                         jax.tree.leaves_with_path(params) if jnp.iscomplexobj(x)]
@@ -372,7 +270,7 @@ def scale_by_adaact(
       owned = set(alignment.param_names(updates))
       refused = [n for n in alignment.uncaptured_paths(activation_stats) if n in owned]
       if refused:
-        raise _uncaptured_error(refused)
+        raise errors.uncaptured_error(refused)
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
     # float32 arrays, so the plain optimizer and one under optax.inject_hyperparams
@@ -400,7 +298,7 @@ def scale_by_adaact(
         # costs one multiply and no divide; as one reciprocal (not a product of
         # two) XLA:CPU compiles it identically with constant and with
         # inject_hyperparams' array hyperparameters, bit for bit.
-        scale = jnp.where(ok, _step_scale(v / bc2, power, eps_, bc1), 0.0)
+        scale = jnp.where(ok, step_scale(v / bc2, power, eps_, bc1), 0.0)
         u = alignment.apply_scale(m_new, scale, alignment.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
@@ -495,7 +393,7 @@ def scale_by_activation_rms(
     >>> [round(u, 4) for u in updates["w"][:, 0].tolist()]   # step 1: u / sqrt(A)
     [0.5, 1.0, 2.0]
   """
-  _validate(0.0, b2, eps, power, "sgd")
+  checks.validate(0.0, b2, eps, power, "sgd")
 
   def init_fn(params):
     return ScaleByActivationRMSState(count=jnp.zeros([], jnp.int32),  # own buffers, as above
@@ -514,7 +412,7 @@ def scale_by_activation_rms(
       if a is None:
         return u, v
       v = _keep_where_no_rows(a, v, b2_ * v + (1 - b2_) * a)
-      scale = _step_scale(v / bc2, power, eps_)
+      scale = step_scale(v / bc2, power, eps_)
       out = alignment.apply_scale(u.astype(_compute_dtype(u)), scale, alignment.path_name(path))
       return out.astype(u.dtype), v
 
@@ -528,263 +426,3 @@ def scale_by_activation_rms(
         skipped=state.skipped + (~ok).astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _unmatched_needs_stats_shapes():
-  return ValueError(
-      "adaact(unmatched=<an optax transformation>) needs stats_shapes=: which parameters "
-      "have statistics must be known at init, so the transformation's state covers only the "
-      f"others. Pass the layout the capture reports: {_alignment.STATS_SHAPES_CALLS}; or "
-      "use a string unmatched='sgd'/'momentum'.")
-
-
-def _with_unmatched_optimizer(adaact_tx, other, stats_shapes):
-  """``optax.partition`` of ``adaact_tx`` (parameters with statistics) and ``other``."""
-  labels = lambda params: jax.tree.map(
-      lambda has: "adaact" if has else "unmatched",
-      alignment.with_statistics(params, stats_shapes))
-  tx = optax.partition({"adaact": adaact_tx, "unmatched": other}, labels)
-
-  def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
-    if activation_stats is None:
-      raise _missing_stats_error()
-    # The split was fixed at init from stats_shapes; statistics that disagree
-    # with it would be dropped (or missed) silently, so they are an error.
-    owned = set(alignment.param_names(updates))
-    expected = {n for n, has in zip(alignment.param_names(updates),
-                                    jax.tree.leaves(alignment.with_statistics(updates,
-                                                                             stats_shapes)))
-                if has}
-    given = {n for n, leaf in alignment.stats_leaves(activation_stats).items()
-             if n in owned and not alignment.is_uncaptured(leaf)}
-    if given != expected:
-      raise ValueError(
-          "adaact(unmatched=<an optax transformation>): activation_stats and the "
-          "stats_shapes the optimizer was built with disagree: statistics at "
-          f"{sorted(given - expected)} but stats_shapes has none there, none at "
-          f"{sorted(expected - given)} where stats_shapes has them. Build the optimizer "
-          "with the stats_shapes of the model and inputs you train (the capture's "
-          "stats_shapes function).")
-    return tx.update(updates, state, params, activation_stats=activation_stats, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
-
-
-def adaact(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 2e-3,
-    *,
-    power: jax.typing.ArrayLike = 0.5,
-    mask: Any | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    unmatched: Literal["sgd", "momentum", "error"] | optax.GradientTransformation = "sgd",
-    stats_shapes: Any | None = None,
-    axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-  """The AdaAct optimizer: ``theta -= lr * (adaact_update + weight_decay * theta)``.
-
-  ``scale_by_adaact`` chained with decoupled weight decay (optionally masked,
-  as in ``optax.adamw``) and the learning rate (a float or an optax
-  schedule). The paper's defaults: lr 0.1, b1 0.9, b2 0.999, eps 1e-8,
-  weight decay 2e-3. Works inside ``optax.inject_hyperparams``.
-
-  ``unmatched`` may also be a complete optax optimizer for the parameters
-  without statistics (norm scales, embeddings, ...), applied as given with
-  its own learning rate, schedule and weight decay; ``learning_rate`` and
-  ``weight_decay`` then apply to the parameters with statistics only. The
-  split is fixed at ``init`` from ``stats_shapes`` (required then: the
-  parameters with a non-marker entry have statistics), and the
-  transformation's state covers the other parameters only. It is
-  ``optax.partition({'adaact': adaact(...), 'unmatched': tx}, labels)``::
-
-    tx = adaact_optax.adaact(1.0, unmatched=optax.adamw(3e-3, weight_decay=0.1),
-                             stats_shapes=adaact_optax.linen.stats_shapes(model, variables, x))
-
-  Args:
-    learning_rate: a float or an optax schedule (a function of the step).
-    b1: decay of the gradient EMA, in [0, 1).
-    b2: decay of the activation second-moment EMA, in [0, 1).
-    eps: added to ``V_hat^power``, >= 0; with 0, a feature whose ``V_hat``
-      is 0 (it never carried input) gets a zero update.
-    weight_decay: decoupled weight decay, >= 0.
-    power: exponent of ``V_hat`` (0.5 in the paper), > 0.
-    mask: a tree of booleans like the params (or a function of them) saying
-      which parameters get weight decay, as in ``optax.adamw``.
-    mu_dtype: dtype of the first moment; ``None`` keeps the params' dtype.
-    unmatched: ``"sgd"``, ``"momentum"`` or ``"error"`` (see
-      :func:`scale_by_adaact`), or an optax transformation (above).
-    stats_shapes: the statistics' shapes, keyed like the params (the
-      capture's ``stats_shapes`` functions); needed for grouped
-      convolutions and with a transformation as ``unmatched``.
-    axis_name: a ``pmap``/``shard_map`` axis to average the statistics over.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
-    ``activation_stats=``. Its state's first element is the
-    :class:`ScaleByAdaActState` (unless ``unmatched`` is a transformation).
-
-  Raises:
-    ValueError: a hyperparameter out of range; ``unmatched`` a transformation
-      without ``stats_shapes``. ``update`` raises as :func:`scale_by_adaact`'s.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import adaact_optax
-    >>> def loss(params, x, y):
-    ...   return jnp.mean((x @ params["w"] - y) ** 2)
-    >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    >>> y = jnp.array([[1.0], [2.0], [3.0]])
-    >>> params = {"w": jnp.zeros((2, 1))}
-    >>> tx = adaact_optax.adaact(learning_rate=0.02)
-    >>> opt_state = tx.init(params)
-    >>> for _ in range(5):
-    ...   value, grads, stats = adaact_optax.value_grad_and_stats(loss)(params, x, y)
-    ...   updates, opt_state = tx.update(grads, opt_state, params, activation_stats=stats)
-    ...   params = optax.apply_updates(params, updates)
-    ...   print(f"{value:.3f}")
-    4.667
-    2.237
-    0.884
-    0.238
-    0.023
-
-  References:
-    Seung, Lee and Ko, `An Adaptive Method Stabilizing Activations for
-    Enhanced Generalization <https://arxiv.org/abs/2506.08353>`_, ICDM
-    Workshops 2024.
-  """
-  _check_learning_rate(learning_rate)
-  _check("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "finite and >= 0")
-  if isinstance(unmatched, optax.GradientTransformation):
-    if stats_shapes is None:
-      raise _unmatched_needs_stats_shapes()
-    inner = adaact(learning_rate, b1, b2, eps, weight_decay, power=power, mask=mask,
-                   mu_dtype=mu_dtype, unmatched="sgd", stats_shapes=stats_shapes,
-                   axis_name=axis_name)
-    return _skip_whole_step(_with_unmatched_optimizer(inner, unmatched, stats_shapes),
-                            optax.PartitionState)
-  return _skip_whole_step(optax.chain(
-      scale_by_adaact(b1, b2, eps, power, mu_dtype=mu_dtype, unmatched=unmatched,
-                      stats_shapes=stats_shapes, axis_name=axis_name),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  ), tuple)
-
-
-def _skip_whole_step(tx, state_type):
-  """``tx`` whose whole step (weight decay, schedule counts, other branches) is
-  skipped when its AdaAct transform skipped a step of non-finite statistics."""
-  is_scale = lambda x: isinstance(x, ScaleByAdaActState)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if not isinstance(state, state_type):
-      raise _not_a_state_error(state, "adaact")
-    new_updates, new_state = tx.update(updates, state, params, **extra_args)
-    counters = lambda tree: [s.skipped for s in jax.tree.leaves(tree, is_leaf=is_scale)
-                             if is_scale(s)]
-    if not counters(state) or __import__("os").environ.get("T_NOWRAP"):
-      return new_updates, new_state
-    skip = jnp.any(jnp.stack([n > o for n, o in zip(counters(new_state), counters(state))]))
-    # AdaAct's own state already handled the skip (and counted it); restore the rest.
-    new_state = jax.tree.map(lambda n, o: n if is_scale(n) else jnp.where(skip, o, n),
-                             new_state, state, is_leaf=is_scale)
-    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
-
-
-def migrate_state(old_state: Any, tx: optax.GradientTransformation, params: Any) -> Any:
-  """Converts an optimizer state written by adaact-optax 0.1.0 into ``tx.init(params)``'s.
-
-  0.2.0 changed AdaAct's state: the second moment ``nu`` is keep-rank
-  (``K[:-1] + (1,)`` where 0.1.0 had ``K[:-1]``; ``(1,)`` for vectors where
-  0.1.0 had ``()``; ``(*k, C/G, G)`` for grouped convolutions where 0.1.0
-  had ``(*k, C)``), and AdaAct's states gained a ``skipped`` counter.
-  ``old_state`` may be the state object of 0.1.0 or a checkpoint restored
-  without a target (nested dicts and lists, e.g. orbax's
-  ``checkpointer.restore(path)``); it is matched to the new state by path
-  names, so any wrapper (chain, ``inject_hyperparams``, ``MultiSteps``,
-  ``optax.partition``) works as long as ``tx`` is built like the old one.
-
-  Args:
-    old_state: the 0.1.0 optimizer state (or its restored tree).
-    tx: the optimizer, built as the checkpoint's was (same hyperparameters,
-      wrappers and ``stats_shapes``).
-    params: the parameters (or their ``jax.ShapeDtypeStruct`` shapes).
-
-  Returns:
-    A state with the structure, shapes and dtypes of ``tx.init(params)``:
-    old values carried over (second moments converted to keep-rank), the
-    new skip counters at 0.
-
-  Raises:
-    ValueError: a leaf of the new state the old one lacks (or the reverse),
-      or a shape that no 0.1.0 rule converts, naming the path.
-
-  With a checkpoint, pass the optimizer-state entry of a restore made
-  without a target (Orbax's ``StandardCheckpointer().restore(path)``).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import adaact_optax
-    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    >>> tx = adaact_optax.adaact(0.1)
-    >>> old = [{"count": jnp.array(4), "mu": {"w": jnp.ones((3, 2)), "b": jnp.ones(2)},
-    ...         "nu": {"w": jnp.full(3, 0.5), "b": jnp.array(1.0)}}, {}, {}]
-    >>> new = adaact_optax.migrate_state(old, tx, params)   # the 0.1.0 layout, as restored
-    >>> new[0].nu["w"].shape, new[0].nu["b"].shape, int(new[0].skipped)
-    ((3, 1), (1,), 0)
-  """
-  template = jax.eval_shape(tx.init, params)
-  old = {alignment.path_name(p): leaf
-         for p, leaf in jax.tree.leaves_with_path(old_state)}
-  param_shapes = {alignment.path_name(p): tuple(jnp.shape(x))
-                  for p, x in jax.tree.leaves_with_path(params)}
-  states = (ScaleByAdaActState, ScaleByActivationRMSState)
-  new_counters = {
-      "/".join(filter(None, (alignment.path_name(p), "skipped")))
-      for p, node in jax.tree.leaves_with_path(
-          template, is_leaf=lambda x: isinstance(x, states)) if isinstance(node, states)}
-  used = set()
-
-  def param_for(name):
-    # The longest parameter path that ends the state path ('0/nu/Dense_0/kernel').
-    hits = [p for p in param_shapes if name == p or name.endswith("/" + p)]
-    return max(hits, key=len) if hits else None
-
-  def convert(path, t):
-    name = alignment.path_name(path)
-    if name not in old:
-      if name in new_counters:
-        return jnp.zeros(t.shape, t.dtype)
-      raise ValueError(
-          f"migrate_state: the new state has '{name}' (shape {t.shape}), which the old state "
-          f"lacks; its paths: {sorted(old)[:8]}... Build tx exactly as the checkpoint's "
-          "optimizer was built (the same wrappers and hyperparameters).")
-    used.add(name)
-    value = jnp.asarray(old[name])
-    if value.shape == t.shape:
-      return value.astype(t.dtype)
-    param = param_for(name)
-    if param is None:
-      raise ValueError(f"migrate_state: '{name}' has shape {value.shape} in the old state and "
-                       f"{t.shape} in the new one, and is no parameter's second moment")
-    converted = alignment.to_keep_rank(value, param_shapes[param], param)
-    if not all(d in (1, n) for d, n in zip(converted.shape, t.shape)):
-      raise ValueError(
-          f"migrate_state: the 0.1.0 second moment at '{name}' of shape {value.shape} "
-          f"(keep-rank {converted.shape}) does not fit the new state's {t.shape}: build tx "
-          "with the stats_shapes the checkpoint's optimizer had")
-    return jnp.broadcast_to(converted, t.shape).astype(t.dtype)
-
-  new_state = jax.tree_util.tree_map_with_path(convert, template)
-  unused = sorted(set(old) - used)
-  if unused:
-    raise ValueError(f"migrate_state: the old state has {unused[:8]}, which the new state "
-                     "lacks: it was written by another optimizer, or tx is built differently")
-  return new_state
