@@ -135,12 +135,13 @@ def _custom_vjp_layer():  # its fwd is staged inline when differentiated
 def _cell_sum_then_bias():  # biases on a sum of contractions and on a split part of one
   k = _keys(5)
   p = {"w_x": jax.random.normal(k[0], (3, 8)), "w_h": jax.random.normal(k[1], (4, 8)) / 2,
-       "b": jnp.full(8, 0.1), "b_n": jnp.full(4, -0.2)}
+       "b": jnp.full(8, 0.1), "b_h": jnp.full(8, 0.05), "b_n": jnp.full(4, -0.2)}
 
   def loss(p, xs):
     h = jnp.zeros((xs.shape[1], 4))
     for x_t in xs:  # unrolled: no scan, the differentiated route
-      z, n = jnp.split(x_t @ p["w_x"] + h @ p["w_h"] + p["b"], 2, axis=-1)
+      # Two biases, as in torch's LSTM (b_ih, b_hh): the second is added to a biased sum.
+      z, n = jnp.split(x_t @ p["w_x"] + h @ p["w_h"] + p["b"] + p["b_h"], 2, axis=-1)
       h_z, h_n = jnp.split(h @ p["w_h"], 2, axis=-1)
       h = jax.nn.sigmoid(z) * jnp.tanh(n + (h_n + p["b_n"]) * h_z)
     return jnp.mean(h ** 2)
@@ -168,7 +169,8 @@ def test_differentiated_route_is_taken_and_matches_the_evaluating_engine(name):
   assert_f32_close((value, grads), (ref_value, ref_grads))
   assert jax.tree.structure(stats) == jax.tree.structure(ref_stats)
   if name == "cell_sum_then_bias":  # both routes give the biases statistics
-    assert ref_stats["b"] is not None and ref_stats["b_n"] is not None
+    for bias in ("b", "b_h", "b_n"):
+      assert ref_stats[bias].shape == (1,), (bias, ref_stats[bias])
   for key in p:
     if ref_stats[key] is None:
       assert stats[key] is None, key
