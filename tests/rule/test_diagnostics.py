@@ -133,7 +133,7 @@ def test_default_hyperparameters_agree_with_adaact_and_scale_by_adaact():
   # activation_summary() without arguments must use the hyperparameters an
   # adaact() / scale_by_adaact() built without them trains with.
   import inspect
-  from adaact_optax import diagnostics
+  from adaact_optax._src import diagnostics
   for fn in (adaact_optax.adaact, adaact_optax.scale_by_adaact):
     params = inspect.signature(fn).parameters
     assert diagnostics._DEFAULTS == {k: params[k].default
