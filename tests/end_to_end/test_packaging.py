@@ -6,6 +6,8 @@ import sys
 import tarfile
 import tomllib
 
+import pytest
+
 from conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -134,3 +136,12 @@ def test_flax_is_imported_only_by_the_flax_layer():
                else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
       offenders += [f"{rel}: {n}" for n in names if n == "flax" or n.startswith("flax.")]
   assert not offenders, offenders
+
+
+@pytest.mark.slow  # type-checks the whole package
+def test_mypy_reports_nothing(tmp_path, monkeypatch):
+  # py.typed ships, so the package's annotations are a promise: [tool.mypy] in pyproject.
+  from mypy import api
+  monkeypatch.chdir(ROOT)
+  stdout, stderr, status = api.run(["--cache-dir", str(tmp_path / "mypy_cache")])
+  assert status == 0, stdout + stderr

@@ -70,7 +70,7 @@ def argument_names(args, kwargs) -> list:
   return names
 
 
-_version_warned = []
+_version_warned: list[bool] = []
 
 
 def check_version():
@@ -352,7 +352,7 @@ def stats_shapes(fun: Callable, params, *args, embeddings: bool | float = False,
   """
   stats, _, hint = abstract_capture(fun, params, args, kwargs, embeddings)
   warn_argument_order(hint, "stats_shapes")
-  return jax.tree.structure(params).unflatten(stats)
+  return jax.tree.unflatten(jax.tree.structure(params), stats)
 
 
 def coverage(fun: Callable, params, *args, embeddings: bool | float = False,

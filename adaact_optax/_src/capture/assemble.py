@@ -38,7 +38,8 @@ def place(c: Contribution, rank: int):
     elif size == 1:
       sizes = [1] * len(fs)
     else:  # blocks of `block` consecutive elements along this axis
-      block, new_fs, sizes = extent // size, [], []
+      new_fs: list = []
+      block, sizes = extent // size, []
       for f in reversed(fs):
         if block == 1:
           new_fs.insert(0, f)
@@ -76,7 +77,7 @@ def place(c: Contribution, rank: int):
     order += idx
   arrays = [xp(a).transpose(a, order) for a in arrays]
   pos = {k: i for i, k in enumerate(order)}
-  shape_out = []
+  shape_out: list = []
   pinned_offset = list(piece.offset)
   for p in range(rank):
     idx = groups[p]

@@ -58,7 +58,7 @@ def with_outputs(jaxpr: Jaxpr, extra: Sequence[Any]) -> Jaxpr:
   """
   info = jaxpr.debug_info
   if info is not None and info.result_paths is not None:
-    info = info._replace(result_paths=tuple(info.result_paths)
+    info = info._replace(result_paths=tuple(info.result_paths)  # type: ignore[arg-type]
                          + tuple(f"activation[{i}]" for i in range(len(extra))))
   if info is not None and info.arg_names is not None:
     info = info._replace(arg_names=tuple(f"const[{i}]" for i in range(len(jaxpr.constvars)))

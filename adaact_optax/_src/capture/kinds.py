@@ -101,7 +101,7 @@ def is_param(kind) -> bool:
 
 
 def param_sources(kinds) -> frozenset:
-  out = set()
+  out: set = set()
   for k in kinds:
     if isinstance(k, View):
       out.update(p.param for p in k.pieces)

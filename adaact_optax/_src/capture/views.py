@@ -27,7 +27,7 @@ def slice_factors(factors, lo: int, n: int, step: int):
   """Row-major factors of indices ``lo, lo+step, ...`` (n of them); ``(factors, deltas)``."""
   factors = norm(factors)
   if n == 1:
-    deltas = {}
+    deltas: dict = {}
     for f, i in zip(factors, unravel(lo, [f.size for f in factors])):
       deltas[f.axis] = deltas.get(f.axis, 0) + i * f.stride
     return (), deltas
@@ -59,7 +59,7 @@ def unravel(index: int, sizes) -> list:
 
 def regroup(axes, in_shape, out_shape) -> tuple:
   """Factors of a reshape's output axes from the input's (full bounds only)."""
-  seq = []
+  seq: list = []
   for fs, n in zip(axes, in_shape):
     fs = norm(fs)
     seq.extend(fs if fs or n == 1 else broadcast_factors(n))

@@ -66,7 +66,8 @@ class Interpreter:
     ``key`` names what ``fn`` computes from ``value``: statistics with the
     same value and key are computed once.
     """
-    self._record(view, *self._computed(fn, value, key), lookup=lookup)
+    sums, counts = self._computed(fn, value, key)
+    self._record(view, sums, counts, lookup=lookup)
 
   def check_nested(self, name: str):
     """Called before a higher-order primitive's rule (the reader refuses)."""
@@ -196,7 +197,8 @@ class Reader(Interpreter):
     """Computes the pending statistics; ``env`` maps the jaxpr's vars to values."""
     for view, fn, value, lookup, key in self.pending:
       value = env[value] if isinstance(value, jc.Var) else value
-      self._record(view, *self._computed(fn, value, key), lookup=lookup)
+      sums, counts = self._computed(fn, value, key)
+      self._record(view, sums, counts, lookup=lookup)
     self.pending = []
 
 
