@@ -36,7 +36,10 @@ iterations) pools exactly, weighted by rows; weights sliced per iteration by
 keep-rank layout of ``adaact_optax.layout``: same rank as the parameter,
 size 1 along axes the statistic does not vary along, whole blocks where it
 varies per block (grouped convolutions, fused projections used with
-different inputs).
+different inputs). A feature that met no rows in the call (a weight in the
+``cond`` branch not taken, an expert routed no tokens) gets ``-0.0``
+(``adaact_optax.layout.NO_ROWS``): the transforms leave its second moment
+as it was.
 
 JAX internals used here live in ``adaact_optax._src.capture.jax_internals``;
 the engine itself is the private package ``adaact_optax._src.capture`` (its

@@ -19,6 +19,7 @@ import pytest
 from jax import lax
 
 import adaact_optax
+from adaact_optax._src.capture import api as capture_api
 from _bruteforce import (Case, assert_proofs, check_engine, check_stats_shapes, dense_full,
                          engine_result, mean_sq, normal, uncaptured_warnings)
 
@@ -264,8 +265,8 @@ def test_both_routes_agree_on_gathered_weights():
   from adaact_optax import capture
   for name in ("moe_top1", "moe_top2", "sampled_softmax"):
     c = case(name)
-    assert capture._capture_differentiated(c.fun, False, c.params, c.args, {}, None,
-                                           None) is not None, name
+    assert capture_api.capture_differentiated(c.fun, False, c.params, c.args, {}, None,
+                                              None) is not None, name
 
     def inner(p):
       out, stats, _ = capture.capture_call(c.fun, p, c.args)
@@ -408,14 +409,13 @@ def test_gathered_slices_scaled_before_their_matmul_are_reported():
 def test_looked_up_rows_through_activation_functions_keep_the_fast_route():
   """``relu`` (a custom_jvp) and ``clip`` (a nested jit) hold no contraction: looked-up
   rows pass through them as data, with no fallback to the evaluating route."""
-  from adaact_optax import capture
   p = {"table": normal(1, 10, I), "w": normal(2, I, O)}
 
   def fun(p, ids):
     rows = jnp.clip(jax.nn.relu(p["table"][ids]), 0.0, 1.0)
     return jnp.sum(jnp.sin(rows @ p["w"]))
   ids = jnp.array([1, 2, 2, 9])
-  done = capture._capture_differentiated(fun, False, p, (ids,), {}, None, None)
+  done = capture_api.capture_differentiated(fun, False, p, (ids,), {}, None, None)
   assert done is not None
   rows = np.clip(np.maximum(_np(p["table"])[np.asarray(ids)], 0), 0, 1)
   np.testing.assert_allclose(done[2][1][:, 0], mean_sq(rows, 0), rtol=1e-6)

@@ -102,10 +102,10 @@ def test_dot_conv_gather_params():
   assert gp["slice_sizes"] == (1, 4) and gp["batching"] == ()
   assert not gp["clips"]   # jnp.take fills out-of-range rows; indexing clamps them
   (index,) = [e for e in _eqns(lambda t, i: t[i], table, jnp.array([1, 2]))
-              if e.primitive.name == jc.GATHER]
+              if e.primitive.name == rules.GATHER]
   assert jc.gather_params(index)["clips"]
   (dyn,) = [e for e in _eqns(lambda t, i: lax.dynamic_slice(t, (i, 0), (1, 4)), table, 1)
-            if e.primitive.name == jc.DYNAMIC_SLICE]
+            if e.primitive.name == rules.DYNAMIC_SLICE]
   assert dyn.params["slice_sizes"] == (1, 4) and len(dyn.invars) == 3
 
 
@@ -174,9 +174,9 @@ def test_sub_jaxprs_of_each_higher_order_primitive():
     y = jax.checkpoint(lambda a: a @ w)(y)
     y, _ = lax.scan(lambda c, _: (c @ w, None), y, None, length=2)
     return jax.jit(lambda a: a @ w)(y)
-  counts = {("remat" if e.primitive.name in jc.REMAT else e.primitive.name): len(jc.sub_jaxprs(e))
+  counts = {("remat" if e.primitive.name in rules.REMAT else e.primitive.name): len(jc.sub_jaxprs(e))
             for e in _eqns(f, jnp.ones((3, 3)), X) if jc.has_subjaxpr(e)}
-  assert counts == {jc.COND: 2, "remat": 1, jc.SCAN: 1, "jit": 1}, counts
+  assert counts == {rules.COND: 2, "remat": 1, rules.SCAN: 1, "jit": 1}, counts
   assert all(isinstance(j, jc.Jaxpr) for e in _eqns(f, jnp.ones((3, 3)), X)
              for j in jc.sub_jaxprs(e))
 

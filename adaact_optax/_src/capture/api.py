@@ -194,8 +194,9 @@ def capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_m
   except NeedsEvaluation:
     return None
   inputs = set(jaxpr.constvars) | set(jaxpr.invars)
-  needed = list(dict.fromkeys(v for _, _, v, _, _ in reader.pending
-                              if isinstance(v, jc.Var) and v not in inputs))
+  values = [v for _, _, value, _, _ in reader.pending
+            for v in (value if isinstance(value, tuple) else (value,))]
+  needed = list(dict.fromkeys(v for v in values if isinstance(v, jc.Var) and v not in inputs))
   args_in = list(closed.consts) + p_leaves + dyn_vals
   outs = jc.call_inline(jc.with_outputs(jaxpr, needed), args_in, "value_grad_and_stats")
   n_out = len(jaxpr.outvars)

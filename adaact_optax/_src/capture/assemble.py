@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -141,8 +142,16 @@ def assemble(placed, shape):
       n = n if static else pad_zeros(n, pads)
     total_s = s if total_s is None else total_s + s
     total_n = n if total_n is None else total_n + n
-  denominator = xp(total_n).where(total_n > 0, total_n, np.float32(1))
-  return jnp.asarray(total_s / denominator, jnp.float32)
+  return mean_or_no_rows(total_s, total_n)
+
+
+def mean_or_no_rows(sums, counts) -> jax.Array:
+  """``sums / counts`` as float32, the no-rows marker ``-0.0`` where ``counts`` is 0
+  (a weight in the ``cond`` branch not taken, an expert routed no tokens, the
+  part of a parameter no slice used): the transforms keep its second moment."""
+  denominator = xp(counts).where(counts > 0, counts, np.float32(1))
+  return jnp.where(counts > 0, jnp.asarray(sums / denominator, jnp.float32),
+                   jnp.float32(_alignment.NO_ROWS))
 
 
 def finalize(trace: Trace, contributions, paths, shapes):

@@ -2,13 +2,15 @@
 
 ``dot_sums`` / ``conv_sums`` return ``(sums, counts)`` of the squared input
 elements laid over the weight operand's axes (size 1 where the statistic
-does not vary). The rules ``dot``, ``conv``, ``gather`` (embedding lookups)
+does not vary). The rules ``dot``, ``conv``, ``gather`` (embedding lookups;
+slices picked at run time, see ``gathered.py``)
 and ``bias`` (a parameter added to a contraction's output) decide which
 operand is the weight and record its statistic with the walker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,14 +20,22 @@ from jax import lax
 
 from adaact_optax._src import moments
 from adaact_optax._src.capture import jax_internals as jc
-from adaact_optax._src.capture.kinds import (CONST, DATA, Mixed, Opaque, View, is_data, is_param,
-                                              opaque, param_sources)
+from adaact_optax._src.capture.kinds import (CONST, DATA, Gathered, Mixed, Opaque, View, is_data,
+                                              is_param, opaque, param_sources)
 from adaact_optax._src.capture.row_mask import row_weights
 from adaact_optax._src.capture.sums import filled, squares
 
 
 def dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
   """``(sums, counts)`` of ``a**2`` laid over the weight operand's axes."""
+  sums, count = dot_square_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags)
+  return sums, filled(count, sums.shape)
+
+
+def dot_square_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
+  """``(sums, count)``: ``a**2`` summed over ``a``'s free (row) axes, laid over the
+  weight operand's axes (size 1 along its own free axes), and the number of rows
+  each weight element met (a Python number, or a traced scalar with a row mask)."""
   sq = squares(a)
   free = [ax for ax in range(a.ndim) if ax not in a_contract and ax not in a_batch]
   weights = row_weights(mask, tags, a.shape, free)
@@ -48,7 +58,7 @@ def dot_sums(a, a_contract, a_batch, w_contract, w_batch, w_ndim, mask, tags):
     order.append(kept.index(a_ax))
     shape.append(a.shape[a_ax])
   sums = jnp.transpose(sums, order).reshape(shape)
-  return sums, filled(count, sums.shape)
+  return sums, count
 
 
 def conv_sums(lhs, rhs_shape, cp, mask, tags):
@@ -151,20 +161,38 @@ def conv(interp, eqn, invals, inkinds, in_mm):
 
 
 def gather(interp, eqn, invals, inkinds, in_mm):
+  """Slices of a parameter picked by run-time indices: ``Gathered`` (see ``gathered.py``);
+  an embedding lookup (whole rows along one axis) also records token frequencies."""
   table, ids = inkinds
-  if not isinstance(table, View):
-    return [opaque(inkinds, f"`{eqn.primitive.name}`")], [False]
+  name = eqn.primitive.name
+  if not isinstance(table, View) or is_param(ids):
+    return [opaque(inkinds, f"`{name}`")], [False]
   gp = jc.gather_params(eqn)
   shape = table.shape
+  picked = gp["start_index_map"]
+  # Whole slices: size 1 along the picked axes, whole along the others.
+  whole = not gp["batching"] and all(s == (1 if a in picked else n) for a, (s, n) in
+                                     enumerate(zip(gp["slice_sizes"], shape)))
+  out_ndim = eqn.outvars[0].aval.ndim
+  offset_axes = iter(a for a in range(len(shape)) if a not in gp["collapsed"])
+  batch_axes = iter(range(out_ndim))
+  dims = []
+  for v in range(out_ndim):
+    if v in gp["offset_dims"]:
+      t = next(offset_axes)   # size 1 where picked, unless only part of slices is taken
+      dims.append(None if t in picked and gp["slice_sizes"][t] == 1 else ("table", t))
+    else:
+      dims.append(("index", next(batch_axes)))
+  slices = Gathered(table, picked, (invals[1],), False, eqn.invars[1].aval.shape[:-1],
+                    gp["clips"], tuple(dims), name)
+  if not whole:
+    return [dataclasses.replace(slices, index=(), broken=(
+        f"and the `{name}` takes parts of slices (slice sizes {gp['slice_sizes']} of "
+        f"{shape}) or batches the table"))], [False]
   # An embedding lookup: whole rows along one axis, picked by integer ids.
-  lookup = (len(gp["start_index_map"]) == 1 and gp["collapsed"] == gp["start_index_map"]
-            and not gp["batching"]
-            and all(s == (1 if a in gp["collapsed"] else n)
-                    for a, (s, n) in enumerate(zip(gp["slice_sizes"], shape))))
-  if not lookup:
-    return [opaque(inkinds, f"`{eqn.primitive.name}`")], [False]
-  if interp.trace.embeddings is not None:
-    axis = gp["start_index_map"][0]
+  lookup = len(picked) == 1 and gp["collapsed"] == picked
+  if lookup and interp.trace.embeddings is not None:
+    axis = picked[0]
 
     def frequencies(ids):
       index = lax.stop_gradient(ids).reshape(-1)
@@ -173,7 +201,7 @@ def gather(interp, eqn, invals, inkinds, in_mm):
       sums = counts_row.reshape([n if a == axis else 1 for a, n in enumerate(shape)])
       return sums, filled(float(max(index.size, 1)), sums.shape)
     interp.stat(table, frequencies, invals[1], lookup=True)
-  return [DATA], [False]
+  return [slices], [False]
 
 
 def bias(interp, eqn, invals, inkinds, in_mm):

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from adaact_optax._src.capture import jax_internals as jc
-from adaact_optax._src.capture.kinds import (CONST, DATA, Mixed, Opaque, View, is_param, norm,
-                                              opaque, param_sources)
+from adaact_optax._src.capture.gathered import across_bodies
+from adaact_optax._src.capture.kinds import (CONST, DATA, Gathered, Mixed, Opaque, View, is_param,
+                                              norm, opaque, param_sources)
 from adaact_optax._src.capture.sums import materialize
 
 
@@ -47,7 +48,7 @@ def custom_call(interp, eqn, invals, inkinds, in_mm):
   return outs, kinds, mm
 
 
-def nested(interp, jaxpr, consts, kinds, depth=None, in_vars=None, tags=None):
+def nested(interp, jaxpr, consts, kinds, depth=None, in_vars=None, tags=None, thread=False):
   """A function evaluating ``jaxpr`` that also returns its contributions' arrays.
 
   Its ``info`` dict is filled when the function is traced: the child
@@ -55,23 +56,43 @@ def nested(interp, jaxpr, consts, kinds, depth=None, in_vars=None, tags=None):
   row mask, the child starts with the tags of ``in_vars`` (the outer
   values passed in), or with explicit ``tags`` for its inputs; ``fn``'s
   first argument is then the child's mask (``None`` to keep this one).
+
+  Gathered slices among the inputs or outputs are reported (their indices
+  live in the other trace), unless ``thread``: then ``fn`` takes the input
+  slices' indices as extra trailing arguments (``info["extra"]``, known now)
+  and returns the output slices' indices as a third result, which
+  ``threaded_kinds`` puts back into ``info["kinds"]``.
   """
   info = {}
   outer = [None if v is None else interp.tag(v) for v in (in_vars or [])]
   in_tags = tags if tags is not None else outer
+  slots = [i for i, k in enumerate(kinds) if thread and isinstance(k, Gathered)
+           and k.broken is None]
+  info["extra"] = [v for i in slots for v in kinds[i].index]
+  kinds = across_bodies(kinds, "passed into", keep=slots)
 
   def fn(*args, mask=None):
+    args, extra = args[:len(jaxpr.invars)], iter(args[len(jaxpr.invars):])
+    in_kinds = list(kinds)
+    for i in slots:
+      in_kinds[i] = dataclasses.replace(kinds[i], index=tuple(next(extra)
+                                                              for _ in kinds[i].index))
     child = interp.child(interp.depth if depth is None else depth,
                          interp.mask if mask is None else mask)
     if child.mask is not None:
       for var, t in zip(jaxpr.invars, in_tags):
         if t is not None:
           child.tags[var] = t
-    outs, okinds, omm = child.run(jaxpr, consts, args, kinds)
-    info.update(contributions=child.contributions, kinds=okinds, mm=omm,
+    outs, okinds, omm = child.run(jaxpr, consts, args, in_kinds)
+    out_slots = [i for i, k in enumerate(okinds) if thread and isinstance(k, Gathered)
+                 and k.broken is None]
+    info.update(contributions=child.contributions, out_slots=out_slots,
+                kinds=across_bodies(okinds, "returned from", keep=out_slots), mm=omm,
                 tags=[child.tag(v) for v in jaxpr.outvars])
-    return outs, [(c.sums, materialize(c.counts, c.sums.shape))
-                  for c in child.contributions]
+    arrays = [(c.sums, materialize(c.counts, c.sums.shape)) for c in child.contributions]
+    if thread:
+      return outs, arrays, [list(okinds[i].index) for i in out_slots]
+    return outs, arrays
   return fn, info
 
 
@@ -80,14 +101,26 @@ def remat_body(eqn) -> jc.ClosedJaxpr:
   return jc.closed(jc.remat_params(eqn)["jaxpr"])
 
 
+def threaded_kinds(info, indices) -> list:
+  """``info["kinds"]`` with the output slices' indices (from a threaded ``fn``) put back."""
+  kinds = list(info["kinds"])
+  for i, index in zip(info["out_slots"], indices):
+    kinds[i] = dataclasses.replace(kinds[i], index=tuple(index))
+  return kinds
+
+
 def remat(interp, eqn, invals, inkinds, in_mm):
   p = jc.remat_params(eqn)
   inner = remat_body(eqn)
-  fn, info = nested(interp, inner.jaxpr, inner.consts, inkinds, in_vars=eqn.invars)
-  outs, arrays = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
+  # Threaded: JAX inlines a checkpoint's forward when it differentiates, so the
+  # fast route sees gathered slices cross it; this route must too.
+  fn, info = nested(interp, inner.jaxpr, inner.consts, inkinds, in_vars=eqn.invars,
+                    thread=True)
+  outs, arrays, indices = jax.checkpoint(fn, prevent_cse=p["prevent_cse"],
+                                         policy=p["policy"])(*invals, *info["extra"])
   interp.adopt(info["contributions"], arrays)
   interp.set_tags(eqn.outvars, info["tags"])
-  return list(outs), info["kinds"], info["mm"]
+  return list(outs), threaded_kinds(info, indices), info["mm"]
 
 
 def scan(interp, eqn, invals, inkinds, in_mm):

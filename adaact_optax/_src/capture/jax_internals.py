@@ -111,6 +111,18 @@ def has_subjaxpr(eqn) -> bool:
   return any(is_jaxpr(v) for v in eqn.params.values())
 
 
+def sub_jaxprs(eqn) -> list:
+  """The jaxprs a higher-order primitive carries (as open ``Jaxpr``s)."""
+  out = []
+  for v in eqn.params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if isinstance(x, ClosedJaxpr):
+        out.append(x.jaxpr)
+      elif isinstance(x, Jaxpr):
+        out.append(x)
+  return out
+
+
 # Parameters of the primitives the engine rebuilds through public APIs.
 def scan_params(eqn) -> dict:
   p = eqn.params
@@ -162,12 +174,16 @@ def dot_dimensions(eqn) -> tuple:
 
 
 def gather_params(eqn) -> dict:
+  """A ``gather``'s dimension numbers and slice sizes; ``clips``: whether an
+  out-of-range index is clamped (``clip``, ``promise_in_bounds``) rather than
+  its slice filled (``fill``)."""
   p = eqn.params
   dn = p["dimension_numbers"]
   return dict(offset_dims=tuple(dn.offset_dims), collapsed=tuple(dn.collapsed_slice_dims),
               start_index_map=tuple(dn.start_index_map),
               batching=tuple(getattr(dn, "operand_batching_dims", ())),
-              slice_sizes=tuple(p["slice_sizes"]))
+              slice_sizes=tuple(p["slice_sizes"]),
+              clips=p["mode"] != lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def stop_gradient(x):

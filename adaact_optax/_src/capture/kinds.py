@@ -3,7 +3,8 @@
 ``DATA`` (depends on the function's non-parameter inputs), ``CONST`` (depends
 on nothing), a ``View`` of parameters (reached from them by layout ops only:
 ``Piece``s of per-axis ``Factor`` maps), ``Opaque`` (derived from parameters
-by a non-layout op) or ``Mixed`` (an activation combined with parameters).
+by a non-layout op), ``Mixed`` (an activation combined with parameters) or
+``Gathered`` (slices of a parameter picked by run-time indices).
 """
 
 from __future__ import annotations
@@ -84,6 +85,45 @@ class Mixed:
   reason: str
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Gathered:
+  """Whole slices of a parameter picked by indices known only at run time:
+  ``experts[ids]`` (routing), ``table[sampled]``, ``lax.dynamic_index_in_dim(W, i)``.
+
+  It is data (an embedding lookup's rows are an activation) everywhere but in a
+  ``dot_general`` whose other operand is data and that contracts the slices'
+  own (table) axes, as a matmul contracts a weight's input axis: there it is
+  the weight, and each use's statistics go to the slice its index picked (see
+  ``gathered.gathered_stats``). A contraction over the index axes only
+  (attention or pooling over looked-up rows) combines rows: the slices are its
+  activation.
+
+  ``table``: the view the slices come from; ``picked``: the table axes the
+  indices pick, in index-component order; ``index``: the index values (Vars on
+  the fast route) and ``stacked``: whether they are one scalar per picked
+  axis (``dynamic_slice``) or one ``(*batch_shape, len(picked))`` array
+  (``gather``); ``clips``: out-of-range indices are clamped (else their slice
+  is dropped); ``dims``: per axis of this value, ``("index", j)`` (the
+  indices' batch axis j), ``("table", t)`` (table axis t) or ``None`` (size
+  1), or None when a layout op lost track of them; ``op``: the primitive that
+  picked them; ``broken``: why the slices can no longer be told apart (then,
+  used as a weight, they are reported uncaptured), else None.
+  """
+
+  table: View
+  picked: tuple
+  index: tuple
+  stacked: bool
+  batch_shape: tuple
+  clips: bool
+  dims: tuple | None
+  op: str
+  broken: str | None = None
+
+  def __repr__(self):
+    return f"Gathered({self.op}, picked={self.picked}, broken={self.broken!r})"
+
+
 class Unsupported(Exception):
   pass
 
@@ -93,7 +133,7 @@ class NeedsEvaluation(Exception):
 
 
 def is_data(kind) -> bool:
-  return kind is DATA or isinstance(kind, Mixed)
+  return kind is DATA or isinstance(kind, (Mixed, Gathered))
 
 
 def is_param(kind) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from adaact_optax._src.capture import contractions, control_flow, row_mask, views
+from adaact_optax._src.capture import contractions, control_flow, gathered, row_mask, views
 from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture.kinds import DATA, opaque, param_sources
 
@@ -46,6 +46,10 @@ class Rule(NamedTuple):
       (for ``argument_order``: a raw input stays raw through it).
     inlined_body: for a call-like primitive whose body is inlined, its body
       as a ``ClosedJaxpr`` (``inlined_body(eqn)``; for ``argument_order``).
+    gathered: ``gathered(walker, eqn, invals, inkinds)``, called first when
+      slices of a parameter picked at run time (``kinds.Gathered``) are
+      among the inputs: ``(outs, kinds, out_mm)``, or None to treat them as
+      data (see ``gathered.py``).
   """
 
   apply: Callable
@@ -57,6 +61,7 @@ class Rule(NamedTuple):
   sums_mm: bool = False
   moves: bool = False
   inlined_body: Callable | None = None
+  gathered: Callable | None = None
 
   def is_contraction_output(self, in_mm) -> bool:
     """Whether a parameter-free equation's outputs are captured contractions'
@@ -89,6 +94,7 @@ CUSTOM_JVP = frozenset({"custom_jvp_call"})
 CUSTOM_VJP = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 SCAN, WHILE, COND = "scan", "while", "cond"
 DOT, CONV, GATHER = "dot_general", "conv_general_dilated", "gather"
+DYNAMIC_SLICE = "dynamic_slice"  # params: slice_sizes; operands: the array, one start per axis
 # Ops that only move or retype elements: a parameter seen through them is
 # still that parameter.
 IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -99,32 +105,43 @@ _view = views.layout_rule
 # Layout ops, followed symbolically (views.py).
 LAYOUT_RULES: dict[str, Rule] = {
     "transpose": Rule(_view(views.single(views.view_transpose)), tags=row_mask.transpose_tags,
-                      passes_mm=True, moves=True),
+                      passes_mm=True, moves=True,
+                      gathered=gathered.follow(gathered.transpose_dims)),
     "reshape": Rule(_view(views.single(views.view_reshape)), tags=row_mask.reshape_tags,
-                    passes_mm=True, moves=True),
+                    passes_mm=True, moves=True, gathered=gathered.follow(gathered.reshape_dims)),
     "squeeze": Rule(_view(views.single(views.view_squeeze)), tags=row_mask.squeeze_tags,
-                    passes_mm=True, moves=True),
+                    passes_mm=True, moves=True, gathered=gathered.follow(gathered.squeeze_dims)),
     "broadcast_in_dim": Rule(_view(views.single(views.view_broadcast)),
-                             tags=row_mask.broadcast_tags, passes_mm=True, moves=True),
-    "slice": Rule(_view(views.single(views.view_slice)), passes_mm=True, moves=True),
-    "rev": Rule(_view(views.single(views.view_rev)), tags=row_mask.forget_tags, moves=True),
-    "pad": Rule(_view(views.pad)),
+                             tags=row_mask.broadcast_tags, passes_mm=True, moves=True,
+                             gathered=gathered.follow(gathered.broadcast_dims)),
+    "slice": Rule(_view(views.single(views.view_slice)), passes_mm=True, moves=True,
+                  gathered=gathered.lose),
+    "rev": Rule(_view(views.single(views.view_rev)), tags=row_mask.forget_tags, moves=True,
+                gathered=gathered.lose),
+    "pad": Rule(_view(views.pad), gathered=gathered.lose),
     # One gate of a fused projection: still a contraction's output.
-    "split": Rule(_view(views.split), passes_mm=True, moves=True),
-    "concatenate": Rule(_view(views.concatenate)),
-    "dynamic_slice": Rule(_view(views.dynamic_slice)),
+    "split": Rule(_view(views.split), passes_mm=True, moves=True, gathered=gathered.lose),
+    "concatenate": Rule(_view(views.concatenate), gathered=gathered.lose),
+    # At run-time starts: a layer of a stacked weight (gathered slices).
+    DYNAMIC_SLICE: Rule(gathered.dynamic_slice, gathered=gathered.lose),
 }
 LAYOUT = frozenset(LAYOUT_RULES)
 
 TABLE: dict[str, Rule] = {
     # Contractions, lookups and biases (contractions.py).
-    DOT: Rule(contractions.dot, tags=row_mask.dot_tags, data_out=True, sees_mixed=True),
-    CONV: Rule(contractions.conv, tags=row_mask.conv_tags, data_out=True, sees_mixed=True),
-    GATHER: Rule(contractions.gather, tags=row_mask.gather_tags, data_out=True),
+    DOT: Rule(contractions.dot, tags=row_mask.dot_tags, data_out=True, sees_mixed=True,
+              gathered=gathered.dot),
+    CONV: Rule(contractions.conv, tags=row_mask.conv_tags, data_out=True, sees_mixed=True,
+               gathered=gathered.conv),
+    GATHER: Rule(contractions.gather, tags=row_mask.gather_tags, data_out=True,
+                 gathered=gathered.lose),
     "add": Rule(contractions.bias, sums_mm=True),
     "add_any": Rule(contractions.bias, sums_mm=True),
     **LAYOUT_RULES,
-    **{name: Rule(views.identity, passes_mm=True, moves=True) for name in IDENTITY},
+    **{name: Rule(views.identity, passes_mm=True, moves=True, gathered=gathered.keep)
+       for name in IDENTITY},
+    # Gathered slices scaled by data are no longer the weight's values.
+    **{name: Rule(other, gathered=gathered.scaled) for name in ("mul", "div")},
     # Higher-order primitives (control_flow.py).
     **{name: Rule(control_flow.call, nested=True, inlined_body=jc.call_jaxpr) for name in CALLS},
     **{name: Rule(control_flow.remat, nested=True, inlined_body=control_flow.remat_body)

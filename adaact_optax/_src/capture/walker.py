@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture import rules
-from adaact_optax._src.capture.kinds import (CONST, DATA, Mixed, NeedsEvaluation, Unsupported,
-                                              View, is_data, is_param, opaque)
+from adaact_optax._src.capture.kinds import (CONST, DATA, Gathered, Mixed, NeedsEvaluation,
+                                              Unsupported, View, is_data, is_param, opaque)
 from adaact_optax._src.capture.row_mask import check_row_mask, propagate_tags
 from adaact_optax._src.capture.sums import Contribution, restrict
 
@@ -157,8 +157,14 @@ class Interpreter:
   # -- one equation -----------------------------------------------------------
   def eqn(self, rule: rules.Rule, eqn, invals, inkinds, in_mm):
     n_out = len(eqn.outvars)
+    gathered = any(isinstance(k, Gathered) for k in inkinds)
+    if gathered and rule.gathered is not None:
+      done = rule.gathered(self, eqn, invals, inkinds)
+      if done is not None:
+        return done
     if not any(is_param(k) for k in inkinds) and (
-        not rule.sees_mixed or not any(isinstance(k, Mixed) for k in inkinds)):
+        not rule.sees_mixed or not any(isinstance(k, Mixed) for k in inkinds)) and (
+        not gathered or not contracts_inside(eqn)):
       outs = self.bind(eqn, invals)
       if rule.data_out or jc.has_subjaxpr(eqn):
         kind = DATA if any(is_data(k) for k in inkinds) else CONST
@@ -195,11 +201,26 @@ class Reader(Interpreter):
 
   def resolve(self, env: dict):
     """Computes the pending statistics; ``env`` maps the jaxpr's vars to values."""
+    fetch = lambda v: env[v] if isinstance(v, jc.Var) else v
     for view, fn, value, lookup, key in self.pending:
-      value = env[value] if isinstance(value, jc.Var) else value
+      # A tuple value: several operands (a gathered weight's input and indices).
+      value = tuple(map(fetch, value)) if isinstance(value, tuple) else fetch(value)
       sums, counts = self._computed(fn, value, key)
       self._record(view, sums, counts, lookup=lookup)
     self.pending = []
+
+
+def contracts_inside(eqn) -> bool:
+  """Whether a higher-order primitive's body has a contraction anywhere (gathered
+  slices passed in may be a weight there; ``relu``'s or ``clip``'s body has none,
+  and is bound as is)."""
+  todo = jc.sub_jaxprs(eqn)
+  while todo:
+    for e in todo.pop().eqns:
+      if e.primitive.name in (rules.DOT, rules.CONV):
+        return True
+      todo.extend(jc.sub_jaxprs(e))
+  return False
 
 
 Walker = TypeVar("Walker", bound=Interpreter)
