@@ -151,7 +151,7 @@ def mean_or_no_rows(sums, counts) -> jax.Array:
   part of a parameter no slice used): the transforms keep its second moment."""
   denominator = xp(counts).where(counts > 0, counts, np.float32(1))
   return jnp.where(counts > 0, jnp.asarray(sums / denominator, jnp.float32),
-                   jnp.float32(_alignment.NO_ROWS))
+                   jnp.float32(alignment.NO_ROWS))
 
 
 def finalize(trace: Trace, contributions, paths, shapes):
