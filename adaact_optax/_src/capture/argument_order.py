@@ -52,7 +52,9 @@ def data_as_weight(jaxpr, n_params: int, data_names: Sequence[str]) -> str | Non
                       eqn.invars[0].aval.shape))
       return
     lc, rc, lb, _ = jc.dot_dimensions(eqn)
-    if lb:  # batched (attention scores, a per-example contraction): no weight
+    if lb:  # batched: a parameter there is a stacked weight (per-expert kernels), else no weight
+      if any(_is(o, "param") for o in origins[:2]):
+        real.append(True)
       return
     for (w, wc), a in (((1, rc), 0), ((0, lc), 1)):
       wo, ao = origins[w], origins[a]
