@@ -35,3 +35,12 @@ def test_chex_is_a_test_dependency_only():
   assert "chex" in " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
   for source in (ROOT / "adaact_optax").glob("*.py"):
     assert "chex" not in source.read_text(), source.name
+
+
+def test_the_package_never_reads_the_environment():
+  # What the optimizer computes depends on its arguments only: no switch in
+  # os.environ (a leftover debugging flag) may change a training run.
+  for source in (ROOT / "adaact_optax").glob("*.py"):
+    text = source.read_text()
+    for needle in ("environ", "getenv"):
+      assert needle not in text, f"{source.name} reads the environment ({needle})"
