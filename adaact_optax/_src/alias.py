@@ -162,7 +162,7 @@ def _skip_whole_step(tx, state_type):
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
     counters = lambda tree: [s.skipped for s in jax.tree.leaves(tree, is_leaf=is_scale)
                              if is_scale(s)]
-    if not counters(state) or __import__("os").environ.get("T_NOWRAP"):
+    if not counters(state):
       return new_updates, new_state
     skip = jnp.any(jnp.stack([n > o for n, o in zip(counters(new_state), counters(state))]))
     # AdaAct's own state already handled the skip (and counted it); restore the rest.

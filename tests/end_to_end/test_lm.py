@@ -138,6 +138,41 @@ def test_model_forward_and_statistics_tree(tied):
                    variables["params"], mutated[aa_linen.COLLECTION])
 
 
+def test_fused_qkv_model_is_the_separate_kernels_concatenated():
+  # Brute-force reference: the MHA model's query/key/value kernels laid side by side
+  # are the fused (dim, 3 dim) kernel; logits and the kernel's statistics agree.
+  x = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 8)), jnp.int32)
+  separate, fused = models.ByteGPT(**SMALL), models.ByteGPT(fused_qkv=True, **SMALL)
+  p = jax.jit(separate.init)(jax.random.key(0), x)["params"]
+  q = jax.jit(fused.init)(jax.random.key(0), x)["params"]
+  d = SMALL["dim"]
+  for i in range(SMALL["depth"]):
+    mha, block = p[f"CausalBlock_{i}"]["MultiHeadDotProductAttention_0"], f"CausalBlock_{i}"
+    assert q[block]["FusedSelfAttention_0"]["qkv"]["kernel"].shape == (d, 3 * d)
+    q[block]["FusedSelfAttention_0"] = {
+        "qkv": {"kernel": jnp.concatenate([mha[n]["kernel"].reshape(d, d)
+                                           for n in ("query", "key", "value")], axis=1),
+                "bias": jnp.concatenate([mha[n]["bias"].reshape(d)
+                                         for n in ("query", "key", "value")])},
+        "out": {"kernel": mha["out"]["kernel"].reshape(d, d), "bias": mha["out"]["bias"]}}
+    for name in ("LayerNorm_0", "LayerNorm_1", "Dense_0", "Dense_1"):
+      q[block][name] = p[block][name]
+  for name in ("embed", "pos_embed", "LayerNorm_0"):
+    q[name] = p[name]
+  (a, sa), (b, sb) = (jax.jit(lambda v, m=m: aa_linen.apply(m, v, x))({"params": v})
+                      for m, v in ((separate, p), (fused, q)))
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  sa, sb = sa[aa_linen.COLLECTION], sb[aa_linen.COLLECTION]
+  for i in range(SMALL["depth"]):
+    block = f"CausalBlock_{i}"
+    np.testing.assert_allclose(sb[block]["FusedSelfAttention_0"]["qkv"]["kernel"],
+                               sa[block]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
+                               .reshape(d, 1), rtol=1e-6)
+    np.testing.assert_allclose(sb[block]["FusedSelfAttention_0"]["out"]["kernel"],
+                               sa[block]["MultiHeadDotProductAttention_0"]["out"]["kernel"]
+                               .reshape(d, 1), rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def lm_setup():
   """One small model, its parameters and statistics layout, shared by the tests

@@ -145,3 +145,12 @@ def test_mypy_reports_nothing(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   stdout, stderr, status = api.run(["--cache-dir", str(tmp_path / "mypy_cache")])
   assert status == 0, stdout + stderr
+
+
+def test_the_package_never_reads_the_environment():
+  # What the optimizer computes depends on its arguments only: no switch in
+  # os.environ (a leftover debugging flag) may change a training run.
+  for source in (ROOT / "adaact_optax").rglob("*.py"):
+    text = source.read_text()
+    for needle in ("environ", "getenv"):
+      assert needle not in text, f"{source.relative_to(ROOT)} reads the environment ({needle})"
