@@ -52,12 +52,12 @@ def data_as_weight(jaxpr, n_params: int, data_names: Sequence[str]) -> str | Non
                       eqn.invars[0].aval.shape))
       return
     lc, rc, lb, _ = jc.dot_dimensions(eqn)
-    if lb:  # batched (attention scores, a per-example contraction): no weight
-      return
     for (w, wc), a in (((1, rc), 0), ((0, lc), 1)):
       wo, ao = origins[w], origins[a]
-      if _is(wo, "param") and not _is(ao, "data"):
+      if _is(wo, "param") and not _is(ao, "data"):   # batched too: experts per dispatch slot
         real.append(True)
+      if lb:  # batched (attention scores, a per-example contraction): data is no weight
+        continue
       shape = eqn.invars[w].aval.shape
       own_axis = any(n > 1 for i, n in enumerate(shape) if i not in wc)
       if _is(wo, "data") and own_axis and ao.raw is None and {"param", "data"} <= ao.deps:
