@@ -291,3 +291,20 @@ def test_frozen_weights_in_the_other_arguments_do_not_warn_when_parameters_are_w
     assert messages == [], messages
     _, messages = _argument_order_warnings(adaact_optax.coverage, fun, params, x, frozen)
     assert messages == [], messages
+
+
+def test_a_one_hot_dispatch_of_expert_outputs_does_not_warn():
+  """Capacity dispatch as one-hot contractions: the data's dispatch tensor multiplies
+  the experts' outputs, and the experts are the weight of a batched contraction (one
+  expert per batch index): a parameter is a weight, so quiet."""
+  dispatch = jax.nn.one_hot(jnp.array([[0, 2, 1], [1, 0, 2]]), 3)  # (E, C, B): token per slot
+
+  def fun(params, x, dispatch):
+    x_e = jnp.einsum("ecb,bi->eci", dispatch, x)
+    return jnp.sum(jnp.einsum("ecb,eco->bo", dispatch,
+                              jnp.einsum("eci,eio->eco", x_e, params["experts"])) ** 2)
+  params = {"experts": jnp.full((2, 4, 5), 0.1)}
+  for call in (adaact_optax.value_grad_and_stats(fun),
+               lambda *args: adaact_optax.coverage(fun, *args)):
+    _, messages = _argument_order_warnings(call, params, jnp.ones((3, 4)), dispatch)
+    assert messages == [], messages
