@@ -15,7 +15,7 @@ from jax import tree_util
 from adaact_optax._src import alignment
 from adaact_optax._src.alias import adaact
 from adaact_optax._src.transform import (ScaleByActivationRMSState, ScaleByAdaActState,
-                                         step_scale)
+                                         scale_denominator, step_scale)
 
 # States holding AdaAct's second moment `nu` and its `count`.
 _STATES = (ScaleByAdaActState, ScaleByActivationRMSState)
@@ -218,7 +218,7 @@ def scaling_summary(opt_state: Any, updates: Any | None = None, *,
     update_leaves = {alignment.path_name(p): u for p, u in jax.tree.leaves_with_path(updates)}
   out: dict[str, jax.Array] = {}
   for name, state, mu, h, v_hat in _v_hat_leaves("scaling_summary", opt_state, given):
-    d = 1 / step_scale(v_hat, h["power"], h["eps"])   # V_hat**power + eps, as the transform
+    d = scale_denominator(v_hat, h["power"], h["eps"])
     mean, d_max, d_min = jnp.mean(d), jnp.max(d), jnp.min(d)
     out[f"{name}/denom_cv"] = jnp.where(mean > 0, jnp.std(d) / jnp.where(mean > 0, mean, 1), 0.0)
     out[f"{name}/denom_max_over_min"] = jnp.where(d_max > 0, d_max / d_min, 1.0)

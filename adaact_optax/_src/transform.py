@@ -75,12 +75,18 @@ def step_scale(v_hat: jax.Array, power: jax.typing.ArrayLike, eps: jax.typing.Ar
   factor is 0: that feature's weights get no gradient and no momentum, and
   ``0 * inf`` would be NaN. Computed per input feature, never per weight.
   """
+  denominator = scale_denominator(v_hat, power, eps) * bc1
+  return jnp.where(denominator == 0, 0.0, 1 / denominator)
+
+
+def scale_denominator(v_hat: jax.Array, power: jax.typing.ArrayLike,
+                      eps: jax.typing.ArrayLike) -> jax.Array:
+  """AdaAct's per-input-feature denominator ``v_hat ** power + eps``."""
   if isinstance(power, (int, float)):
     root = jnp.sqrt(v_hat) if power == 0.5 else v_hat ** power
   else:  # an array under inject_hyperparams: keep the exact sqrt at 0.5
     root = jnp.where(power == 0.5, jnp.sqrt(v_hat), v_hat ** power)
-  denominator = (root + eps) * bc1
-  return jnp.where(denominator == 0, 0.0, 1 / denominator)
+  return root + eps
 
 
 def _keep_where_no_rows(a: jax.Array, v_old: jax.Array, v_new: jax.Array) -> jax.Array:

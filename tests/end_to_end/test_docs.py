@@ -175,8 +175,11 @@ def test_wide_tables_use_the_site_stylesheet(site):
 @pytest.mark.slow  # builds the whole site
 def test_api_page_shows_public_type_names_and_the_constants_own_docs(site):
   text = html.unescape(re.sub(r"<[^>]+>", "", (site / "api.html").read_text()))
-  for private in ("TypeAliasForwardRef", "optax._src", "_alignment", "jaxlib._jax"):
-    assert private not in text, private
+  # optax's private modules must not leak into signatures; the capture module's prose
+  # may still point contributors at adaact_optax._src.
+  for private in ("TypeAliasForwardRef", r"(?<!adaact_)optax\._src", "_alignment",
+                  r"jaxlib\._jax"):
+    assert not re.search(private, text), private
   assert "mu_dtype (jax.typing.DTypeLike | None)" in text
   assert "optax.GradientTransformation)" in text
   # Constants carry their own docs, not those of their type (str, tuple, float).
