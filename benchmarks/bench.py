@@ -267,39 +267,48 @@ def compiled_cost(compiled):
 
 
 def _timer(fn, state, calls):
-  """Times ``calls`` chained calls of ``state = fn(state)``; returns (seconds per call, state)."""
+  """Times ``calls`` chained calls of ``state = fn(state)``.
+
+  Returns (wall seconds per call, process CPU seconds per call, state). The CPU time
+  is this process's, all threads: on a shared machine it is what the calls cost,
+  less disturbed than the wall time by other processes' load.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(calls):
     state = fn(state)
   jax.block_until_ready(state)
-  dt = time.perf_counter() - t0
-  return dt / calls, state
+  return (time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls, state
 
 
 def _calls_for(fn, state, min_time):
   """How many chained calls make one sample last ``min_time`` (at least one)."""
-  _, state = _timer(fn, state, 1)  # warm-up (and compiles the jitted forwards)
-  per_call, state = _timer(fn, state, 1)
+  _, _, state = _timer(fn, state, 1)  # warm-up (and compiles the jitted forwards)
+  per_call, _, state = _timer(fn, state, 1)
   return max(1, math.ceil(min_time / max(per_call, 1e-7))), state
 
 
-def interleaved(fns, states, reps, min_time):
+def interleaved(fns, states, reps, min_time, cpu_samples=None):
   """Times every ``fns[k]`` round-robin, ``reps`` rounds; returns samples (s/call) per key.
 
   Each fn maps its state to its next state (donated buffers are chained).
   Calls per sample are set once and are the same for every key: enough for
   the slowest fn's sample to last ``min_time`` (faster ones last less).
+  ``cpu_samples``, a dict, receives the same samples in process CPU seconds.
   """
   calls = {}
   for k in fns:  # compile and warm up
     calls[k], states[k] = _calls_for(fns[k], states[k], min_time)
   n = min(calls.values())
   samples = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
   for _ in range(reps):
     for k in fns:
-      dt, states[k] = _timer(fns[k], states[k], n)
+      dt, cpu_dt, states[k] = _timer(fns[k], states[k], n)
       samples[k].append(dt)
+      cpu[k].append(cpu_dt)
+  if cpu_samples is not None:
+    cpu_samples.update(cpu)
   return samples, n
 
 
@@ -497,26 +506,33 @@ def _loadavg():
     return None
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.device]
+def run_meta(device, args) -> dict:
+  """What a results JSON records about the run: date, command, machine, library
+  versions, timing settings and the load average at the start."""
   import jax  # pylint: disable=import-outside-toplevel
   import flax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  # CPU backends may decline a donation; that is the same for every optimizer.
-  warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-  try:
-    device = jax.devices()[0]
-  except Exception as e:  # pylint: disable=broad-except  # e.g. --device gpu, CPU-only jaxlib
-    raise SystemExit(f"--device {args.device}: JAX found no such device ({e})") from e
-  results = {"meta": {
+  return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
       "device": str(device), "device_kind": device.device_kind, "platform": device.platform,
       "cpu_count": os.cpu_count(), "machine": platform.platform(),
       "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
       "optax": optax.__version__, "reps": args.reps, "min_time_s": args.min_time,
-      "quick": args.quick, "loadavg_start": _loadavg()}, "models": {}}
+      "quick": args.quick, "loadavg_start": _loadavg()}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.device]
+  import jax  # pylint: disable=import-outside-toplevel
+  # CPU backends may decline a donation; that is the same for every optimizer.
+  warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+  try:
+    device = jax.devices()[0]
+  except Exception as e:  # pylint: disable=broad-except  # e.g. --device gpu, CPU-only jaxlib
+    raise SystemExit(f"--device {args.device}: JAX found no such device ({e})") from e
+  results = {"meta": run_meta(device, args), "models": {}}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   for name in args.models:

@@ -28,11 +28,9 @@ benchmarks/README.md for what each column measures.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 import warnings
@@ -40,7 +38,8 @@ import warnings
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's adaact_optax and examples/, uninstalled
 # bench.py's interleaved timer and its summaries: the same method as the main benchmark.
-from bench import _loadavg, _paired, compiled_cost, interleaved, summary, tree_bytes  # noqa: E402
+from bench import (_loadavg, _paired, compiled_cost, interleaved, run_meta,  # noqa: E402
+                   summary, tree_bytes)
 
 ROWS = ("adam", "adamw", "adaact", "adaact_linen", "adaact_fixed")
 # Rows whose step is also compiled without donation (the issue's first measurement), in
@@ -65,7 +64,7 @@ def parse_args(argv=None):
   p.add_argument("--dtypes", default=None,
                  help="comma list of float32,bfloat16 (the parameters' and so the "
                  "activations' dtype; default: float32 on CPU, both on GPU)")
-  p.add_argument("--reps", type=int, default=None, help="interleaved timed rounds (default 5)")
+  p.add_argument("--reps", type=int, default=None, help="interleaved timed rounds (default 7)")
   p.add_argument("--min-time", type=float, default=0.05,
                  help="seconds a timed sample lasts at least (calls are chained)")
   p.add_argument("--out", default=None,
@@ -83,12 +82,13 @@ def parse_args(argv=None):
   if set(args.dtypes) - {"float32", "bfloat16"}:
     p.error(f"--dtypes: float32 and/or bfloat16, got {args.dtypes}")
   if args.reps is None:
-    args.reps = 2 if args.quick else 5
+    args.reps = 2 if args.quick else 7
   suffix = "_quick" if args.quick else ""
   if args.out is None:
     args.out = str(ROOT / "benchmarks" / f"model_size_{args.device}{suffix}.json")
-  if args.plot is None:
-    args.plot = str(ROOT / "docs" / "images" / f"model_size_{args.device}{suffix}.png")
+  if args.plot is None:  # a smoke run's plot stays out of the docs
+    args.plot = str(ROOT / ("benchmarks" if args.quick else "docs/images")
+                    / f"model_size_{args.device}{suffix}.png")
   return args
 
 
@@ -223,11 +223,16 @@ def run_size(width, depth, dtype, args):
             undonated=UNDONATED if depth == args.depth else ())
   print(f"[d {width}, depth {depth}, {dtype}] {m.num_params:,} parameters; timing ...",
         file=sys.stderr, flush=True)
-  samples, calls = interleaved({r: m.step_fn(r) for r in ROWS}, {r: m.fresh(r) for r in ROWS},
-                               args.reps, args.min_time)
-  steps = {r: summary(samples[r]) for r in ROWS}
-  med = lambda r: steps[r]["median_ms"]
+  cpu = {}
+  wall, calls = interleaved({r: m.step_fn(r) for r in ROWS}, {r: m.fresh(r) for r in ROWS},
+                            args.reps, args.min_time, cpu_samples=cpu)
+  # Two clocks for the same calls: this process's CPU time (all threads), what the step
+  # costs, and the wall time, which on a shared machine also holds other processes' turns.
+  steps = {"cpu": {r: summary(cpu[r]) for r in ROWS},
+           "wall": {r: summary(wall[r]) for r in ROWS}}
   ratio = lambda f: {r: f(r) / f("adam") for r in ROWS}
+  fixed = lambda clock, r: steps[clock]["adaact_fixed"]["median_ms"] / steps[clock][r]["median_ms"]
+  adaacts = ("adaact", "adaact_linen")
   res = {
       "width": width, "depth": depth, "dtype": dtype, "num_params": m.num_params,
       "param_bytes": m.param_bytes, "heads": max(1, width // 64), "calls_per_sample": calls,
@@ -235,8 +240,10 @@ def run_size(width, depth, dtype, args):
       "state_bytes": m.state_bytes, "min_state_bytes": m.min_state_bytes,
       "compile_s": m.compile_s, "compiled_cost": m.cost, "loadavg_after": _loadavg(),
       "ratios": {
-          "step": ratio(med),
-          "step_paired": {r: _paired(steps[r], steps["adam"]) for r in ROWS},
+          **{f"step_{clock}": ratio(lambda r, c=clock: steps[c][r]["median_ms"])
+             for clock in steps},
+          **{f"step_{clock}_paired": {r: _paired(steps[clock][r], steps[clock]["adam"])
+                                      for r in ROWS} for clock in steps},
           "peak": ratio(lambda r: m.memory[r]["peak"]),
           "temp": ratio(lambda r: m.memory[r]["temp_size"]),
           "temp_undonated": {r: m.memory_undonated[r]["temp_size"]
@@ -249,15 +256,16 @@ def run_size(width, depth, dtype, args):
           "flops": ratio(lambda r: m.cost[r]["flops"]),
           "bytes_accessed": ratio(lambda r: m.cost[r]["bytes_accessed"]),
       },
-      # The statistics' share of AdaAct's step: 1 - (step on fixed statistics) / (step).
-      "stats_share": {r: 1 - med("adaact_fixed") / med(r) for r in ("adaact", "adaact_linen")},
-      "stats_share_paired": {
-          r: 1 - _paired(steps["adaact_fixed"], steps[r]) for r in ("adaact", "adaact_linen")},
-      # The same share in XLA's own counts of the compiled programs (load-independent).
-      "stats_share_flops": {r: 1 - m.cost["adaact_fixed"]["flops"] / m.cost[r]["flops"]
-                            for r in ("adaact", "adaact_linen")},
-      "stats_share_bytes": {r: 1 - m.cost["adaact_fixed"]["bytes_accessed"]
-                            / m.cost[r]["bytes_accessed"] for r in ("adaact", "adaact_linen")},
+      # The statistics' share of AdaAct's step: 1 - (step on fixed statistics) / (step),
+      # in CPU time, wall time, and XLA's own counts of the compiled programs.
+      "stats_share": {
+          **{clock: {r: 1 - fixed(clock, r) for r in adaacts} for clock in steps},
+          "cpu_paired": {r: 1 - _paired(steps["cpu"]["adaact_fixed"], steps["cpu"][r])
+                         for r in adaacts},
+          "flops": {r: 1 - m.cost["adaact_fixed"]["flops"] / m.cost[r]["flops"]
+                    for r in adaacts},
+          "bytes": {r: 1 - m.cost["adaact_fixed"]["bytes_accessed"]
+                    / m.cost[r]["bytes_accessed"] for r in adaacts}},
   }
   res["ratios"]["min_state"] = m.min_state_bytes / m.state_bytes["adam"]
   return res
@@ -275,27 +283,31 @@ def markdown(results) -> str:
     if not runs:
       continue
     lines += [f"#### {dtype}", "",
-              "| width x depth | parameters | Adam step ms, median (p25–p75) | step ÷ adam: "
-              "adamw / adaact / linen [paired adaact] | peak memory ÷ adam: adamw / adaact / "
-              "linen | state ÷ adam: adaact (rule's minimum) | compile CPU s ÷ adam: adaact / "
-              "linen | statistics' share of the step: adaact / linen [paired adaact] (XLA "
-              "flops / bytes accessed, adaact) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| width x depth | parameters | Adam step, CPU ms (wall ms) | step ÷ adam, CPU "
+              "time: adamw / adaact / linen [paired adaact] | adaact step ÷ adam, wall | XLA "
+              "flops / bytes ÷ adam, adaact | peak memory ÷ adam: adamw / adaact / linen | "
+              "state ÷ adam, adaact (rule's minimum) | compile CPU ÷ adam: adaact / linen / "
+              "fixed | statistics' share, CPU: adaact / linen [paired adaact] (XLA flops / "
+              "bytes) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-      q = r["ratios"]
-      a = r["step"]["adam"]
+      q, share = r["ratios"], r["stats_share"]
+      a = r["step"]
+      pct = lambda x: f"{100 * x:.1f}%"
       lines.append(
-          f"| {r['width']} x {r['depth']} | {r['num_params']:,} | {a['median_ms']:.1f} "
-          f"({a['p25_ms']:.1f}–{a['p75_ms']:.1f}) | {q['step']['adamw']:.3f} / "
-          f"{q['step']['adaact']:.3f} / {q['step']['adaact_linen']:.3f} "
-          f"[{q['step_paired']['adaact']:.3f}] | {q['peak']['adamw']:.3f} / "
-          f"{q['peak']['adaact']:.3f} / {q['peak']['adaact_linen']:.3f} | "
-          f"{q['state']['adaact']:.4f} ({q['min_state']:.4f}) | "
-          f"{q['compile_cpu']['adaact']:.2f} / {q['compile_cpu']['adaact_linen']:.2f} | "
-          f"{100 * r['stats_share']['adaact']:.1f}% / {100 * r['stats_share']['adaact_linen']:.1f}%"
-          f" [{100 * r['stats_share_paired']['adaact']:.1f}%] "
-          f"({100 * r['stats_share_flops']['adaact']:.1f}% / "
-          f"{100 * r['stats_share_bytes']['adaact']:.1f}%) |")
+          f"| {r['width']} x {r['depth']} | {r['num_params']:,} | "
+          f"{a['cpu']['adam']['median_ms']:.0f} ({a['wall']['adam']['median_ms']:.0f}) | "
+          f"{q['step_cpu']['adamw']:.3f} / {q['step_cpu']['adaact']:.3f} / "
+          f"{q['step_cpu']['adaact_linen']:.3f} [{q['step_cpu_paired']['adaact']:.3f}] | "
+          f"{q['step_wall']['adaact']:.3f} [{q['step_wall_paired']['adaact']:.3f}] | "
+          f"{q['flops']['adaact']:.4f} / {q['bytes_accessed']['adaact']:.3f} | "
+          f"{q['peak']['adamw']:.3f} / {q['peak']['adaact']:.3f} / "
+          f"{q['peak']['adaact_linen']:.3f} | {q['state']['adaact']:.4f} "
+          f"({q['min_state']:.4f}) | {q['compile_cpu']['adaact']:.2f} / "
+          f"{q['compile_cpu']['adaact_linen']:.2f} / {q['compile_cpu']['adaact_fixed']:.2f} | "
+          f"{pct(share['cpu']['adaact'])} / {pct(share['cpu']['adaact_linen'])} "
+          f"[{pct(share['cpu_paired']['adaact'])}] ({pct(share['flops']['adaact'])} / "
+          f"{pct(share['bytes']['adaact'])}) |")
     lines += ["", "Compiled temporaries (`temp_size`) ÷ Adam's, and AdaAct's extra temporaries "
               "in parameter bytes; donated (as timed) and, in the width sweep, not donated:", "",
               "| width x depth | temp ÷ adam, donated | extra ÷ parameter bytes | temp ÷ adam, "
@@ -308,10 +320,10 @@ def markdown(results) -> str:
                    f"{q['peak_undonated']['adaact']:.3f}" if und else "not compiled | | ")
       lines.append(f"| {r['width']} x {r['depth']} | {q['temp']['adaact']:.3f} | "
                    f"{extra(mem):+.3f} | {undonated} |")
-    lines += ["", "Targets (ratio of medians to Adam's): "
+    lines += ["", "Targets (adaact ÷ adam; step: ratio of CPU-time medians): "
               + "; ".join(f"{r['width']} x {r['depth']}: step "
-                          f"{r['ratios']['step']['adaact']:.3f} "
-                          f"{_verdict(r['ratios']['step']['adaact'], TARGETS['step'])}, peak "
+                          f"{r['ratios']['step_cpu']['adaact']:.3f} "
+                          f"{_verdict(r['ratios']['step_cpu']['adaact'], TARGETS['step'])}, peak "
                           f"{r['ratios']['peak']['adaact']:.3f} "
                           f"{_verdict(r['ratios']['peak']['adaact'], TARGETS['peak'])}"
                           for r in runs) + ".", ""]
@@ -334,20 +346,19 @@ def plot(results, path):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   linens = ("adamw", "adaact", "adaact_linen")
-  panels = [("train step time ÷ Adam's", lambda r, k: r["ratios"]["step"][k], linens),
+  panels = [("train step CPU time ÷ Adam's", lambda r, k: r["ratios"]["step_cpu"][k], linens),
             ("peak memory ÷ Adam's (donated step)", lambda r, k: r["ratios"]["peak"][k], linens),
             ("optimizer state ÷ Adam's", lambda r, k: r["ratios"][k]["adaact"] if k == "state"
              else r["ratios"]["min_state"], ("state", "min_state")),
             ("compile CPU time ÷ Adam's", lambda r, k: r["ratios"]["compile_cpu"][k], linens),
-            ("statistics' share of AdaAct's step", lambda r, k: r[k]["adaact"],
-             ("stats_share", "stats_share_flops")),
+            ("statistics' share of AdaAct's step", lambda r, k: r["stats_share"][k]["adaact"],
+             ("cpu", "flops")),
             ("compiled temporaries ÷ Adam's", lambda r, k: r["ratios"][k]["adaact"],
              ("temp", "temp_undonated"))]
   styles = {"adamw": ("tab:gray", "adamw"), "adaact": ("tab:blue", "adaact"),
             "adaact_linen": ("tab:orange", "adaact via linen.apply"),
             "state": ("tab:blue", "adaact"), "min_state": ("tab:green", "the rule's minimum"),
-            "stats_share": ("tab:blue", "step time"), "stats_share_flops": ("tab:green",
-                                                                            "XLA flops"),
+            "cpu": ("tab:blue", "step CPU time"), "flops": ("tab:green", "XLA flops"),
             "temp": ("tab:blue", "donated"), "temp_undonated": ("tab:red", "not donated")}
   meta = results["meta"]
   fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
@@ -388,8 +399,6 @@ def main(argv=None):
   else:  # JAX's own choice: the GPU where jaxlib has one, else the CPU (checked below)
     os.environ.pop("JAX_PLATFORMS", None)
   import jax  # pylint: disable=import-outside-toplevel
-  import flax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
   if args.device == "gpu" and jax.default_backend() != "gpu":
     print(f"model_size.py --device gpu: no GPU here (JAX's backend is "
@@ -397,16 +406,9 @@ def main(argv=None):
           "written. Run it on a machine with a GPU and jax[cuda].")
     return 0
   device = jax.devices()[0]
-  results = {"meta": {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-      "device": str(device), "device_kind": device.device_kind, "platform": device.platform,
-      "cpu_count": os.cpu_count(), "machine": platform.platform(),
-      "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-      "optax": optax.__version__, "reps": args.reps, "min_time_s": args.min_time,
-      "batch": args.batch, "seq": args.seq, "depth": args.depth,
-      "depth_width": args.depth_width, "dtypes": args.dtypes,
-      "loadavg_start": _loadavg(), "rows": list(ROWS)}, "sizes": []}
+  results = {"meta": {**run_meta(device, args), "batch": args.batch, "seq": args.seq,
+                      "depth": args.depth, "depth_width": args.depth_width,
+                      "dtypes": args.dtypes, "rows": list(ROWS)}, "sizes": []}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
