@@ -1,7 +1,6 @@
 import math
 import os
 import pathlib
-import sys
 
 
 def xla_flags(device_count: int) -> str:
@@ -23,9 +22,6 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# tests/rule's modules hold helpers other folders import (test_parity's trajectory
-# readers, test_transform's MLP): importable whichever files a run collects.
-sys.path.insert(0, str(ROOT / "tests" / "rule"))
 # The authors' trajectories live in ../shared/fixtures beside the checkout; a
 # copy is vendored in tests/fixtures so a bare clone can run the suite too.
 _CANDIDATES = [
@@ -161,3 +157,15 @@ def linen_train_step(model, tx, grad_axis=None, jit=True):
     return optax.apply_updates(params, updates), opt_state
 
   return jax.jit(step) if jit else step
+
+
+# The three calls that report a model's stats_shapes: every error about a layout
+# that needs stats_shapes= names all of them.
+STATS_SHAPES_CALLS = ("adaact_optax.stats_shapes(loss_fn, params, *batch)",
+                      "adaact_optax.linen.stats_shapes(model, variables, *args)",
+                      "adaact_optax.nnx.stats_shapes(model, *args)")
+
+
+def assert_names_every_stats_shapes_call(message):
+  for call in STATS_SHAPES_CALLS:
+    assert f"stats_shapes={call}" in message, (call, message)

@@ -109,10 +109,12 @@ def test_nan_statistics_skip_the_step_of_the_building_block_and_the_partition():
   params, grads, stats = _tiny()
   bad = jax.tree.map(lambda a: a * jnp.nan, stats)
   block = adaact_optax.scale_by_activation_rms()
-  state = block.init(params)
-  updates, new_state = _update(block, state, grads, params, bad)
+  _, state = _update(block, block.init(params), grads, params, stats)   # a finite step first
+  nan_grads = jax.tree.map(lambda g: g * jnp.nan, grads)                # NaN gradients too
+  updates, new_state = _update(block, state, nan_grads, params, bad)
   chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, grads))
-  assert int(new_state.skipped) == 1 and int(new_state.count) == 0
+  assert int(new_state.skipped) == 1 and int(new_state.count) == 1
+  chex.assert_trees_all_equal(new_state.nu, state.nu)
   # With an optimizer for the unmatched parameters, its branch skips too.
   tx = adaact_optax.adaact(0.1, unmatched=optax.adam(1e-3),
                            stats_shapes=jax.tree.map(jnp.shape, stats))

@@ -288,7 +288,7 @@ class _TiedLM(nn.Module):
 
 
 def test_tied_embedding_lm_without_stats_shapes_names_the_fix_and_trains_with_it():
-  from test_transform import assert_names_every_stats_shapes_call
+  from conftest import assert_names_every_stats_shapes_call
 
   model = _TiedLM()
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 7)), jnp.int32)

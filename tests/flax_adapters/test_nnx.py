@@ -14,7 +14,7 @@ import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax import moments
 from adaact_optax import nnx as aa_nnx
-from test_parity import _close, _tree  # the Linen parity test's fixture helpers
+from _parity_models import assert_parity_close as _close, fixture_tree as _tree
 from conftest import assert_f32_close
 
 

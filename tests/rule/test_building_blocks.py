@@ -10,8 +10,8 @@ import pytest
 
 import adaact_optax
 from conftest import assert_f32_close, linen_loss_grads_and_stats
-from test_parity import MODELS, _tree
-from test_transform import _batches, mlp_loss_and_stats, mlp_params, train_mlp
+from _parity_models import MODELS, fixture_tree as _tree
+from _mlp import mlp_batches as _batches, mlp_loss_and_stats, mlp_params, train_mlp
 
 
 def adaact_chain(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=2e-3):

@@ -11,7 +11,7 @@ from flax import nnx
 import adaact_optax
 from adaact_optax import nnx as aa_nnx
 from adaact_optax import activation_summary, scaling_summary
-from conftest import assert_f32_close, bias_correction_ulps
+
 
 
 def _hand_state():

@@ -1,6 +1,5 @@
 """Checkpoints across releases: a 0.1.0 optimizer state migrates into the 0.2 layout."""
 
-import pathlib
 from typing import NamedTuple
 
 import jax

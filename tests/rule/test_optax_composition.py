@@ -13,7 +13,7 @@ import pytest
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from conftest import assert_f32_close
-from test_transform import _batches as mlp_batches, mlp_loss_and_stats, mlp_params
+from _mlp import mlp_batches, mlp_loss_and_stats, mlp_params
 
 
 class TokenMLP(nn.Module):

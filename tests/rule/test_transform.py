@@ -10,27 +10,8 @@ import optax
 import pytest
 
 import adaact_optax
-from adaact_optax import moments
-from conftest import assert_f32_close
-
-
-def mlp_params(key, sizes=(6, 5, 3)):
-  keys = jax.random.split(key, len(sizes))
-  return {f"layer{i}": {"w": jax.random.normal(keys[i], (a, b)) * 0.5, "b": jnp.zeros((b,))}
-          for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
-
-
-def mlp_loss_and_stats(params, x, y):
-  """A pure-JAX MLP that reports each layer's input moments next to its loss."""
-  stats = {}
-  h = x
-  for i in range(len(params)):
-    p = params[f"layer{i}"]
-    stats[f"layer{i}"] = {"w": moments.dense_moments(h).mean, "b": moments.constant_moments().mean}
-    h = h @ p["w"] + p["b"]
-    if i < len(params) - 1:
-      h = jnp.tanh(h)
-  return jnp.mean((h - y) ** 2), stats
+from _mlp import mlp_batches as _batches, mlp_loss_and_stats, mlp_params, train_mlp
+from conftest import assert_f32_close, assert_names_every_stats_shapes_call
 
 
 def numpy_adaact(params, batches, lr, b1, b2, eps, wd, steps):
@@ -59,29 +40,6 @@ def numpy_adaact(params, batches, lr, b1, b2, eps, wd, steps):
         update = np.divide(m_hat, scale, out=np.zeros_like(m_hat), where=~zero)
         p[k][name] = p[k][name] - lr * (update + wd * p[k][name])
   return p
-
-
-def train_mlp(tx, params, batches, transform=jax.jit):
-  """``tx`` on ``mlp_loss_and_stats`` over ``batches``: ``(params, opt_state)``."""
-  state = tx.init(params)
-
-  @transform
-  def step(params, state, x, y):
-    (_, stats), grads = jax.value_and_grad(mlp_loss_and_stats, has_aux=True)(params, x, y)
-    updates, state = tx.update(grads, state, params, activation_stats=stats)
-    return optax.apply_updates(params, updates), state
-
-  for x, y in batches:
-    params, state = step(params, state, x, y)
-  return params, state
-
-
-def _batches(n, key=jax.random.key(1)):
-  out = []
-  for k in jax.random.split(key, n):
-    kx, ky = jax.random.split(k)
-    out.append((jax.random.normal(kx, (8, 6)) * 2.0, jax.random.normal(ky, (8, 3))))
-  return out
 
 
 class TransformTest(chex.TestCase):
@@ -481,16 +439,6 @@ def test_zero_update_guard_is_per_feature_not_per_weight():
   assert len(selects) == 1, selects                    # jnp.where(ok, g, 0) on w's gradient
 
 # --- statistics on a non-leading axis need stats_shapes, and the error says so ----
-
-STATS_SHAPES_CALLS = ("adaact_optax.stats_shapes(loss_fn, params, *batch)",
-                      "adaact_optax.linen.stats_shapes(model, variables, *args)",
-                      "adaact_optax.nnx.stats_shapes(model, *args)")
-
-
-def assert_names_every_stats_shapes_call(message):
-  for call in STATS_SHAPES_CALLS:
-    assert f"stats_shapes={call}" in message, (call, message)
-
 
 def _out_in_loss(params, x, y):
   """Weights stored (out, in) and applied as x @ W.T (Equinox, PyTorch-style code)."""

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import adaact_optax
-from test_transform import _batches, mlp_loss_and_stats, mlp_params
+from _mlp import mlp_batches as _batches, mlp_loss_and_stats, mlp_params
 
 STATS_SHAPES = jax.eval_shape(lambda p: mlp_loss_and_stats(p, *_batches(1)[0])[1],
                               mlp_params(jax.random.key(0)))
