@@ -65,6 +65,31 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in leaves])))
 
 
+class _StepSkip:
+  """The one step-skip of both rules: a step whose statistics are not all finite.
+
+  It is skipped through the arithmetic itself: decays of 1 and zeroed inputs
+  leave the moments exactly as they were, a zero step factor zeroes the
+  update, ``count`` stays and ``skipped`` counts the step. Only small arrays
+  and the incoming gradient (fused into its one read) are selected, so no
+  second copy of the moments is materialised. ``adaact``'s alias extends the
+  same decision (read from ``skipped``) to the rest of its chain.
+  """
+
+  def __init__(self, stats: Any):
+    self.ok = _all_finite(stats)
+
+  def decay(self, b: jax.Array) -> jax.Array:
+    return jnp.where(self.ok, b, 1.0)
+
+  def zero(self, x: jax.Array) -> jax.Array:
+    return jnp.where(self.ok, x, jnp.zeros_like(x))
+
+  def counters(self, count: jax.Array, state: Any) -> tuple[jax.Array, jax.Array]:
+    """The new state's ``count`` and ``skipped``."""
+    return jnp.where(self.ok, count, state.count), state.skipped + (~self.ok).astype(jnp.int32)
+
+
 def _compute_dtype(x):
   # float32 arithmetic for real parameters (bfloat16 included), complex64 for
   # complex ones, so the imaginary part is never dropped.
@@ -289,36 +314,31 @@ def scale_by_adaact(
     # (whose hyperparameters are arrays) round every product identically.
     b1_, b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b1, b2, eps))
     bc1, bc2 = 1 - b1_ ** t, 1 - b2_ ** t
-    # A step with non-finite statistics is skipped whole (see the docstring)
-    # through the arithmetic itself: decays of 1 and zeroed inputs leave mu and
-    # nu exactly as they were, and a zero step factor zeroes the update. Only
-    # small arrays and the incoming gradient (fused into its one read) are selected.
-    ok = _all_finite(stats)
-    decay1, decay2 = jnp.where(ok, b1_, 1.0), jnp.where(ok, b2_, 1.0)
+    skip = _StepSkip(stats)
+    decay1, decay2 = skip.decay(b1_), skip.decay(b2_)
 
     def leaf(path, g, m, v, a):
-      g = jnp.where(ok, g, jnp.zeros_like(g))
+      g = skip.zero(g)
       if a is None and unmatched != "momentum":
         return g, m, v
       dtype = _compute_dtype(g)
       m_new = decay1 * m.astype(dtype) + (1 - decay1) * g.astype(dtype)
       if a is None:
-        u = m_new * jnp.where(ok, 1 / bc1, 0.0)
+        u = m_new * skip.zero(1 / bc1)
       else:
-        v = _keep_where_no_rows(a, v, decay2 * v + (1 - decay2) * jnp.where(ok, a, 0.0))
+        v = _keep_where_no_rows(a, v, decay2 * v + (1 - decay2) * skip.zero(a))
         # 1/bc1 is folded into the small per-input-feature scale, so each weight
         # costs one multiply and no divide; as one reciprocal (not a product of
         # two) XLA:CPU compiles it identically with constant and with
         # inject_hyperparams' array hyperparameters, bit for bit.
-        scale = jnp.where(ok, step_scale(v / bc2, power, eps_, bc1), 0.0)
+        scale = skip.zero(step_scale(v / bc2, power, eps_, bc1))
         u = alignment.apply_scale(m_new, scale, alignment.path_name(path))
       return u.astype(g.dtype), m_new.astype(m.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu, stats)
     new_updates, mu, nu = _tree_unzip(updates, results, 3)
-    new_state = ScaleByAdaActState(count=jnp.where(ok, count, state.count), mu=mu, nu=nu,
-                                   skipped=state.skipped + (~ok).astype(jnp.int32))
-    return new_updates, new_state
+    count, skipped = skip.counters(count, state)
+    return new_updates, ScaleByAdaActState(count=count, mu=mu, nu=nu, skipped=skipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -419,22 +439,21 @@ def scale_by_activation_rms(
     count = optax.safe_increment(state.count)
     b2_, eps_ = (jnp.asarray(h, jnp.float32) for h in (b2, eps))
     bc2 = 1 - b2_ ** count.astype(jnp.float32)
+    skip = _StepSkip(stats)
+    decay2 = skip.decay(b2_)
 
     def leaf(path, u, v, a):
+      u = skip.zero(u)
       if a is None:
         return u, v
-      v = _keep_where_no_rows(a, v, b2_ * v + (1 - b2_) * a)
-      scale = step_scale(v / bc2, power, eps_)
+      v = _keep_where_no_rows(a, v, decay2 * v + (1 - decay2) * skip.zero(a))
+      scale = skip.zero(step_scale(v / bc2, power, eps_))
       out = alignment.apply_scale(u.astype(_compute_dtype(u)), scale, alignment.path_name(path))
       return out.astype(u.dtype), v
 
     results = jax.tree_util.tree_map_with_path(leaf, updates, state.nu, stats)
     new_updates, nu = _tree_unzip(updates, results, 2)
-    ok = _all_finite(stats)
-    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-    return new_updates, ScaleByActivationRMSState(
-        count=jnp.where(ok, count, state.count),
-        nu=jax.tree.map(lambda new, old: jnp.where(ok, new, old), nu, state.nu),
-        skipped=state.skipped + (~ok).astype(jnp.int32))
+    count, skipped = skip.counters(count, state)
+    return new_updates, ScaleByActivationRMSState(count=count, nu=nu, skipped=skipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
