@@ -103,7 +103,9 @@ def adaact_with_unmatched_optimizer(adaact_tx, unmatched_tx, stats_shapes):
 
   It is the ``optax.partition`` that ``adaact(..., unmatched=<optax
   transformation>)`` builds: given ``adaact_tx = adaact(lr, ...)`` the two are
-  bit-identical (tests/end_to_end/test_lm.py). That ``adaact`` already gives
+  bit-identical (tests/end_to_end/test_lm.py), except that on a step whose
+  statistics are not finite that ``adaact`` skips ``unmatched_tx``'s step too
+  and this partition skips AdaAct's branch only. That ``adaact`` already gives
   each branch its own learning rate; it is not used here because the
   examples' runtime peak learning rate (an injected ``optax.scale``,
   ``build``'s ``peak``) must scale AdaAct's branch alone: ``adaact_tx``
