@@ -412,7 +412,8 @@ def _lr_grid(text: str):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="python -m tools.compare",
+                              description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--task", default="image", choices=("image", "lm"))
   p.add_argument("--dataset", default="digits", choices=image_data.DATASETS, help="image task")

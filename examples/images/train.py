@@ -317,7 +317,8 @@ def optimizer_defaults(name: str) -> str:
 
 
 def parse_args(argv=None) -> Config:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+  p = argparse.ArgumentParser(prog="python -m examples.images.train",
+                              description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
   p.add_argument("--dataset", default="digits", choices=input_pipeline.DATASETS,
                  help="digits and mnist1d are generated locally; cifar10 needs --data-dir")
   p.add_argument("--data-dir", help="the folder holding cifar-10-batches-bin/; default: none, "

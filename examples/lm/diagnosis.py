@@ -333,7 +333,8 @@ def ablation_table(results: dict[str, list[dict]]) -> str:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="python -m examples.lm.diagnosis",
+                              description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--variants", default=",".join(v.label for v in VARIANTS),
                  help="comma-separated labels (adaact-adam and adamw are needed for the "

@@ -345,7 +345,8 @@ def model_kwargs(a) -> dict:
 
 
 def parse_args(argv=None) -> Config:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="python -m examples.lm.train",
+                              description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--optimizer", default=RECOMMENDED_OPTIMIZER, choices=optimizers.OPTIMIZERS,
                  help="default: the recommended AdaAct configuration for text (docs/lm.md)")

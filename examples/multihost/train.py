@@ -68,7 +68,8 @@ from examples.multihost import models
 
 def parse_args(argv=None):
   env = os.environ.get
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m examples.multihost.train",
+                              description=__doc__.splitlines()[0])
   p.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
                  help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
   p.add_argument("--num-processes", type=int, default=int(env("JAX_NUM_PROCESSES", "1")))
