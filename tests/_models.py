@@ -60,12 +60,12 @@ class StridedCNN(nn.Module):
 
 
 class GPT(nn.Module):
+  dim: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  context: int
   vocab: int = 256
-  context: int = 64
-  dim: int = 128
-  depth: int = 2
-  heads: int = 4
-  mlp_dim: int = 512
 
   @nn.compact
   def __call__(self, tokens):
