@@ -106,12 +106,12 @@ def _batches(parser, text) -> dict:
 
 
 def _get_model(name, quick=False):
-  """The Flax Linen model from examples/models.py at this benchmark's settings.
+  """The Flax Linen model from examples/images/models.py at this benchmark's settings.
 
   ``quick`` shrinks the two deep models (ResNet-8, a 2-block ViT) so the smoke
   run compiles in seconds; its figures are not the issue's.
   """
-  from examples import models  # pylint: disable=import-outside-toplevel
+  from examples.images import models  # pylint: disable=import-outside-toplevel
   _, shape, classes = SHAPES[name]
   if name == "mlp":  # the issue's MLP: 4 hidden layers, 2048 wide, on the flattened input
     return models.get_model(name, classes, shape, hidden=(2048,) * 4)

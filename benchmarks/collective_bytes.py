@@ -41,7 +41,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import adaact_optax  # noqa: E402
 from adaact_optax import linen as aa_linen  # noqa: E402
-from examples.models import get_model  # noqa: E402
+from examples.images.models import get_model  # noqa: E402
 
 _DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
                 "pred": 1, "s64": 8, "u64": 8}

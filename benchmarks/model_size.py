@@ -1,7 +1,7 @@
 """AdaAct's cost as a GPT-style model grows: step time, memory, state and compile time against Adam.
 
 A sweep over the width (d = 128, 256, 512, 1024 at depth 2) and the depth (2, 4, 8
-blocks at d = 256) of ``examples.models.ByteGPT`` with fused QKV kernels and the tied
+blocks at d = 256) of ``examples.lm.models.ByteGPT`` with fused QKV kernels and the tied
 embedding, on random bytes (batch 8 x 64 tokens). Per size, five train steps are
 compiled and then timed interleaved in this one process:
 
@@ -126,7 +126,7 @@ class Model:
     import optax  # pylint: disable=import-outside-toplevel
     import adaact_optax  # pylint: disable=import-outside-toplevel
     from adaact_optax import linen as aa_linen  # pylint: disable=import-outside-toplevel
-    from examples import models  # pylint: disable=import-outside-toplevel
+    from examples.lm import models  # pylint: disable=import-outside-toplevel
 
     self.width, self.depth, self.dtype = width, depth, dtype
     model = models.ByteGPT(context=seq, dim=width, depth=depth, heads=max(1, width // 64),

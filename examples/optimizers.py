@@ -1,10 +1,12 @@
 """The optimizers the examples compare, each with its published defaults.
 
 ``build(name, unit, hyper, ...)`` returns the optimizer ``name`` driven by
-``unit`` (a peak-1 schedule); the examples chain it with an injected
-``optax.scale`` so the peak learning rate lives in the state
-(``examples.train.make_optimizer``): one compiled step serves a whole
-learning-rate grid and every seed.
+``unit`` (a peak-1 schedule, ``make_unit_schedule``); the examples chain it
+with an injected ``optax.scale`` so the peak learning rate lives in the state
+(``set_learning_rate``; ``examples.images.train.make_optimizer``): one
+compiled step serves a whole learning-rate grid and every seed.
+``abstract_stats_shapes`` sizes AdaAct's state without running the model.
+Shared by ``examples.images`` and ``examples.lm`` (and ``tools.compare``).
 
 AdaAct comes in the variants the language-model study compares:
 
@@ -23,9 +25,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
+from optax import tree_utils as otu
 
 import adaact_optax
+from adaact_optax import linen as aa_linen
 
 ADAACT_VARIANTS = ("adaact", "adaact-momentum", "adaact-adam")
 OPTIMIZERS = ADAACT_VARIANTS + ("sgd", "adam", "adamw", "adan", "lamb", "adafactor", "muon")
@@ -53,6 +58,28 @@ DEFAULTS = {
 }
 
 
+def make_unit_schedule(schedule: str, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+  """The learning-rate schedule with peak 1: ``"cosine"`` (after a linear
+  warmup of ``warmup_steps``) or ``"constant"``."""
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else 1.0, 1.0, warmup_steps,
+                                              max(total_steps, warmup_steps + 1))
+  if schedule == "constant":
+    return optax.constant_schedule(1.0)
+  raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
+
+
+def set_learning_rate(opt_state, lr: float):
+  """The state with its peak learning rate (``step_size``) set to ``lr``."""
+  return otu.tree_set(opt_state, step_size=jnp.asarray(lr, jnp.float32))
+
+
+def abstract_stats_shapes(model, variables, *args, **kwargs):
+  """``adaact_optax.linen.stats_shapes`` for abstract ``variables`` (``jax.eval_shape``
+  of ``model.init``): the statistics tree's shapes without running anything."""
+  return jax.eval_shape(lambda v: aa_linen.stats_shapes(model, v, *args, **kwargs), variables)
+
+
 def matched_labels(params, stats_shapes) -> Any:
   """``"adaact"`` for each parameter with statistics in ``stats_shapes``, else ``"unmatched"``.
 
@@ -68,13 +95,22 @@ def matched_labels(params, stats_shapes) -> Any:
 def adaact_with_unmatched_optimizer(adaact_tx, unmatched_tx, stats_shapes):
   """AdaAct on the parameters with statistics, ``unmatched_tx`` on the rest.
 
-  The ``optax.partition`` that ``adaact(..., unmatched=<optax
-  transformation>)`` packages (bit-identical, tests/end_to_end/test_lm.py):
-  ``unmatched_tx`` is applied as given (its own learning rate, schedule and
-  weight decay) and its state covers the unmatched parameters only. Built
-  here by hand so the examples' injected peak learning rate can scale
-  ``adaact_tx``'s branch alone (``build``'s ``peak``): one compiled step
-  then serves a whole learning-rate grid.
+  Composes ``optax.partition`` with ``adaact_optax.layout.with_statistics``
+  (``matched_labels``): ``adaact_tx`` updates the parameters that have
+  statistics in ``stats_shapes``, ``unmatched_tx`` the others, as given (its
+  own learning rate, schedule and weight decay; its state covers the
+  unmatched parameters only).
+
+  It is the ``optax.partition`` that ``adaact(..., unmatched=<optax
+  transformation>)`` builds: given ``adaact_tx = adaact(lr, ...)`` the two are
+  bit-identical (tests/end_to_end/test_lm.py), except that on a step whose
+  statistics are not finite that ``adaact`` skips ``unmatched_tx``'s step too
+  and this partition skips AdaAct's branch only. That ``adaact`` already gives
+  each branch its own learning rate; it is not used here because the
+  examples' runtime peak learning rate (an injected ``optax.scale``,
+  ``build``'s ``peak``) must scale AdaAct's branch alone: ``adaact_tx``
+  arrives with the peak chained, so one compiled step serves a whole
+  learning-rate grid while ``unmatched_tx`` keeps its own rate.
   """
   return optax.partition({"adaact": adaact_tx, "unmatched": unmatched_tx},
                          lambda params: matched_labels(params, stats_shapes))

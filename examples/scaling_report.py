@@ -1,6 +1,6 @@
 """Per-layer report of AdaAct's scaling after training: ``python -m examples.scaling_report --help``.
 
-Trains one run with ``examples.train`` (``image``) or ``examples.lm`` (``lm``),
+Trains one run with ``examples.images.train`` (``image``) or ``examples.lm.train`` (``lm``),
 taking that example's own flags, then prints, per weight with AdaAct
 statistics, ``adaact_optax.activation_summary``'s mean ``V_hat`` and
 ``adaact_optax.scaling_summary``'s spread of ``sqrt(V_hat)`` across the input
@@ -23,11 +23,11 @@ if __package__ in (None, ""):  # `python examples/scaling_report.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import adaact_optax
-from examples import lm
 from examples import optimizers
-from examples import train
+from examples.images import train as images_train
+from examples.lm import train as lm_train
 
-TASKS = {"image": train, "lm": lm}
+TASKS = {"image": images_train, "lm": lm_train}
 
 
 def report(opt_state, hyper, power: float) -> str:

@@ -1,4 +1,4 @@
-"""The diagnosis examples: examples.lm_diagnosis (its row normaliser, axes and log-variance
+"""The diagnosis examples: examples.lm.diagnosis (its row normaliser, axes and log-variance
 shares, and a tiny end-to-end run) and examples.scaling_report."""
 
 import jax
@@ -7,10 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from examples import lm_diagnosis
-from examples import models
 from examples import scaling_report
-from examples import train
+from examples.lm import diagnosis as lm_diagnosis
+from examples.lm import models
 
 pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
 

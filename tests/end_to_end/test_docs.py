@@ -52,6 +52,39 @@ def test_code_blocks_run(path, tmp_path, monkeypatch):
     exec(code, namespace)
 
 
+# The example and tool programs the documents name: `python -m examples.lm.train`,
+# `python examples/quickstart.py`, `tools/compare.py`, `examples.images.models.get_model`.
+_EXAMPLE_MODULE = re.compile(r"python -m ((?:examples|tools)(?:\.\w+)+)")
+_EXAMPLE_FILE = re.compile(r"(?<![\w/.-])((?:examples|tools)/[\w/]+\.py)\b")
+_EXAMPLE_NAME = re.compile(r"(?<![\w/.-])((?:examples|tools)(?:\.\w+)+)")
+
+
+def _names_a_module(dotted: str) -> bool:
+  """``examples.lm.models.ByteGPT``: its packages are folders, then a module file (the
+  rest names something inside it) or a package."""
+  path = ROOT
+  for part in dotted.split("."):
+    if (path / f"{part}.py").is_file():
+      return True
+    if not (path / part / "__init__.py").is_file():
+      return False
+    path = path / part
+  return True
+EXAMPLE_DOCS = [*DOC_FILES, ROOT / "benchmarks" / "README.md", ROOT / "notebooks" / "quickstart.ipynb"]
+
+
+@pytest.mark.parametrize("path", EXAMPLE_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_example_commands_name_existing_programs(path):
+  # The examples moved into one folder per task: no document may send a reader to a
+  # module or file that is gone.
+  text = path.read_text()
+  modules = set(_EXAMPLE_MODULE.findall(text))
+  missing = [m for m in modules if not (ROOT / (m.replace(".", "/") + ".py")).is_file()]
+  missing += [f for f in set(_EXAMPLE_FILE.findall(text)) if not (ROOT / f).is_file()]
+  missing += [n for n in set(_EXAMPLE_NAME.findall(text)) if not _names_a_module(n)]
+  assert not missing, f"{path.relative_to(ROOT)} names programs that do not exist: {sorted(set(missing))}"
+
+
 def _modules():
   # Every module, the private implementation (adaact_optax._src) included: a function's
   # doctest runs in the module that defines it, a re-exported class's in its public module.

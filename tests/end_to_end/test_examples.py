@@ -1,4 +1,5 @@
-"""The examples: dataset loaders, models and their statistics trees, the training CLI."""
+"""The image example (examples/images): dataset loaders, models and their statistics trees,
+the training CLI; and the comparison tool that drives it (tools/compare.py)."""
 
 import json
 import re
@@ -12,9 +13,11 @@ import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax._src import alignment as matching
 from conftest import assert_f32_close
-from examples import data as data_lib
-from examples import models
-from examples import train
+from examples import optimizers
+from examples.images import input_pipeline
+from examples.images import models
+from examples.images import train
+from tools import compare
 
 pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
 
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
 
 
 def test_digits_loader():
-  ds = data_lib.load("digits")
+  ds = input_pipeline.load("digits")
   assert ds.x_train.shape == (1437, 8, 8, 1) and ds.x_test.shape == (360, 8, 8, 1)
   assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
   assert 0.0 <= ds.x_train.min() and ds.x_train.max() == 1.0
@@ -31,7 +34,7 @@ def test_digits_loader():
 
 def test_mnist1d_loader_is_generated_locally():
   state = np.random.get_state()[1].copy()
-  ds = data_lib.load("mnist1d")
+  ds = input_pipeline.load("mnist1d")
   assert ds.x_train.shape == (4000, 40, 1) and ds.x_test.shape == (1000, 40, 1)
   assert ds.input_shape == (40, 1) and ds.num_classes == 10
   assert set(np.unique(ds.y_train)) == set(range(10))
@@ -43,7 +46,7 @@ def _write_cifar(folder, sizes, rng):
   """Official binary layout: per record 1 label byte, then R, G, B planes of 32x32."""
   folder.mkdir(parents=True)
   contents = {}
-  for name, n in zip(data_lib.CIFAR_FILES, sizes):
+  for name, n in zip(input_pipeline.CIFAR_FILES, sizes):
     labels = rng.integers(0, 10, n).astype(np.uint8)
     pixels = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)   # (N, C, H, W)
     records = np.concatenate([labels[:, None], pixels.reshape(n, -1)], axis=1)
@@ -55,49 +58,49 @@ def _write_cifar(folder, sizes, rng):
 def test_cifar10_binary_reader(tmp_path):
   rng = np.random.default_rng(0)
   contents = _write_cifar(tmp_path / "cifar-10-batches-bin", [3, 2, 2, 1, 2, 4], rng)
-  images, labels = data_lib.read_cifar_binary(tmp_path / "cifar-10-batches-bin" / "test_batch.bin")
+  images, labels = input_pipeline.read_cifar_binary(tmp_path / "cifar-10-batches-bin" / "test_batch.bin")
   test_labels, test_pixels = contents["test_batch.bin"]
   np.testing.assert_array_equal(labels, test_labels)
   np.testing.assert_array_equal(images, test_pixels.transpose(0, 2, 3, 1))  # NHWC
   # Both the parent folder and cifar-10-batches-bin itself are accepted.
   for where in (tmp_path, tmp_path / "cifar-10-batches-bin"):
-    ds = data_lib.load("cifar10", where)
+    ds = input_pipeline.load("cifar10", where)
     assert ds.x_train.shape == (10, 32, 32, 3) and ds.x_test.shape == (4, 32, 32, 3)
-    train_labels = np.concatenate([contents[n][0] for n in data_lib.CIFAR_FILES[:-1]])
+    train_labels = np.concatenate([contents[n][0] for n in input_pipeline.CIFAR_FILES[:-1]])
     np.testing.assert_array_equal(ds.y_train, train_labels)
     red_pixel = contents["data_batch_2.bin"][1][1, 0, 5, 7]       # record 1, R, row 5, col 7
-    expected = (red_pixel / 255.0 - data_lib.CIFAR_MEAN[0]) / data_lib.CIFAR_STD[0]
+    expected = (red_pixel / 255.0 - input_pipeline.CIFAR_MEAN[0]) / input_pipeline.CIFAR_STD[0]
     assert_f32_close(ds.x_train[3 + 1, 5, 7, 0], expected)
 
 
 def test_cifar10_errors_name_the_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-bin/data_batch_1\.bin"):
-    data_lib.load("cifar10", tmp_path)
+    input_pipeline.load("cifar10", tmp_path)
   _write_cifar(tmp_path / "cifar-10-batches-bin", [1, 1, 1, 1, 1, 1], np.random.default_rng(0))
   (tmp_path / "cifar-10-batches-bin" / "test_batch.bin").unlink()
   with pytest.raises(FileNotFoundError, match=r"test_batch\.bin"):
-    data_lib.load("cifar10", tmp_path)
+    input_pipeline.load("cifar10", tmp_path)
   (tmp_path / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(b"\0" * 100)
   with pytest.raises(ValueError, match="3073-byte"):
-    data_lib.load("cifar10", tmp_path)
+    input_pipeline.load("cifar10", tmp_path)
   with pytest.raises(ValueError, match="--data-dir"):
-    data_lib.load("cifar10", None)
+    input_pipeline.load("cifar10", None)
 
 
 def test_cifar10_reader_rejects_labels_outside_0_to_9(tmp_path):
   folder = tmp_path / "cifar-10-batches-bin"
   _write_cifar(folder, [3, 1, 1, 1, 1, 2], np.random.default_rng(0))
   raw = bytearray((folder / "data_batch_1.bin").read_bytes())
-  raw[2 * data_lib._CIFAR_RECORD] = 10            # record 2's label byte
+  raw[2 * input_pipeline._CIFAR_RECORD] = 10            # record 2's label byte
   (folder / "data_batch_1.bin").write_bytes(bytes(raw))
   with pytest.raises(ValueError, match=r"data_batch_1\.bin: record 2 \(byte offset 6146\) has "
                                        r"label byte 10, but CIFAR-10 labels are 0\.\.9"):
-    data_lib.load("cifar10", tmp_path)
+    input_pipeline.load("cifar10", tmp_path)
 
 
 def test_validation_split_uses_only_training_data():
-  ds = data_lib.load("digits")
-  val = data_lib.validation_split(ds, 0.1, seed=0)
+  ds = input_pipeline.load("digits")
+  val = input_pipeline.validation_split(ds, 0.1, seed=0)
   assert len(val.y_test) == 144 and len(val.y_train) == 1437 - 144
   train_rows = {r.tobytes() for r in ds.x_train}
   assert all(r.tobytes() in train_rows for r in val.x_test)
@@ -106,7 +109,7 @@ def test_validation_split_uses_only_training_data():
 
 def test_augmentation_is_a_padded_crop_with_optional_flip():
   x = jnp.arange(8 * 4 * 4 * 2, dtype=jnp.float32).reshape(8, 4, 4, 2) + 1
-  out = np.asarray(data_lib.augment_crop_flip(jax.random.key(3), x, pad=2))
+  out = np.asarray(input_pipeline.augment_crop_flip(jax.random.key(3), x, pad=2))
   padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
   flips = []
   for b in range(8):
@@ -248,7 +251,7 @@ def test_cosine_schedule_with_warmup_scaled_by_the_learning_rate():
   assert float(unit(60)) == pytest.approx(0.5, rel=1e-5)
   assert float(unit(100)) == pytest.approx(0.0, abs=1e-7)
   params = {"w": jnp.zeros(())}
-  state = train.set_learning_rate(tx.init(params), 0.2)
+  state = optimizers.set_learning_rate(tx.init(params), 0.2)
   update = jax.jit(lambda s: tx.update({"w": jnp.ones(())}, s, params))
   steps = []
   for _ in range(61):
@@ -287,8 +290,9 @@ def test_cli_training_run_lowers_the_loss(tmp_path, capsys, monkeypatch, optimiz
 
 def test_cli_cifar_with_augmentation(tmp_path, monkeypatch):
   calls = []
-  augment = data_lib.augment_crop_flip
-  monkeypatch.setattr(data_lib, "augment_crop_flip", lambda k, x: calls.append(x.shape) or augment(k, x))
+  augment = input_pipeline.augment_crop_flip
+  monkeypatch.setattr(input_pipeline, "augment_crop_flip",
+                      lambda k, x: calls.append(x.shape) or augment(k, x))
   _write_cifar(tmp_path / "data" / "cifar-10-batches-bin", [8, 8, 8, 8, 8, 8],
                np.random.default_rng(1))
   result = train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
@@ -302,9 +306,6 @@ def test_cli_cifar_with_augmentation(tmp_path, monkeypatch):
 
 
 # --- comparison ---------------------------------------------------------------
-
-from examples import compare  # noqa: E402
-
 
 def test_compare_chooses_lr_on_validation_and_reports(tmp_path, monkeypatch, capsys):
   seen = []
@@ -381,6 +382,6 @@ def test_table_shows_per_lr_validation_divergence_and_edge():
 def test_augmentation_needs_images():
   x = np.zeros((4, 40, 1), np.float32)
   y = np.zeros(4, np.int32)
-  ds = data_lib.Dataset(x, y, x, y, 10, "mnist1d")
+  ds = input_pipeline.Dataset(x, y, x, y, 10, "mnist1d")
   with pytest.raises(ValueError, match=r"--augment .* shape \(40, 1\)"):
     train.run(train.Config(augment=True, progress=False), ds)

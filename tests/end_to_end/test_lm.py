@@ -16,11 +16,11 @@ import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax._src import alignment as matching
 from conftest import assert_f32_close
-from examples import compare
-from examples import lm
-from examples import lm_data
-from examples import models
 from examples import optimizers
+from examples.lm import input_pipeline
+from examples.lm import models
+from examples.lm import train as lm
+from tools import compare
 
 pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
 
@@ -36,12 +36,12 @@ def _write_files(folder, files):
 def test_corpus_is_the_sorted_top_level_py_files_cut_at_max_bytes(tmp_path):
   _write_files(tmp_path, {"b.py": "bbbb", "a.py": "aaa", "c.py": "cccccc", "notes.txt": "xx"})
   _write_files(tmp_path / "pkg", {"inner.py": "zz"})          # not top level
-  corpus = lm_data.build_corpus(tmp_path, max_bytes=9)
+  corpus = input_pipeline.build_corpus(tmp_path, max_bytes=9)
   assert corpus.data.tobytes() == b"aaabbbbcc"
   assert corpus.files == ("a.py", "b.py", "c.py") and corpus.data.dtype == np.uint8
   assert corpus.sha256 == hashlib.sha256(b"aaabbbbcc").hexdigest()
   assert corpus.python_version == platform.python_version()
-  again = lm_data.build_corpus(tmp_path, max_bytes=9)
+  again = input_pipeline.build_corpus(tmp_path, max_bytes=9)
   assert again.sha256 == corpus.sha256 and again.files == corpus.files
 
 
@@ -49,44 +49,44 @@ def test_default_corpus_is_the_standard_library_without_network(monkeypatch):
   def no_network(*args, **kwargs):
     raise AssertionError("the corpus builder opened a socket")
   monkeypatch.setattr(socket, "socket", no_network)
-  first = lm_data.build_corpus(max_bytes=200_000)
-  second = lm_data.build_corpus(max_bytes=200_000)
+  first = input_pipeline.build_corpus(max_bytes=200_000)
+  second = input_pipeline.build_corpus(max_bytes=200_000)
   assert len(first.data) == 200_000 and first.sha256 == second.sha256
-  assert first.directory == str(lm_data.stdlib_dir())
-  assert first.files[0] == sorted(p.name for p in lm_data.stdlib_dir().glob("*.py"))[0]
+  assert first.directory == str(input_pipeline.stdlib_dir())
+  assert first.files[0] == sorted(p.name for p in input_pipeline.stdlib_dir().glob("*.py"))[0]
 
 
 def test_corpus_errors_say_what_to_pass(tmp_path):
   with pytest.raises(ValueError, match=rf"{tmp_path} has no \.py files at its top level"):
-    lm_data.build_corpus(tmp_path)
+    input_pipeline.build_corpus(tmp_path)
   _write_files(tmp_path / "sub", {"x.py": "x"})
   with pytest.raises(ValueError, match="no .py files"):
-    lm_data.build_corpus(tmp_path)                 # only in a subfolder
+    input_pipeline.build_corpus(tmp_path)                 # only in a subfolder
   with pytest.raises(ValueError, match="does not exist"):
-    lm_data.build_corpus(tmp_path / "missing")
+    input_pipeline.build_corpus(tmp_path / "missing")
   with pytest.raises(ValueError, match="max_bytes must be > 0"):
-    lm_data.build_corpus(tmp_path / "sub", max_bytes=0)
+    input_pipeline.build_corpus(tmp_path / "sub", max_bytes=0)
 
 
 def test_split_is_contiguous_80_10_10():
   data = np.arange(1000) % 256
-  parts = lm_data.split(data)
+  parts = input_pipeline.split(data)
   assert [len(parts[k]) for k in ("train", "validation", "test")] == [800, 100, 100]
   np.testing.assert_array_equal(np.concatenate(list(parts.values())), data)
   with pytest.raises(ValueError, match="three positive shares"):
-    lm_data.split(data, (0.5, 0.5))
+    input_pipeline.split(data, (0.5, 0.5))
 
 
 def test_windows_are_next_byte_pairs():
   data = np.arange(200, dtype=np.uint8)
-  x, y = lm_data.random_windows(np.random.default_rng(0), data, 5, 8)
+  x, y = input_pipeline.random_windows(np.random.default_rng(0), data, 5, 8)
   assert x.shape == y.shape == (5, 8) and x.dtype == np.int32
   np.testing.assert_array_equal(y, x + 1)
-  ex, ey = lm_data.eval_windows(data, 8, max_windows=4)
+  ex, ey = input_pipeline.eval_windows(data, 8, max_windows=4)
   # 24 whole windows; 4 evenly spread: numbers 0, 8, 15, 23 (rounded), i.e. 8 bytes apart each.
   np.testing.assert_array_equal(ex[:, 0], [0, 64, 120, 184])
   np.testing.assert_array_equal(ey, ex + 1)
-  assert lm_data.eval_windows(data, 8)[0].shape == (24, 8)
+  assert input_pipeline.eval_windows(data, 8)[0].shape == (24, 8)
 
 
 # --- model and statistics -------------------------------------------------------
@@ -250,6 +250,12 @@ def test_adaact_adam_is_adaact_plus_adamw_on_the_rest(lm_setup):
       0.7, unmatched=optax.adamw(3e-3, weight_decay=0.1), stats_shapes=shapes),
       activation_stats=stats)
   assert_f32_close(updates, u_library)
+  # Given the library's adaact (the peak in its learning rate) as AdaAct's branch, the
+  # examples' partition is the program adaact(unmatched=...) builds: bit-identical.
+  by_hand = optimizers.adaact_with_unmatched_optimizer(
+      adaact_optax.adaact(0.7, stats_shapes=shapes), optax.adamw(3e-3, weight_decay=0.1), shapes)
+  jax.tree.map(np.testing.assert_array_equal, first_update(by_hand, activation_stats=stats),
+               u_library)
 
 
 def test_muon_treats_matrices_only(lm_setup):

@@ -53,7 +53,7 @@ def test_requires_python_is_what_jax_needs():
 
 
 def test_sdist_ships_the_library_without_a_partial_test_suite(tmp_path):
-  # The tests need fixtures, shared/ and the examples: the sdist ships none of them.
+  # The tests need fixtures, shared/, the examples and tools/: the sdist ships none of them.
   subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir",
                   str(tmp_path), str(ROOT)], check=True, capture_output=True)
   (sdist,) = tmp_path.glob("*.tar.gz")
@@ -61,7 +61,7 @@ def test_sdist_ships_the_library_without_a_partial_test_suite(tmp_path):
     names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
   assert "adaact_optax/__init__.py" in names and "adaact_optax/py.typed" in names
   assert "LICENSE" in names and "README.md" in names
-  assert not [n for n in names if n.startswith(("tests/", "docs/", "examples/"))], names
+  assert not [n for n in names if n.startswith(("tests/", "docs/", "examples/", "tools/"))], names
 
 
 def _package_imports():

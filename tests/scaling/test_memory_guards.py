@@ -19,7 +19,7 @@ from jax import lax
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax import moments
-from examples import models
+from _models import GPT, ResNet
 
 # Array shapes in HLO text: "f32[8,16,16,144]{3,2,1,0}".
 _SHAPE = re.compile(r"\b(?:pred|[subf]\d+|bf16|f8\w*)\[([\d,]*)\]")
@@ -37,7 +37,7 @@ def tree_bytes(tree) -> int:
 
 def test_resnet_state_is_about_half_of_adams():
   # eval_shape: the state's shapes and dtypes without allocating or compiling.
-  model = models.ResNet(num_classes=10, blocks=1)  # ResNet-8
+  model = ResNet(num_classes=10, blocks=1)  # ResNet-8
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
                                              train=False))["params"]
   ours = jax.eval_shape(adaact_optax.adaact(0.1).init, params)
@@ -128,7 +128,7 @@ def test_linen_capture_never_builds_patches():
   assert largest_buffer(forward) < patch_elements
 
 
-# A GPT-style language model (ByteGPT: fused QKV kernels, tied embedding), batch 4 x 32
+# A GPT-style language model (tests/_models.py: fused QKV kernels, tied embedding), batch 4 x 32
 # tokens: small activations, so the parameters dominate its memory.
 _TOKENS = jax.ShapeDtypeStruct((4, 32), jnp.int32)
 _DEPTH = 2
@@ -146,8 +146,7 @@ def _slack(dim: int) -> int:
 
 def _gpt_train_step(dim: int, optimizer: str, donate: bool):
   """The compiled train step (forward, backward, update) and the parameters' shapes."""
-  model = models.ByteGPT(dim=dim, depth=_DEPTH, heads=4, mlp_dim=4 * dim,
-                         context=_TOKENS.shape[1], fused_qkv=True)
+  model = GPT(dim=dim, depth=_DEPTH, heads=4, mlp_dim=4 * dim, context=_TOKENS.shape[1])
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(_TOKENS.shape,
                                                                           jnp.int32)))["params"]
 

@@ -17,6 +17,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import adaact_optax
 from adaact_optax import linen as aa_linen
 from adaact_optax import sharding as aa_sharding
+from _models import StridedCNN
 from conftest import assert_f32_close, linen_train_step
 
 STEPS = 5
@@ -385,8 +386,7 @@ def test_collective_bytes_benchmark_attributes_statistics():
 def test_conv_statistics_under_data_parallel_jit_equal_one_device():
   # Conv statistics sum the batch after their window sums; sharding the batch
   # must not change them (strided and padded convs, BatchNorm-free CNN).
-  from examples.models import CNN
-  model = CNN(num_classes=CLASSES, features=(4, 8), hidden=8)
+  model = StridedCNN(num_classes=CLASSES, features=(4, 8), hidden=8)
   rng = np.random.default_rng(3)
   xs = rng.normal(size=(STEPS, BATCH, 8, 8, 2)).astype(np.float32)
   ys = rng.integers(0, CLASSES, size=(STEPS, BATCH)).astype(np.int32)

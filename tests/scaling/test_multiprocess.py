@@ -1,6 +1,6 @@
 """Real multi-process training: 2 processes x 2 CPU devices, gloo collectives on loopback.
 
-Each test launches ``examples/multihost.py`` as two processes (a free port,
+Each test launches ``python -m examples.multihost.train`` as two processes (a free port,
 a hard timeout so nothing can hang, both outputs shown on failure) and
 compares with the same steps run in this process on one process's devices.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_f32_close, xla_flags
-from examples import multihost
+from examples.multihost import train as multihost
 
 pytestmark = pytest.mark.slow  # end to end: deselect with -m 'not slow'
 
@@ -43,7 +43,7 @@ def launch(tmp: pathlib.Path, *flags: str, n: int = 2):
   procs, logs = [], []
   for i in range(n):
     log = open(tmp / f"process{i}.log", "w+")
-    cmd = [sys.executable, str(ROOT / "examples" / "multihost.py"), "--coordinator",
+    cmd = [sys.executable, "-m", "examples.multihost.train", "--coordinator",
            f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i), *flags]
     procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp))
     logs.append(log)

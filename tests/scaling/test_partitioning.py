@@ -607,12 +607,13 @@ def test_masked_branches_are_sharded_like_their_params():
 
 
 def test_multihost_example_logical_rules_mode_matches_the_helper_mode():
-  from examples import multihost
+  from examples.multihost import input_pipeline, models
+  from examples.multihost import train as multihost
   mesh, tx = multihost.make_mesh(2), adaact_optax.adaact(0.1)
-  x0 = jnp.zeros((2, multihost.TOKENS, multihost.FEATURES))
+  x0 = jnp.zeros((2, input_pipeline.TOKENS, input_pipeline.FEATURES))
   runs = []
   for logical, setup in ((True, multihost.init_from_metadata), (False, multihost.init_with_helper)):
-    model = multihost.Transformer(depth=1, logical=logical)
+    model = models.Transformer(depth=1, logical=logical)
     runs.append(setup(functools.partial(model.init, jax.random.key(0), x0), tx, mesh)[:2])
   (params, state), (h_params, h_state) = runs
   assert_parity(params, h_params)

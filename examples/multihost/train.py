@@ -17,15 +17,15 @@ AdaAct's statistics are means over the *global* batch with no extra code:
 
 One process (simulated devices)::
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/multihost.py --steps 20
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/multihost.py --steps 20 \
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m examples.multihost.train --steps 20
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m examples.multihost.train --steps 20 \
       --sharding logical
 
 Two processes on one machine (2 CPU devices each, real collectives over
 loopback with gloo)::
 
   for i in 0 1; do
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/multihost.py \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m examples.multihost.train \\
         --coordinator 127.0.0.1:12345 --num-processes 2 --process-id $i --steps 20 &
   done; wait
 
@@ -49,8 +49,8 @@ import pathlib
 import sys
 import time
 
-if __package__ in (None, ""):  # `python examples/multihost.py`
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python examples/multihost/train.py`
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import flax.linen as nn
 import jax
@@ -61,103 +61,15 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
+from examples.multihost import input_pipeline
+from examples.multihost import models
 
-# Sizes of the toy task: sequences of TOKENS vectors of FEATURES, CLASSES labels.
-TOKENS, FEATURES, CLASSES = 8, 8, 4
-
-
-# Logical axis names -> mesh axes: FSDP over 'data' on the model width, tensor
-# parallelism over 'model' on attention heads and MLP hidden units.
-LOGICAL_RULES = (("embed", "data"), ("heads", "model"), ("mlp", "model"), ("kv", None),
-                 ("features", None), ("classes", None), ("layers", None))
-
-
-def _part(logical: bool, *names):
-  """A kernel initializer partitioned along the logical ``names``.
-
-  ``logical``: kept as logical names (``nn.with_logical_partitioning``, placed
-  on the mesh by ``LOGICAL_RULES`` later); otherwise the mesh axes they map
-  to (``nn.with_partitioning``).
-  """
-  init = nn.initializers.lecun_normal()
-  if logical:
-    return nn.with_logical_partitioning(init, names)
-  return nn.with_partitioning(init, tuple(nn.logical_to_mesh_axes(names, LOGICAL_RULES)))
-
-
-class Block(nn.Module):
-  """Pre-norm transformer block; attention heads and MLP hidden units split over 'model'."""
-
-  dim: int
-  heads: int
-  mlp_dim: int
-  logical: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    part = functools.partial(_part, self.logical)
-    y = nn.LayerNorm()(x)
-    qkv = functools.partial(nn.DenseGeneral, (self.heads, self.dim // self.heads),
-                            kernel_init=part("embed", "heads", "kv"))   # (dim, heads, head_dim)
-    q, k, v = qkv(name="query")(y), qkv(name="key")(y), qkv(name="value")(y)
-    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]))
-    o = jnp.einsum("bhqk,bkhd->bqhd", w, v)
-    x = x + nn.DenseGeneral(self.dim, axis=(-2, -1), kernel_init=part("heads", "kv", "embed"),
-                            name="out")(o)
-    y = nn.LayerNorm()(x)
-    y = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=part("embed", "mlp"))(y))
-    return x + nn.Dense(self.dim, kernel_init=part("mlp", "embed"))(y)
-
-
-class Transformer(nn.Module):
-  """Embed -> ``depth`` blocks stacked with ``nn.scan`` -> mean over tokens -> head."""
-
-  dim: int = 32
-  heads: int = 4
-  mlp_dim: int = 64
-  depth: int = 2
-  logical: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.dim, kernel_init=_part(self.logical, "features", "embed"))(x)
-    # AdaAct's statistics stack over the layers exactly like the params; with
-    # logical names the stacked axis is named too ('layers', not split).
-    stack = nn.scan(lambda block, c, _: (block(c), None),
-                    variable_axes={"params": 0, aa_linen.COLLECTION: 0},
-                    split_rngs={"params": True}, length=self.depth,
-                    metadata_params={nn.PARTITION_NAME: "layers" if self.logical else None})
-    x, _ = stack(Block(self.dim, self.heads, self.mlp_dim, self.logical, name="blocks"), x, None)
-    head = nn.Dense(CLASSES, kernel_init=_part(self.logical, "embed", "classes"))
-    return head(nn.LayerNorm()(x).mean(axis=1))
-
-
-def global_batch(seed: int, step: int, size: int):
-  """The step's whole batch, identical on every process: ``(size, T, F)``, labels."""
-  teacher = np.random.default_rng(seed).normal(size=(FEATURES, CLASSES))
-  rng = np.random.default_rng([seed, step])
-  x = rng.normal(size=(size, TOKENS, FEATURES)).astype(np.float32)
-  y = np.argmax(x.mean(axis=1) @ teacher, axis=-1).astype(np.int32)
-  return x, y
-
-
-def local_rows(sharding: NamedSharding, global_shape) -> slice:
-  """The contiguous rows of the global batch this process's devices hold."""
-  rows = [idx[0] for idx in sharding.addressable_devices_indices_map(global_shape).values()]
-  start = min(r.start or 0 for r in rows)
-  stop = max(global_shape[0] if r.stop is None else r.stop for r in rows)
-  return slice(start, stop)
-
-
-def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """Feeds this process's rows of a global batch as one global ``jax.Array``."""
-  return jax.make_array_from_process_local_data(
-      sharding, array[local_rows(sharding, array.shape)], array.shape)
 
 
 def parse_args(argv=None):
   env = os.environ.get
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m examples.multihost.train",
+                              description=__doc__.splitlines()[0])
   p.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
                  help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
   p.add_argument("--num-processes", type=int, default=int(env("JAX_NUM_PROCESSES", "1")))
@@ -233,7 +145,7 @@ def init_from_metadata(init, tx, mesh):
 
   Returns ``(params, opt_state, param_shardings, state_shardings)``, unboxed.
   """
-  with nn.logical_axis_rules(LOGICAL_RULES):
+  with nn.logical_axis_rules(models.LOGICAL_RULES):
     shardings = lambda tree: nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh)
     p_shard = shardings(jax.eval_shape(init))["params"]
     boxed = jax.jit(lambda: init()["params"], out_shardings=p_shard)()
@@ -252,9 +164,10 @@ def train(args, gather: bool = True) -> dict | None:
     # Equal shards keep every device's statistics a mean over the same number of rows.
     raise ValueError(f"--global-batch {args.global_batch} must be a multiple of the data "
                      f"axis size {mesh.shape['data']}")
-  model = Transformer(depth=args.depth, logical=args.sharding == "logical")
+  model = models.Transformer(depth=args.depth, logical=args.sharding == "logical")
   tx = adaact_optax.adaact(args.lr)
-  init = functools.partial(model.init, jax.random.key(args.seed), jnp.zeros((2, TOKENS, FEATURES)))
+  x0 = jnp.zeros((2, input_pipeline.TOKENS, input_pipeline.FEATURES))
+  init = functools.partial(model.init, jax.random.key(args.seed), x0)
   if args.sharding == "logical":
     params, opt_state, p_shard, s_shard = init_from_metadata(init, tx, mesh)
   else:
@@ -297,8 +210,9 @@ def train(args, gather: bool = True) -> dict | None:
     if args.crash_at_step == t and jax.process_index() == args.crash_process:
       print(f"process {jax.process_index()}: simulated crash before step {t}", flush=True)
       os._exit(17)   # no cleanup, like a lost host
-    x, y = global_batch(args.seed, t, args.global_batch)
-    params, opt_state, loss = step(params, opt_state, to_global(x, data), to_global(y, data))
+    x, y = input_pipeline.global_batch(args.seed, t, args.global_batch)
+    params, opt_state, loss = step(params, opt_state, input_pipeline.to_global(x, data),
+                                   input_pipeline.to_global(y, data))
     loss = float(loss)   # replicated: every process can read it
     if manager is not None:
       manager.save(t + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))

@@ -1,4 +1,4 @@
-"""Datasets for the examples, all local: nothing is downloaded.
+"""The image datasets, all local: nothing is downloaded.
 
 ``load(name, data_dir)`` returns a ``Dataset`` of numpy arrays, images
 channels-last float32 (``(N, 8, 8, 1)`` digits, ``(N, 40, 1)`` MNIST-1D,

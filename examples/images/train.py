@@ -1,8 +1,8 @@
-"""Train an image classifier with AdaAct or another optimizer: ``python -m examples.train --help``.
+"""Train an image classifier with AdaAct or another optimizer: ``python -m examples.images.train --help``.
 
 Example (from the repository root)::
 
-  python -m examples.train --dataset digits --model cnn --optimizer adaact --epochs 20
+  python -m examples.images.train --dataset digits --model cnn --optimizer adaact --epochs 20
 
 Writes one JSON line per epoch to ``--metrics`` and a PNG of the train loss and
 test accuracy to ``--plot``, and prints a final summary line. AdaAct runs
@@ -24,21 +24,20 @@ import textwrap
 import time
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # `python examples/train.py`: make `examples` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python examples/images/train.py`: make `examples` importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax import tree_utils as otu
 from tqdm.auto import tqdm
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from examples import data as data_lib
-from examples import models
 from examples import optimizers
+from examples.images import input_pipeline
+from examples.images import models
 
 OPTIMIZERS = optimizers.OPTIMIZERS
 DEFAULTS = optimizers.DEFAULTS   # each optimizer's published defaults
@@ -76,21 +75,10 @@ class Config:
     return DEFAULTS[self.optimizer].get(name) if value is None else value
 
 
-def make_unit_schedule(schedule: str, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
-  """The learning-rate schedule with peak 1: ``"cosine"`` (after a linear
-  warmup of ``warmup_steps``) or ``"constant"``."""
-  if schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else 1.0, 1.0, warmup_steps,
-                                              max(total_steps, warmup_steps + 1))
-  if schedule == "constant":
-    return optax.constant_schedule(1.0)
-  raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
-
-
 def make_optimizer(cfg: Config, total_steps: int, steps_per_epoch: int, stats_shapes=None):
   """``(tx, unit_schedule)`` for ``cfg``: the optimizer with a peak-1 schedule,
   then ``optax.scale`` by the peak learning rate, an injected hyperparameter
-  (``step_size``, set by ``set_learning_rate``).
+  (``step_size``, set by ``optimizers.set_learning_rate``).
 
   Keeping the learning rate in the state lets a learning-rate grid and the
   seeds reuse one compiled step. ``opt_state[0]`` is the optimizer's own
@@ -99,18 +87,13 @@ def make_optimizer(cfg: Config, total_steps: int, steps_per_epoch: int, stats_sh
   """
   if cfg.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from {OPTIMIZERS}")
-  unit = make_unit_schedule(cfg.schedule, total_steps,
+  unit = optimizers.make_unit_schedule(cfg.schedule, total_steps,
                             int(round(cfg.warmup_epochs * steps_per_epoch)))
   peak = optax.inject_hyperparams(optax.scale)(step_size=1.0)
   tx = optimizers.build(cfg.optimizer, unit, cfg.hyper, power=cfg.power,
                         stats_shapes=stats_shapes, peak=peak)
   # with_extra_args_support: every optimizer accepts (the others ignore) `activation_stats`.
   return optax.with_extra_args_support(tx), unit
-
-
-def set_learning_rate(opt_state, lr: float):
-  """The state with its peak learning rate (``step_size``) set to ``lr``."""
-  return otu.tree_set(opt_state, step_size=jnp.asarray(lr, jnp.float32))
 
 
 class TrainState(adaact_optax.TrainState):
@@ -125,7 +108,7 @@ def make_steps(model, use_adaact: bool, augment: bool):
 
   def train_step(state, x, y, key):
     if augment:
-      x = data_lib.augment_crop_flip(key, x)
+      x = input_pipeline.augment_crop_flip(key, x)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
@@ -155,16 +138,10 @@ def make_steps(model, use_adaact: bool, augment: bool):
 def evaluate(eval_step, state, x, y, batch_size: int) -> tuple[float, float]:
   """(mean loss, accuracy) over ``x, y``."""
   loss, correct = 0.0, 0
-  for xb, yb in data_lib.batches(x, y, batch_size):
+  for xb, yb in input_pipeline.batches(x, y, batch_size):
     l, c = eval_step(state, xb, yb)
     loss, correct = loss + float(l), correct + int(c)
   return loss / len(y), correct / len(y)
-
-
-def abstract_stats_shapes(model, variables, *args, **kwargs):
-  """``adaact_optax.linen.stats_shapes`` for abstract ``variables`` (``jax.eval_shape``
-  of ``model.init``): the statistics tree's shapes without running anything."""
-  return jax.eval_shape(lambda v: aa_linen.stats_shapes(model, v, *args, **kwargs), variables)
 
 
 @functools.lru_cache(maxsize=16)
@@ -182,7 +159,7 @@ def _build(spec: str):
   if use_adaact:
     x = jnp.zeros([1] + d["input_shape"], jnp.float32)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    stats_shapes = abstract_stats_shapes(model, variables, x, train=True,
+    stats_shapes = optimizers.abstract_stats_shapes(model, variables, x, train=True,
                                          mutable=["batch_stats"])
   tx, unit = make_optimizer(cfg, d["total_steps"], d["steps_per_epoch"], stats_shapes)
   train_step, eval_step = make_steps(model, use_adaact, d["augment"])
@@ -190,14 +167,14 @@ def _build(spec: str):
   return model, tx, unit, init, train_step, eval_step
 
 
-def run(cfg: Config, dataset: data_lib.Dataset | None = None,
+def run(cfg: Config, dataset: input_pipeline.Dataset | None = None,
         on_epoch: Callable[[int, TrainState], dict] | None = None) -> dict:
   """Trains per ``cfg``; returns ``{"config", "history", "summary", "state"}``.
 
   ``dataset`` overrides loading ``cfg.dataset`` (e.g. a validation split);
   ``on_epoch(epoch, state)`` may return extra fields for that epoch's record.
   """
-  ds = data_lib.load(cfg.dataset, cfg.data_dir) if dataset is None else dataset
+  ds = input_pipeline.load(cfg.dataset, cfg.data_dir) if dataset is None else dataset
   batch_size = min(cfg.batch_size, len(ds.y_train))
   steps_per_epoch = len(ds.y_train) // batch_size
   if cfg.steps_per_epoch:
@@ -219,7 +196,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                             batch_stats=variables.get("batch_stats", {}))
   lr = cfg.hyper("lr")
-  state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
+  state = state.replace(opt_state=optimizers.set_learning_rate(state.opt_state, lr))
   rng = np.random.default_rng(cfg.seed)
   metrics_file = None
   if cfg.metrics:
@@ -232,7 +209,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     for epoch in range(1, cfg.epochs + 1):
       start = time.perf_counter()
       losses = []
-      bar = tqdm(data_lib.batches(ds.x_train, ds.y_train, batch_size, rng),
+      bar = tqdm(input_pipeline.batches(ds.x_train, ds.y_train, batch_size, rng),
                  total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                  disable=not cfg.progress, leave=False)
       for i, (xb, yb) in enumerate(bar):
@@ -340,15 +317,16 @@ def optimizer_defaults(name: str) -> str:
 
 
 def parse_args(argv=None) -> Config:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-  p.add_argument("--dataset", default="digits", choices=data_lib.DATASETS,
+  p = argparse.ArgumentParser(prog="python -m examples.images.train",
+                              description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+  p.add_argument("--dataset", default="digits", choices=input_pipeline.DATASETS,
                  help="digits and mnist1d are generated locally; cifar10 needs --data-dir")
   p.add_argument("--data-dir", help="the folder holding cifar-10-batches-bin/; default: none, "
                  "which cifar10 refuses (digits and mnist1d need no files)")
-  p.add_argument("--model", default="mlp", choices=models.MODELS, help="examples/models.py")
+  p.add_argument("--model", default="mlp", choices=models.MODELS, help="examples/images/models.py")
   p.add_argument("--model-arg", action="append", type=_model_kwarg, default=[],
                  metavar="KEY=JSON", help="override a model field, e.g. depth=2 (repeatable); "
-                 "default: the model's own fields (examples/models.py)")
+                 "default: the model's own fields (examples/images/models.py)")
   p.add_argument("--optimizer", default="adaact", choices=OPTIMIZERS,
                  help="each with its published defaults, see examples/optimizers.py")
   p.add_argument("--lr", type=float, help="peak learning rate; " + optimizer_defaults("lr"))

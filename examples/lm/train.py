@@ -1,16 +1,16 @@
-"""Train a byte-level transformer language model: ``python -m examples.lm --help``.
+"""Train a byte-level transformer language model: ``python -m examples.lm.train --help``.
 
 The corpus is the running interpreter's standard library source
-(``examples.lm_data``; nothing is downloaded), split 80/10/10 into
+(``examples.lm.input_pipeline``; nothing is downloaded), split 80/10/10 into
 contiguous train / validation / test text. The model is ``ByteGPT``
-(``examples.models``): byte embedding, learned positions, pre-LayerNorm
+(``examples.lm.models``): byte embedding, learned positions, pre-LayerNorm
 causal blocks, tied output. Reports bits per byte (the mean next-byte cross
 entropy in nats / ln 2) on fixed validation and test windows.
 
 Example (from the repository root)::
 
-  python -m examples.lm                      # the recommended AdaAct configuration
-  python -m examples.lm --optimizer adamw    # the reference
+  python -m examples.lm.train                      # the recommended AdaAct configuration
+  python -m examples.lm.train --optimizer adamw    # the reference
 
 Writes one JSON line per evaluation (and a final summary line) to
 ``--metrics`` and a PNG of the train and validation bits per byte to
@@ -32,8 +32,8 @@ import sys
 import time
 from typing import Any
 
-if __package__ in (None, ""):  # `python examples/lm.py`: make `examples` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python examples/lm/train.py`: make `examples` importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +43,9 @@ from tqdm.auto import tqdm
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from examples import lm_data
-from examples import models
 from examples import optimizers
-from examples import train
+from examples.lm import input_pipeline
+from examples.lm import models
 
 LN2 = math.log(2.0)
 
@@ -84,7 +83,7 @@ class Config:
   embeddings: bool = False          # AdaAct: statistics for the embedding lookups too
   schedule: str = "cosine"
   warmup_steps: int | None = None   # None: 5 % of the steps
-  corpus_mb: float = lm_data.DEFAULT_MB
+  corpus_mb: float = input_pipeline.DEFAULT_MB
   corpus_dir: str | None = None     # None: the standard library
   eval_windows: int = 256           # validation/test windows scored (fixed, evenly spread)
   evals: int = 4                    # evaluations during the run (the last at the end)
@@ -108,8 +107,8 @@ class Config:
 @functools.lru_cache(maxsize=4)
 def corpus_and_splits(corpus_dir: str | None, corpus_mb: float):
   """The corpus and its train/validation/test splits (cached per process)."""
-  corpus = lm_data.build_corpus(corpus_dir, int(corpus_mb * lm_data.MB))
-  return corpus, lm_data.split(corpus.data)
+  corpus = input_pipeline.build_corpus(corpus_dir, int(corpus_mb * input_pipeline.MB))
+  return corpus, input_pipeline.split(corpus.data)
 
 
 def make_steps(model, use_adaact: bool, embeddings: bool):
@@ -156,9 +155,9 @@ def _build(spec: str):
   stats_shapes = None
   if cfg.uses_adaact:
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-    stats_shapes = train.abstract_stats_shapes(model, variables, x, embeddings=cfg.embeddings)
+    stats_shapes = optimizers.abstract_stats_shapes(model, variables, x, embeddings=cfg.embeddings)
   warmup = cfg.steps // 20 if cfg.warmup_steps is None else cfg.warmup_steps
-  unit = train.make_unit_schedule(cfg.schedule, cfg.steps, warmup)
+  unit = optimizers.make_unit_schedule(cfg.schedule, cfg.steps, warmup)
   peak = optax.inject_hyperparams(optax.scale)(step_size=1.0)
   tx = optax.with_extra_args_support(optimizers.build(
       cfg.optimizer, unit, cfg.hyper, power=cfg.power, stats_shapes=stats_shapes, peak=peak))
@@ -191,14 +190,14 @@ def run(cfg: Config) -> dict[str, Any]:
                                    eval_windows=0, evals=0, corpus_dir=None, corpus_mb=0.0)
   model, tx, unit, init, train_step, eval_step = _build(
       json.dumps(dataclasses.asdict(shape_only), sort_keys=True))
-  val_x, val_y = lm_data.eval_windows(parts["validation"], cfg.context, cfg.eval_windows)
-  test_x, test_y = lm_data.eval_windows(parts["test"], cfg.context, cfg.eval_windows)
+  val_x, val_y = input_pipeline.eval_windows(parts["validation"], cfg.context, cfg.eval_windows)
+  test_x, test_y = input_pipeline.eval_windows(parts["test"], cfg.context, cfg.eval_windows)
 
   key = jax.random.key(cfg.seed)
   params = init(key)["params"]
   state = adaact_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   lr = cfg.hyper("lr")
-  state = state.replace(opt_state=train.set_learning_rate(state.opt_state, lr))
+  state = state.replace(opt_state=optimizers.set_learning_rate(state.opt_state, lr))
   rng = np.random.default_rng(cfg.seed)
   base = dict(task="lm", optimizer=cfg.optimizer, seed=cfg.seed, lr=lr,
               embeddings=cfg.embeddings if cfg.uses_adaact else None, tied=cfg.tied,
@@ -219,7 +218,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for target in eval_at:
       segment = []
       while step < target:
-        x, y = lm_data.random_windows(rng, parts["train"], cfg.batch_size, cfg.context)
+        x, y = input_pipeline.random_windows(rng, parts["train"], cfg.batch_size, cfg.context)
         state, loss = train_step(state, x, y)
         segment.append(loss)
         step += 1
@@ -276,9 +275,9 @@ def time_steps(cfg: Config, steps: int = 50) -> float:
       json.dumps(dataclasses.asdict(shape_only), sort_keys=True))
   state = adaact_optax.TrainState.create(apply_fn=model.apply, params=init(jax.random.key(0))[
       "params"], tx=tx)
-  state = state.replace(opt_state=train.set_learning_rate(state.opt_state, cfg.hyper("lr")))
+  state = state.replace(opt_state=optimizers.set_learning_rate(state.opt_state, cfg.hyper("lr")))
   rng = np.random.default_rng(0)
-  batches = [lm_data.random_windows(rng, parts["train"], cfg.batch_size, cfg.context)
+  batches = [input_pipeline.random_windows(rng, parts["train"], cfg.batch_size, cfg.context)
              for _ in range(steps + 1)]
   state, loss = train_step(state, *batches[0])
   loss.block_until_ready()
@@ -315,7 +314,7 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, title: str = "") -
 
 
 def add_model_args(p, batch_size: bool = True) -> None:
-  """The corpus and model flags, shared with ``examples.compare --task lm``
+  """The corpus and model flags, shared with ``tools/compare.py --task lm``
   (which has its own ``--batch-size``)."""
   p.add_argument("--steps", type=int, default=1000)
   if batch_size:
@@ -330,7 +329,7 @@ def add_model_args(p, batch_size: bool = True) -> None:
   p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
                  help="learning rate after the warmup: cosine decay to 0, or constant")
   p.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of the steps)")
-  p.add_argument("--corpus-mb", type=float, default=lm_data.DEFAULT_MB,
+  p.add_argument("--corpus-mb", type=float, default=input_pipeline.DEFAULT_MB,
                  help="corpus size: the first N MiB of the standard library's .py files")
   p.add_argument("--corpus-dir", help="a folder of .py files instead of the standard library")
   p.add_argument("--eval-windows", type=int, default=256,
@@ -346,7 +345,8 @@ def model_kwargs(a) -> dict:
 
 
 def parse_args(argv=None) -> Config:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="python -m examples.lm.train",
+                              description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--optimizer", default=RECOMMENDED_OPTIMIZER, choices=optimizers.OPTIMIZERS,
                  help="default: the recommended AdaAct configuration for text (docs/lm.md)")

@@ -1,6 +1,6 @@
-"""Why AdaAct trails AdamW on the byte-level LM: ``python -m examples.lm_diagnosis --help``.
+"""Why AdaAct trails AdamW on the byte-level LM: ``python -m examples.lm.diagnosis --help``.
 
-Trains the docs' byte-level LM (``examples.lm``: ``ByteGPT`` dim 64, depth 2,
+Trains the docs' byte-level LM (``examples.lm.train``: ``ByteGPT`` dim 64, depth 2,
 4 heads, MLP 256, context 64, batch 16, tied; 1000 steps, 5 % warmup then
 cosine) with a few optimizer variants and measures, per weight matrix with
 AdaAct statistics:
@@ -33,12 +33,12 @@ and the final validation bits/byte of each variant:
   from, not a proposal.
 
 Writes ``OUT_DIR/diagnosis.md`` (the tables) and ``OUT_DIR/diagnosis.json``.
-The batches, initialisation and evaluation windows are ``examples.lm``'s for
+The batches, initialisation and evaluation windows are ``examples.lm.train``'s for
 the same seed.
 
 Example::
 
-  python -m examples.lm_diagnosis --out-dir runs/lm_diagnosis
+  python -m examples.lm.diagnosis --out-dir runs/lm_diagnosis
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ import sys
 import time
 from typing import Any, NamedTuple
 
-if __package__ in (None, ""):  # `python examples/lm_diagnosis.py`
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python examples/lm/diagnosis.py`
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +62,10 @@ import optax
 
 import adaact_optax
 from adaact_optax import linen as aa_linen
-from examples import lm
-from examples import lm_data
-from examples import models
 from examples import optimizers
-from examples import train
+from examples.lm import input_pipeline
+from examples.lm import models
+from examples.lm import train
 
 ADAACT_LR = 0.9       # adaact-adam's 1000-step choice (docs/lm.md)
 ADAMW_LR = 3e-3       # AdamW's 1000-step choice
@@ -202,7 +201,7 @@ def _model(context, dim, depth, heads, mlp_dim):
   model = models.ByteGPT(context=context, dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim)
   x = jnp.zeros((1, context), jnp.int32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-  stats_shapes = train.abstract_stats_shapes(model, variables, x)
+  stats_shapes = optimizers.abstract_stats_shapes(model, variables, x)
   return model, stats_shapes
 
 
@@ -234,11 +233,11 @@ def run_variant(v: Variant, a, seed: int) -> dict[str, Any]:
   """Trains ``v`` for ``a.steps`` steps; returns the final bits/byte, the mean update RMS of
   each parameter, and (AdaAct) the final ``scaling_summary`` or (AdamW) the log-variance
   shares of its second moment."""
-  corpus, parts = lm.corpus_and_splits(None, a.corpus_mb)
+  corpus, parts = train.corpus_and_splits(None, a.corpus_mb)
   model, stats_shapes = _model(a.context, a.dim, a.depth, a.heads, a.mlp_dim)
   x0 = jnp.zeros((1, a.context), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(seed), x0)["params"]
-  unit = train.make_unit_schedule("cosine", a.steps, a.steps // 20)
+  unit = optimizers.make_unit_schedule("cosine", a.steps, a.steps // 20)
   tx = build_tx(v, unit, params, stats_shapes)
   opt_state = tx.init(params)
   captures = v.optimizer in optimizers.ADAACT_VARIANTS or v.activation_scaling
@@ -261,11 +260,11 @@ def run_variant(v: Variant, a, seed: int) -> dict[str, Any]:
            for p, u in jax.tree.leaves_with_path(updates)}
     return optax.apply_updates(params, updates), opt_state, loss, rms
 
-  _, eval_step = lm.make_steps(model, False, False)
-  rng = np.random.default_rng(seed)      # examples.lm's batches for this seed
+  _, eval_step = train.make_steps(model, False, False)
+  rng = np.random.default_rng(seed)      # examples.lm.train's batches for this seed
   history, losses = [], []
   for i in range(a.steps):
-    x, y = lm_data.random_windows(rng, parts["train"], a.batch_size, a.context)
+    x, y = input_pipeline.random_windows(rng, parts["train"], a.batch_size, a.context)
     params, opt_state, loss, rms = step(params, opt_state, x, y)
     losses.append(loss)
     history.append(rms)
@@ -274,10 +273,10 @@ def run_variant(v: Variant, a, seed: int) -> dict[str, Any]:
       start = time.perf_counter()
   history = jax.device_get(history)
   step_ms = 1e3 * (time.perf_counter() - start) / max(a.steps - 1, 1)
-  val_x, val_y = lm_data.eval_windows(parts["validation"], a.context, a.eval_windows)
+  val_x, val_y = input_pipeline.eval_windows(parts["validation"], a.context, a.eval_windows)
   out = dict(label=v.label, seed=seed, step_ms=step_ms,
-             val_bpb=lm.bits_per_byte(eval_step, params, val_x, val_y),
-             train_bpb=float(np.mean(jax.device_get(losses[-max(1, a.steps // 10):]))) / lm.LN2,
+             val_bpb=train.bits_per_byte(eval_step, params, val_x, val_y),
+             train_bpb=float(np.mean(jax.device_get(losses[-max(1, a.steps // 10):]))) / train.LN2,
              update_rms={k: float(np.mean([h[k] for h in history])) for k in history[0]})
   if reports_scaling:
     summary = adaact_optax.scaling_summary(opt_state, power=power)
@@ -334,7 +333,8 @@ def ablation_table(results: dict[str, list[dict]]) -> str:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="python -m examples.lm.diagnosis",
+                              description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--variants", default=",".join(v.label for v in VARIANTS),
                  help="comma-separated labels (adaact-adam and adamw are needed for the "
@@ -347,7 +347,7 @@ def parse_args(argv=None):
   p.add_argument("--depth", type=int, default=2)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--mlp-dim", type=int, default=256)
-  p.add_argument("--corpus-mb", type=float, default=lm_data.DEFAULT_MB)
+  p.add_argument("--corpus-mb", type=float, default=input_pipeline.DEFAULT_MB)
   p.add_argument("--eval-windows", type=int, default=256)
   p.add_argument("--out-dir", default="runs/lm_diagnosis")
   a = p.parse_args(argv)
@@ -363,7 +363,7 @@ def main(argv=None) -> dict:
   a = parse_args(argv)
   out = pathlib.Path(a.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  corpus, _ = lm.corpus_and_splits(None, a.corpus_mb)
+  corpus, _ = train.corpus_and_splits(None, a.corpus_mb)
   print(f"corpus: {corpus.describe()}", flush=True)
   results: dict[str, list[dict]] = {}
   for label in a.variants:

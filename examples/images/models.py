@@ -1,4 +1,4 @@
-"""Flax Linen models for the examples: ``mlp``, ``cnn``, ``resnet20``, ``vit_tiny``.
+"""The image classifiers: ``mlp``, ``cnn``, ``resnet20``, ``vit_tiny`` (Flax Linen).
 
 Every model takes inputs ``(batch, *spatial, channels)`` with one or two
 spatial axes (MNIST-1D: ``(B, 40, 1)``; digits: ``(B, 8, 8, 1)``; CIFAR-10:
@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from examples.transformer import EncoderBlock
 
 MODELS = ("mlp", "cnn", "resnet20", "vit_tiny")
 
@@ -108,54 +110,6 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-class FusedSelfAttention(nn.Module):
-  """Multi-head self-attention with one fused QKV kernel, GPT-2 style.
-
-  ``qkv``: Dense(3 * dim), split into q, k, v after the matmul; ``out``:
-  Dense(dim). ``x``: (B, T, dim) -> (B, T, dim). ``mask``: broadcastable to
-  (B, heads, T, T), True where a query may attend to a key.
-  """
-
-  dim: int
-  heads: int
-
-  @nn.compact
-  def __call__(self, x, mask=None):
-    b, t, _ = x.shape
-    q, k, v = jnp.split(nn.Dense(3 * self.dim, name="qkv")(x), 3, axis=-1)
-    heads = lambda z: z.reshape(b, t, self.heads, self.dim // self.heads)
-    z = nn.dot_product_attention(heads(q), heads(k), heads(v), mask=mask)
-    return nn.Dense(self.dim, name="out")(z.reshape(b, t, self.dim))
-
-
-class EncoderBlock(nn.Module):
-  """Pre-norm transformer block: x + MHA(LN(x)); x + MLP(LN(x)). ``x``: (B, T, dim).
-
-  ``causal``: each position attends to itself and earlier ones only (a decoder block).
-  ``fused_qkv``: one (dim, 3 dim) QKV kernel (``FusedSelfAttention``) instead of
-  Flax's ``MultiHeadDotProductAttention`` (separate query/key/value kernels).
-  """
-
-  dim: int
-  heads: int
-  mlp_dim: int
-  causal: bool = False
-  fused_qkv: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.LayerNorm()(x)
-    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32)) if self.causal else None
-    if self.fused_qkv:
-      x = x + FusedSelfAttention(self.dim, self.heads)(y, mask=mask)
-    else:
-      x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.dim)(
-          y, y, mask=mask)
-    y = nn.LayerNorm()(x)
-    y = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.mlp_dim)(y)))
-    return x + y
-
-
 class ViT(nn.Module):
   """Vision transformer: patch embedding (a conv with stride = patch), a
   learned position embedding, pre-norm blocks, mean-pooled tokens, Dense head.
@@ -219,42 +173,3 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int], **kwargs:
   if name not in builders:
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
   return builders[name](num_classes=num_classes, **kwargs)
-
-
-class ByteGPT(nn.Module):
-  """GPT-style byte-level language model.
-
-  Token embedding ``embed`` (vocab, dim) plus a learned position embedding
-  ``pos_embed`` (context, dim), ``depth`` pre-norm causal blocks, a final
-  LayerNorm, and logits over the next byte: ``embed.attend`` (tied, the
-  default) or a ``head`` Dense (vocab outputs). ``fused_qkv``: each block's
-  attention has one fused (dim, 3 dim) QKV kernel, as in GPT-2.
-
-  ``__call__(tokens)``: int ``(B, T)`` with ``T <= context`` -> logits
-  ``(B, T, vocab)``.
-  """
-
-  vocab: int = 256
-  context: int = 64
-  dim: int = 128
-  depth: int = 2
-  heads: int = 4
-  mlp_dim: int = 512
-  tied: bool = True
-  fused_qkv: bool = False
-
-  @nn.compact
-  def __call__(self, tokens, train: bool = True):
-    del train
-    if tokens.shape[-1] > self.context:
-      raise ValueError(f"ByteGPT got {tokens.shape[-1]} tokens, more than its context "
-                       f"{self.context}")
-    embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02),
-                     name="embed")
-    pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.context, self.dim))
-    x = embed(tokens) + pos[: tokens.shape[-1]]
-    for i in range(self.depth):
-      x = EncoderBlock(self.dim, self.heads, self.mlp_dim, causal=True, fused_qkv=self.fused_qkv,
-                       name=f"CausalBlock_{i}")(x)
-    x = nn.LayerNorm()(x)
-    return embed.attend(x) if self.tied else nn.Dense(self.vocab, name="head")(x)

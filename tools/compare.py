@@ -1,4 +1,4 @@
-"""A fair optimizer comparison you can rerun: ``python -m examples.compare --help``.
+"""A fair optimizer comparison you can rerun: ``python -m tools.compare --help``.
 
 For each optimizer (or each AdaAct power with ``--ablate-power``), the
 learning rate is chosen the same way (``select_lr``):
@@ -16,7 +16,7 @@ learning rate is chosen the same way (``select_lr``):
 the training set minus a held-out validation split and are scored by
 validation accuracy; then every ``--seeds`` seed trains on the full training
 set at the chosen rate and is evaluated on the test set.
-``--task lm`` (``examples.lm``): the standard-library corpus has its own
+``--task lm`` (``examples.lm.train``): the standard-library corpus has its own
 validation and test text, so the selection runs are the results: the table
 reports validation and test bits per byte of the chosen rate's seeds.
 
@@ -29,8 +29,8 @@ run is a line of ``OUT_DIR/metrics.jsonl``.
 
 Examples::
 
-  python -m examples.compare --dataset digits --model cnn --seeds 3 --epochs 20
-  python -m examples.compare --task lm --optimizers adamw,adaact,adaact-adam --steps 400
+  python -m tools.compare --dataset digits --model cnn --seeds 3 --epochs 20
+  python -m tools.compare --task lm --optimizers adamw,adaact,adaact-adam --steps 400
 """
 
 from __future__ import annotations
@@ -44,18 +44,18 @@ import sys
 import time
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # `python examples/compare.py`
+if __package__ in (None, ""):  # `python tools/compare.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import numpy as np
 
 import adaact_optax
-from examples import data as data_lib
-from examples import lm
-from examples import models
 from examples import optimizers
-from examples import train
+from examples.images import input_pipeline as image_data
+from examples.images import models
+from examples.images import train as image_train
+from examples.lm import train as lm_train
 
 POWERS = {"1/6": 1 / 6, "1/4": 1 / 4, "1/3": 1 / 3, "1/2": 1 / 2, "1": 1.0}
 
@@ -215,13 +215,13 @@ def compare_image(args) -> dict[str, Any]:
   """Image task: select on a validation split, then the seeds on train -> test."""
   out = pathlib.Path(args.out_dir)
   metrics = out / "metrics.jsonl"
-  ds = data_lib.load(args.dataset, args.data_dir)
-  val_ds = data_lib.validation_split(ds, args.val_fraction, seed=0)
-  base = train.Config(dataset=args.dataset, model=args.model, epochs=args.epochs,
-                      batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
-                      warmup_epochs=args.warmup_epochs, augment=args.augment,
-                      data_dir=args.data_dir, metrics=str(metrics), progress=args.progress,
-                      model_kwargs=dict(args.model_arg))
+  ds = image_data.load(args.dataset, args.data_dir)
+  val_ds = image_data.validation_split(ds, args.val_fraction, seed=0)
+  base = image_train.Config(dataset=args.dataset, model=args.model, epochs=args.epochs,
+                            batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
+                            warmup_epochs=args.warmup_epochs, augment=args.augment,
+                            data_dir=args.data_dir, metrics=str(metrics), progress=args.progress,
+                            model_kwargs=dict(args.model_arg))
   results = {}
   for v in make_variants(args):
     track = args.track_variance and v.overrides["optimizer"] in optimizers.ADAACT_VARIANTS
@@ -237,7 +237,7 @@ def compare_image(args) -> dict[str, Any]:
 
     def select_run(lr, seed):
       cfg = dataclasses.replace(base, seed=seed, lr=lr, **v.overrides)
-      r = train.run(cfg, val_ds, tag("select", seed))["summary"]
+      r = image_train.run(cfg, val_ds, tag("select", seed))["summary"]
       print(f"[{v.label}] lr={lr:g} seed={seed}: val acc {r['test_acc']:.4f} "
             f"val loss {r['test_loss']:.4f}{' DIVERGED' if r['diverged'] else ''}", flush=True)
       # Higher accuracy is better; ties go to the lower validation loss.
@@ -248,7 +248,7 @@ def compare_image(args) -> dict[str, Any]:
     if sel.lr is not None:
       for seed in range(args.seeds):
         cfg = dataclasses.replace(base, seed=seed, lr=sel.lr, **v.overrides)
-        runs.append(train.run(cfg, ds, tag("test", seed)))
+        runs.append(image_train.run(cfg, ds, tag("test", seed)))
         s = runs[-1]["summary"]
         print(f"[{v.label}] lr={sel.lr:g} seed={seed}: test acc {s['test_acc']:.4f} "
               f"train loss {s['train_loss']:.4f} {s['epoch_time']:.2f} s/epoch", flush=True)
@@ -260,9 +260,9 @@ def compare_image(args) -> dict[str, Any]:
 def compare_lm(args) -> dict[str, Any]:
   """LM task: the selection runs' seeds at the chosen rate are the results."""
   out = pathlib.Path(args.out_dir)
-  base = lm.Config(metrics=str(out / "metrics.jsonl"), progress=args.progress,
-                   **lm.model_kwargs(args))
-  corpus, _ = lm.corpus_and_splits(base.corpus_dir, base.corpus_mb)
+  base = lm_train.Config(metrics=str(out / "metrics.jsonl"), progress=args.progress,
+                        **lm_train.model_kwargs(args))
+  corpus, _ = lm_train.corpus_and_splits(base.corpus_dir, base.corpus_mb)
   print(f"corpus: {corpus.describe()}", flush=True)
   reuse = {k: v for path in args.reuse for k, v in reusable_runs(path).items()}
   results = {}
@@ -275,7 +275,7 @@ def compare_lm(args) -> dict[str, Any]:
         s, histories[lr, seed] = old
         print(f"[{v.label}] lr={lr:g} seed={seed}: reused", flush=True)
         return dict(s, variant=v.label, score=s["val_bpb"], tiebreak=s["val_bpb"])
-      r = lm.run(dataclasses.replace(base, seed=seed, lr=lr, **v.overrides))
+      r = lm_train.run(dataclasses.replace(base, seed=seed, lr=lr, **v.overrides))
       s = r["summary"]
       histories[lr, seed] = r["history"]
       print(f"[{v.label}] lr={lr:g} seed={seed}: val {s['val_bpb']:.4f} test {s['test_bpb']:.4f}"
@@ -294,7 +294,7 @@ def compare_lm(args) -> dict[str, Any]:
   times: dict[str, list[float]] = {k: [] for k, r in results.items() if r["summaries"]}
   for _ in range(args.timing_rounds):
     for label in times:
-      times[label].append(lm.time_steps(results[label]["config"], args.timing_steps))
+      times[label].append(lm_train.time_steps(results[label]["config"], args.timing_steps))
   for label, t in times.items():
     if t:
       results[label]["step_time"] = float(np.median(t))
@@ -412,13 +412,14 @@ def _lr_grid(text: str):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  p = argparse.ArgumentParser(prog="python -m tools.compare",
+                              description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--task", default="image", choices=("image", "lm"))
-  p.add_argument("--dataset", default="digits", choices=data_lib.DATASETS, help="image task")
+  p.add_argument("--dataset", default="digits", choices=image_data.DATASETS, help="image task")
   p.add_argument("--data-dir")
   p.add_argument("--model", default="cnn", choices=models.MODELS, help="image task")
-  p.add_argument("--model-arg", action="append", type=train._model_kwarg, default=[],
+  p.add_argument("--model-arg", action="append", type=image_train._model_kwarg, default=[],
                  metavar="KEY=JSON", help="image task: override a model field")
   p.add_argument("--optimizers", default="adaact,sgd,adam,adamw",
                  help=f"comma-separated: {', '.join(optimizers.OPTIMIZERS)}; "
@@ -442,8 +443,8 @@ def parse_args(argv=None):
                  help="AdaAct with p in {1/6, 1/4, 1/3, 1/2, 1} instead of the optimizers")
   p.add_argument("--track-variance", action="store_true",
                  help="image task: per-layer V_hat of the AdaAct runs over training (seed 0)")
-  group = p.add_argument_group("lm task (examples.lm)")
-  lm.add_model_args(group, batch_size=False)
+  group = p.add_argument_group("lm task (examples.lm.train)")
+  lm_train.add_model_args(group, batch_size=False)
   group.add_argument("--reuse", metavar="METRICS_JSONL", action="append", default=[],
                      help="take finished runs (same variant, lr, seed, steps, corpus) from an "
                           "earlier comparison's metrics.jsonl instead of training them again "
@@ -469,10 +470,10 @@ def main(argv=None) -> dict:
   (out / "metrics.jsonl").unlink(missing_ok=True)
   if args.task == "lm":
     results = compare_lm(args)
-    corpus, _ = lm.corpus_and_splits(args.corpus_dir, args.corpus_mb)
+    corpus, _ = lm_train.corpus_and_splits(args.corpus_dir, args.corpus_mb)
     title = "byte-level LM"
-    lm.plot_curves({k: r["histories"] for k, r in results.items() if r["histories"]},
-                   str(out / "curves.png"), title)
+    lm_train.plot_curves({k: r["histories"] for k, r in results.items() if r["histories"]},
+                        str(out / "curves.png"), title)
     text = [f"## {title}: dim {args.dim}, depth {args.depth}, heads {args.heads}, mlp "
             f"{args.mlp_dim}, context {args.context}, batch {args.batch_size}, {args.steps} "
             f"steps, {args.select_seeds} seeds per lr",
@@ -481,8 +482,8 @@ def main(argv=None) -> dict:
   else:
     results = compare_image(args)
     title = f"{args.dataset} / {args.model}" + (" / AdaAct power" if args.ablate_power else "")
-    train.plot_curves({k: r["histories"] for k, r in results.items() if r["histories"]},
-                      str(out / "curves.png"), title)
+    image_train.plot_curves({k: r["histories"] for k, r in results.items() if r["histories"]},
+                            str(out / "curves.png"), title)
     text = [f"## {title}: {args.seeds} seeds, {args.epochs} epochs, batch {args.batch_size}, "
             f"lr chosen over {args.select_seeds} seeds", "", table(results, args.seeds)]
     if args.track_variance:

@@ -1,0 +1,1 @@
+"""Image classification: ``models.py``, ``input_pipeline.py`` (local datasets), ``train.py``."""

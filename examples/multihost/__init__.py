@@ -1,0 +1,1 @@
+"""Data- and model-parallel training: ``models.py``, ``input_pipeline.py``, ``train.py``."""

@@ -1,0 +1,1 @@
+"""Tools that drive the examples: ``python -m tools.compare`` (the optimizer comparison)."""
