@@ -17,9 +17,20 @@ def xla_flags(device_count: int) -> str:
 # Multi-device tests run on 8 simulated CPU devices; XLA reads this flag once,
 # before jax is first imported, so it is set here for the whole session.
 os.environ["XLA_FLAGS"] = xla_flags(8)
+# The suite compiles thousands of small programs, and XLA:CPU's LLVM backend
+# optimisation takes most of its time, not running them. Tests compile with
+# jax_disable_most_optimizations (LLVM at level 0; the HLO passes, fusion and
+# buffer assignment that the HLO and memory tests read are unchanged), here and
+# in the processes they start. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite on
+# fully optimised programs instead.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import jax  # noqa: E402  (after the environment above)
 import numpy as np
 import pytest
+
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() not in ("0", "false"))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The authors' trajectories live in ../shared/fixtures beside the checkout; a
