@@ -33,9 +33,11 @@ def test_gradients_are_those_of_jax_value_and_grad():
   x = jax.random.normal(k[2], (7, 5))
   value, grads, stats = jax.jit(adaact_optax.value_grad_and_stats(loss))(p, x)
   ref_value, ref_grads = jax.value_and_grad(loss)(p, x)
-  assert_f32_close(value, ref_value)
+  # A jitted program against op-by-op evaluation: a forward and backward pass through
+  # gelu and tanh round differently (as fused, as vectorised); the model-step bound.
+  assert_f32_close(value, ref_value, ulps_per_step=64)
   for name in p:
-    assert_f32_close(grads[name], ref_grads[name])
+    assert_f32_close(grads[name], ref_grads[name], ulps_per_step=64)
   assert_f32_close(stats["w"][:, 0], _mean_sq(x, -1))
 
 
