@@ -12,7 +12,7 @@ import numpy as np
 from adaact_optax._src import alignment
 from adaact_optax._src.capture.kinds import Factor, Unsupported, norm
 from adaact_optax._src.capture.report import CoverageReport
-from adaact_optax._src.capture.sums import Contribution, pad_zeros, xp
+from adaact_optax._src.capture.sums import Contribution, is_static, pad_zeros, xp
 
 if TYPE_CHECKING:
   from adaact_optax._src.capture.walker import Trace
@@ -149,6 +149,9 @@ def mean_or_no_rows(sums, counts) -> jax.Array:
   """``sums / counts`` as float32, the no-rows marker ``-0.0`` where ``counts`` is 0
   (a weight in the ``cond`` branch not taken, an expert routed no tokens, the
   part of a parameter no slice used): the transforms keep its second moment."""
+  if is_static(counts) and np.all(counts > 0):
+    # Counts known at trace time and none zero (the common case): no select to trace.
+    return jnp.asarray(sums / counts, jnp.float32)
   denominator = xp(counts).where(counts > 0, counts, np.float32(1))
   return jnp.where(counts > 0, jnp.asarray(sums / denominator, jnp.float32),
                    jnp.float32(alignment.NO_ROWS))
