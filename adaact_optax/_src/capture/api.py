@@ -188,11 +188,15 @@ def capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_m
   shapes = [x.shape for x in p_leaves]
   trace = Trace(shapes, floor)
   reader = top_interpreter(trace, row_mask, jaxpr.invars[len(p_leaves):], walker=Reader)
+  forward = forward_part(jaxpr, n_value)
   kinds = [identity_view(i, s) for i, s in enumerate(shapes)] + [DATA] * len(dyn_vals)
   try:
-    reader.run(forward_part(jaxpr, n_value), jaxpr.constvars, jaxpr.invars, kinds)
+    reader.run(forward, jaxpr.constvars, jaxpr.invars, kinds)
   except NeedsEvaluation:
     return None
+  # Before the inlined call below stages the whole jaxpr again: this walk's
+  # per-equation bookkeeping is freed before that, not added to its peak.
+  hint = data_as_weight(forward, len(p_leaves), argument_names(args, kwargs))
   inputs = set(jaxpr.constvars) | set(jaxpr.invars)
   values = [v for _, _, value, _, _ in reader.pending
             for v in (value if isinstance(value, tuple) else (value,))]
@@ -205,8 +209,6 @@ def capture_differentiated(fun, has_aux, params, args, kwargs, embeddings, row_m
   reader.resolve(env)
   stats, report = finalize(trace, reader.contributions, paths, shapes)
   value = tree_util.tree_unflatten(value_tree, outs[:n_value])
-  hint = data_as_weight(forward_part(jaxpr, n_value), len(p_leaves),
-                        argument_names(args, kwargs))
   return value, treedef.unflatten(outs[n_value:n_out]), stats, report, hint
 
 

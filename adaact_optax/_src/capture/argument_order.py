@@ -41,6 +41,7 @@ def data_as_weight(jaxpr, n_params: int, data_names: Sequence[str]) -> str | Non
   when no parameter is the weight on a computed value; else None.
   """
   found, real = [], []
+  computed = {}  # deps -> Origin(None, deps): one shared object per dependency set (at most 4)
 
   def contraction(eqn, origins):
     if eqn.primitive.name == rules.CONV:
@@ -83,7 +84,7 @@ def data_as_weight(jaxpr, n_params: int, data_names: Sequence[str]) -> str | Non
       elif rule.moves and origins and not any(o.deps for o in origins[1:]):
         outs = [origins[0]] * len(eqn.outvars)
       else:
-        outs = [Origin(None, deps)] * len(eqn.outvars)
+        outs = [computed.setdefault(deps, Origin(None, deps))] * len(eqn.outvars)
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in inner.outvars]
 
