@@ -30,6 +30,12 @@ def _np(x):
   return np.asarray(x, np.float64)
 
 
+def _bias_per_slice(rows_by_slice, shape):
+  """Full statistic of stacked biases ``shape = (S, out)`` (each a weight on the constant
+  input 1): 1 for a slice that met rows, 0 (the no-rows marker) for one that met none."""
+  return np.stack([np.full(shape[1:], 1.0 if rows else 0.0) for rows in rows_by_slice])
+
+
 def _per_slice(rows_by_slice, shape):
   """Full statistic of a stacked weight ``shape = (S, in, out)``: slice s gets the mean
   square of its rows (a list of ``(in,)`` vectors), 0 when it has none."""
@@ -44,51 +50,58 @@ def _per_slice(rows_by_slice, shape):
 # Cases
 
 
-def moe_top1():
-  """Hash routing (the ids are data): ``experts[ids]`` then a batched contraction; the
+def moe_top1(take=False):
+  """Hash routing (the ids are data): ``experts[ids]`` then a batched contraction plus the
+  experts' biases ``biases[ids]`` (or ``jnp.take(biases, ids, axis=0)``: ``take``); the
   last expert is routed no rows. Gate values scale the output, not the weights."""
   x, ids = normal(1, B, I), jnp.array([0, 2, 2, 1, 0, 2, 1, 0])
-  p = {"experts": normal(2, E, I, O), "gate": normal(3, I, E), "head": normal(4, O, 2)}
+  p = {"experts": normal(2, E, I, O), "biases": normal(30, E, O), "gate": normal(3, I, E),
+       "head": normal(4, O, 2)}
 
   def fwd(p, x, ids):
     gate = jax.nn.softmax(x @ p["gate"])[jnp.arange(B), ids]
-    y = jnp.einsum("bi,bio->bo", x, p["experts"][ids]) * gate[:, None]
+    biases = jnp.take(p["biases"], ids, axis=0) if take else p["biases"][ids]
+    y = (jnp.einsum("bi,bio->bo", x, p["experts"][ids]) + biases) * gate[:, None]
     return jnp.tanh(y) @ p["head"]
   xn, q = _np(x), {k: _np(v) for k, v in p.items()}
   logits = xn @ q["gate"]
   soft = np.exp(logits - logits.max(1, keepdims=True))
   soft /= soft.sum(1, keepdims=True)
-  y = np.stack([xn[b] @ q["experts"][int(ids[b])] * soft[b, int(ids[b])] for b in range(B)])
+  y = np.stack([(xn[b] @ q["experts"][int(ids[b])] + q["biases"][int(ids[b])])
+                * soft[b, int(ids[b])] for b in range(B)])
   rows = [[xn[b] for b in range(B) if int(ids[b]) == e] for e in range(E)]
   assert not rows[E - 1]
   return Case(fwd, p, (x, ids),
-              {"experts": _per_slice(rows, (E, I, O)), "gate": dense_full([x], (I, E)),
-               "head": dense_full([np.tanh(y)], (O, 2))},
-              [("top-1", fwd(p, x, ids), np.tanh(y) @ q["head"])], {"experts": (E, I, 1)})
+              {"experts": _per_slice(rows, (E, I, O)), "biases": _bias_per_slice(rows, (E, O)),
+               "gate": dense_full([x], (I, E)), "head": dense_full([np.tanh(y)], (O, 2))},
+              [("top-1", fwd(p, x, ids), np.tanh(y) @ q["head"])],
+              {"experts": (E, I, 1), "biases": (E, 1)})
 
 
 def moe_top2():
   """Learned top-2 routing (``lax.top_k``) with combine weights: each token's row goes to
-  both of its experts."""
+  both of its experts, and to both experts' biases."""
   x = normal(5, B, I)
-  p = {"experts": normal(6, E, I, O), "router": normal(7, I, E), "head": normal(8, O, 2)}
+  p = {"experts": normal(6, E, I, O), "biases": normal(31, E, O), "router": normal(7, I, E),
+       "head": normal(8, O, 2)}
 
   def fwd(p, x):
     top, idx = lax.top_k(x @ p["router"], 2)
-    y = jnp.einsum("bi,bkio->bko", x, p["experts"][idx])
+    y = jnp.einsum("bi,bkio->bko", x, p["experts"][idx]) + p["biases"][idx]
     return jnp.tanh(jnp.einsum("bk,bko->bo", jax.nn.softmax(top), y)) @ p["head"]
   idx = np.asarray(jax.jit(lambda p, x: lax.top_k(x @ p["router"], 2))(p, x)[1])
   xn, q = _np(x), {k: _np(v) for k, v in p.items()}
   top = np.take_along_axis(xn @ q["router"], idx, 1)
   w = np.exp(top - top.max(1, keepdims=True))
   w /= w.sum(1, keepdims=True)
-  out = np.tanh(np.stack([sum(w[b, k] * (xn[b] @ q["experts"][idx[b, k]]) for k in range(2))
+  out = np.tanh(np.stack([sum(w[b, k] * (xn[b] @ q["experts"][idx[b, k]]
+                                        + q["biases"][idx[b, k]]) for k in range(2))
                           for b in range(B)]))
   rows = [[xn[b] for b in range(B) for k in range(2) if idx[b, k] == e] for e in range(E)]
   return Case(fwd, p, (x,),
-              {"experts": _per_slice(rows, (E, I, O)), "router": dense_full([x], (I, E)),
-               "head": dense_full([out], (O, 2))},
-              [("top-2", fwd(p, x), out @ q["head"])], {"experts": (E, I, 1)})
+              {"experts": _per_slice(rows, (E, I, O)), "biases": _bias_per_slice(rows, (E, O)),
+               "router": dense_full([x], (I, E)), "head": dense_full([out], (O, 2))},
+              [("top-2", fwd(p, x), out @ q["head"])], {"experts": (E, I, 1), "biases": (E, 1)})
 
 
 def moe_dense_dispatch():
@@ -132,12 +145,13 @@ def sampled_softmax():
               [("sampled softmax", fwd(p, x, sampled), logits)], {"table": (1, d)})
 
 
-def _layers_reference(x, stack, order):
-  """Apply ``stack[l]`` for l in ``order`` (tanh after each); the rows each layer met."""
+def _layers_reference(x, stack, order, biases=None):
+  """Apply ``stack[l]`` (plus ``biases[l]``) for l in ``order`` (tanh after each); the rows
+  each layer met."""
   h, rows = _np(x), [[] for _ in range(stack.shape[0])]
   for l in order:
     rows[l].extend(h)
-    h = np.tanh(h @ _np(stack[l]))
+    h = np.tanh(h @ _np(stack[l]) + (0.0 if biases is None else _np(biases[l])))
   return h, rows
 
 
@@ -178,15 +192,20 @@ def while_layers():
 
 def data_indexed_layers():
   """The index is not the loop counter but read from data (layer 2 twice, layer 1 never):
-  each use still adds its rows to the slice its index picked."""
-  x, p, order = normal(18, B, I), {"stack": 0.6 * normal(19, 3, I, I)}, jnp.array([2, 0, 2])
+  each use still adds its rows to the slice its index picked, and marks its bias used."""
+  x, order = normal(18, B, I), jnp.array([2, 0, 2])
+  p = {"stack": 0.6 * normal(19, 3, I, I), "biases": normal(32, 3, I)}
+
+  def layer(p, h, l):
+    pick = functools.partial(lax.dynamic_index_in_dim, index=l, keepdims=False)
+    return jnp.tanh(h @ pick(p["stack"]) + pick(p["biases"]))
 
   def fwd(p, x, order):
-    return lax.fori_loop(0, 3, lambda i, h: jnp.tanh(
-        h @ lax.dynamic_index_in_dim(p["stack"], order[i], keepdims=False)), x)
-  h, rows = _layers_reference(x, p["stack"], [2, 0, 2])
-  return Case(fwd, p, (x, order), {"stack": _per_slice(rows, (3, I, I))},
-              [("indexed by data", fwd(p, x, order), h)], {"stack": (3, I, 1)})
+    return lax.fori_loop(0, 3, lambda i, h: layer(p, h, order[i]), x)
+  h, rows = _layers_reference(x, p["stack"], [2, 0, 2], p["biases"])
+  return Case(fwd, p, (x, order),
+              {"stack": _per_slice(rows, (3, I, I)), "biases": _bias_per_slice(rows, (3, I))},
+              [("indexed by data", fwd(p, x, order), h)], {"stack": (3, I, 1), "biases": (3, 1)})
 
 
 def scanned_moe_layers():
@@ -211,6 +230,7 @@ def scanned_moe_layers():
 
 CASES = {
     "moe_top1": moe_top1,
+    "moe_top1_take": functools.partial(moe_top1, take=True),
     "moe_top2": moe_top2,
     "moe_dense_dispatch": moe_dense_dispatch,
     "sampled_softmax": sampled_softmax,
@@ -251,12 +271,13 @@ def test_stats_shapes_and_coverage_match_engine(name):
   assert report.matched == {k: tuple(v.shape) for k, v in stats.items()}
 
 
-def test_expert_without_rows_gets_the_no_rows_marker():
+@pytest.mark.parametrize("path", ["experts", "biases"])
+def test_expert_without_rows_gets_the_no_rows_marker(path):
   c = case("moe_top1")
   stats = engine_result(c)[2]
-  last = np.asarray(stats["experts"][E - 1])
+  last = np.asarray(stats[path][E - 1])
   assert (last == 0).all() and np.signbit(last).all(), last
-  assert not np.signbit(np.asarray(stats["experts"][:E - 1])).any()
+  assert not np.signbit(np.asarray(stats[path][:E - 1])).any()
 
 
 def test_both_routes_agree_on_gathered_weights():
@@ -313,6 +334,19 @@ def test_part_of_gathered_slices_is_reported():
   message = str(warned[0].message)
   assert "'experts'" in message and "picked by indices computed at run time" in message
   assert "experts" in report.unmatched
+
+
+def test_part_of_gathered_biases_is_reported():
+  p = {"experts": normal(1, E, I, O), "biases": normal(2, E, 2 * O)}
+
+  def fun(p, x, ids):
+    y = jnp.einsum("bi,bio->bo", x, p["experts"][ids]) + p["biases"][ids][:, :O]
+    return jnp.sum(jnp.sin(y))
+  stats, warned, report = _uncaptured(fun, p, normal(3, B, I), jnp.array([0, 1, 1, 3] * 2))
+  assert stats["biases"].shape == (0,) and stats["experts"].shape == (E, I, 1)
+  assert len(warned) == 1 and "'biases'" in str(warned[0].message), warned
+  assert "a bias picked by indices computed at run time" in str(warned[0].message)
+  assert "biases" in report.unmatched and "experts" in report.matched
 
 
 def test_lookup_only_table_stays_without_statistics_and_silent():

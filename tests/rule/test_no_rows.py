@@ -178,15 +178,17 @@ def test_axis_name_mean_keeps_the_marker_where_no_device_had_rows():
 
 def test_expert_routed_no_rows_keeps_its_v():
   """Three MoE steps with hash routing; expert 1 gets no tokens at step 2 and expert 3
-  none at all: their V stays as the steps with rows left it (numpy reference)."""
+  none at all: their V (weights and biases, ``biases[ids]``) stays as the steps with
+  rows left it (numpy reference; a bias's statistic is 1)."""
   n_experts, rows, d_in, d_out = 4, 6, 3, 2
-  params = {"experts": normal(1, n_experts, d_in, d_out)}
+  params = {"experts": normal(1, n_experts, d_in, d_out), "biases": normal(2, n_experts, d_out)}
   routes = [jnp.array([0, 1, 2, 1, 0, 2]), jnp.array([0, 2, 2, 0, 0, 2]),
             jnp.array([1, 1, 0, 2, 2, 0])]
   xs = [normal(20 + t, rows, d_in) for t in range(3)]
 
   def loss(p, x, ids):
-    return jnp.sum(jnp.sin(jnp.einsum("bi,bio->bo", x, p["experts"][ids])))
+    y = jnp.einsum("bi,bio->bo", x, p["experts"][ids]) + p["biases"][ids]
+    return jnp.sum(jnp.sin(y))
   tx = adaact_optax.scale_by_adaact(B1, B2, EPS)
   g = adaact_optax.value_grad_and_stats(loss)
 
@@ -195,12 +197,15 @@ def test_expert_routed_no_rows_keeps_its_v():
     _, grads, stats = g(params, x, ids)
     return tx.update(grads, state, params, activation_stats=stats)[1]
   state = tx.init(params)
-  ref = np.zeros((n_experts, d_in, 1))
+  ref = {"experts": np.zeros((n_experts, d_in, 1)), "biases": np.zeros((n_experts, 1))}
   for t, (x, ids) in enumerate(zip(xs, routes), start=1):
     state = step(params, state, x, ids)
     for e in range(n_experts):
       routed = np.asarray(x, np.float64)[np.asarray(ids) == e]
       if len(routed):
-        ref[e] = B2 * ref[e] + (1 - B2) * mean_sq(routed, 0)[:, None]
-    np.testing.assert_allclose(state.nu["experts"], ref, rtol=RTOL, atol=ATOL,
-                               err_msg=f"step {t}")
+        ref["experts"][e] = B2 * ref["experts"][e] + (1 - B2) * mean_sq(routed, 0)[:, None]
+        ref["biases"][e] = B2 * ref["biases"][e] + (1 - B2) * 1.0
+    for k in params:
+      np.testing.assert_allclose(state.nu[k], ref[k], rtol=RTOL, atol=ATOL,
+                                 err_msg=f"nu[{k}] at step {t}")
+  assert (np.asarray(state.nu["biases"][3]) == 0).all()   # never routed: never moved

@@ -58,11 +58,11 @@ def sources(g: Gathered) -> set:
 
 
 # ----------------------------------------------------------------------------
-# The table's ``gathered`` hooks: ``hook(walker, eqn, invals, inkinds)`` ->
+# The table's ``gathered`` hooks: ``hook(walker, eqn, invals, inkinds, in_mm)`` ->
 # ``(outs, kinds, out_mm)``, or None to treat the slices as data.
 
 
-def keep(walker, eqn, invals, inkinds):
+def keep(walker, eqn, invals, inkinds, in_mm):
   """Ops that only move or retype elements: still the same slices."""
   if not isinstance(inkinds[0], Gathered) or len(eqn.outvars) != 1:
     return None
@@ -72,7 +72,7 @@ def keep(walker, eqn, invals, inkinds):
 def follow(dims_fn):
   """The hook of a layout op whose effect on the slices' axes ``dims_fn(g.dims, eqn)``
   says (None: it cannot say, and the slices are lost)."""
-  def hook(walker, eqn, invals, inkinds):
+  def hook(walker, eqn, invals, inkinds, in_mm):
     g = inkinds[0]
     if not isinstance(g, Gathered):
       return None
@@ -85,7 +85,7 @@ def follow(dims_fn):
   return hook
 
 
-def lose(walker, eqn, invals, inkinds):
+def lose(walker, eqn, invals, inkinds, in_mm):
   """Any other layout op (a slice, concatenation, another gather...): slices lost."""
   if not isinstance(inkinds[0], Gathered):
     return None
@@ -126,7 +126,7 @@ def broadcast_dims(dims: tuple, eqn):
   return tuple(new)
 
 
-def scaled(walker, eqn, invals, inkinds):
+def scaled(walker, eqn, invals, inkinds, in_mm):
   """Slices scaled by data (``experts[ids] * gate``): no longer the weight's values."""
   if any(is_param(k) for k in inkinds):
     return None
@@ -141,7 +141,7 @@ def scaled(walker, eqn, invals, inkinds):
   return walker.bind(eqn, invals), [kind], [False]
 
 
-def conv(walker, eqn, invals, inkinds):
+def conv(walker, eqn, invals, inkinds, in_mm):
   """A convolution kernel made of gathered slices: reported."""
   if not isinstance(inkinds[1], Gathered) or is_param(inkinds[0]):
     return None
@@ -150,7 +150,7 @@ def conv(walker, eqn, invals, inkinds):
   return walker.bind(eqn, invals), [DATA], [False]
 
 
-def dot(walker, eqn, invals, inkinds):
+def dot(walker, eqn, invals, inkinds, in_mm):
   """Statistics of gathered slices used as the weight of a ``dot_general``.
 
   None when the slices are not the weight here (the other operand is a
@@ -180,6 +180,31 @@ def dot(walker, eqn, invals, inkinds):
     sums, count = dot_square_sums(a, a_c, a_b, w_c, w_b, w_ndim, mask, tags)
     return gathered_stats(g, table_shape, pooled, sums, count, index)
   walker.stat(g.table, stats, invals[1 - w] if pooled else (invals[1 - w],) + g.index)
+  return outs, [DATA], [True]
+
+
+def bias(walker, eqn, invals, inkinds, in_mm):
+  """Gathered slices added to a captured contraction's output (``x @ W + b[ids]``,
+  ``einsum('bi,bio->bo', x, experts[ids]) + biases[ids]``) are its bias, as in
+  ``contractions.bias``: statistic 1 for each slice its indices picked, the
+  no-rows marker for the others (an expert routed no tokens keeps its second
+  moment). None unless exactly one operand is gathered and the other is such
+  an output: then the slices are data."""
+  sides = [i for i in (0, 1) if isinstance(inkinds[i], Gathered)]
+  if len(sides) != 1 or not in_mm[1 - sides[0]]:
+    return None
+  g = inkinds[sides[0]]
+  outs = walker.bind(eqn, invals)
+  if g.broken is not None:
+    walker.trace.miss(sources(g), (
+        f"it is a bias picked by indices computed at run time (`{g.op}`) {g.broken}, and "
+        "then added to a contraction's output, so which slices were used cannot be told "
+        "apart. Add the gathered bias unchanged (`y + biases[ids]`)"))
+    return outs, [DATA], [False]
+  # One row per use: every use adds 1 to its slice's sums and its rows.
+  ones = np.ones((1,) * eqn.invars[sides[0]].aval.ndim, np.float32)
+  walker.stat(g.table, lambda index: gathered_stats(g, g.table.shape, False, ones, 1, index),
+              g.index)
   return outs, [DATA], [True]
 
 

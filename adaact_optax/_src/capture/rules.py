@@ -46,7 +46,7 @@ class Rule(NamedTuple):
       (for ``argument_order``: a raw input stays raw through it).
     inlined_body: for a call-like primitive whose body is inlined, its body
       as a ``ClosedJaxpr`` (``inlined_body(eqn)``; for ``argument_order``).
-    gathered: ``gathered(walker, eqn, invals, inkinds)``, called first when
+    gathered: ``gathered(walker, eqn, invals, inkinds, in_mm)``, called first when
       slices of a parameter picked at run time (``kinds.Gathered``) are
       among the inputs: ``(outs, kinds, out_mm)``, or None to treat them as
       data (see ``gathered.py``).
@@ -135,8 +135,8 @@ TABLE: dict[str, Rule] = {
                gathered=gathered.conv),
     GATHER: Rule(contractions.gather, tags=row_mask.gather_tags, data_out=True,
                  gathered=gathered.lose),
-    "add": Rule(contractions.bias, sums_mm=True),
-    "add_any": Rule(contractions.bias, sums_mm=True),
+    "add": Rule(contractions.bias, sums_mm=True, gathered=gathered.bias),
+    "add_any": Rule(contractions.bias, sums_mm=True, gathered=gathered.bias),
     **LAYOUT_RULES,
     **{name: Rule(views.identity, passes_mm=True, moves=True, gathered=gathered.keep)
        for name in IDENTITY},

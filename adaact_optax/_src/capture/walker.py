@@ -159,7 +159,7 @@ class Interpreter:
     n_out = len(eqn.outvars)
     gathered = any(isinstance(k, Gathered) for k in inkinds)
     if gathered and rule.gathered is not None:
-      done = rule.gathered(self, eqn, invals, inkinds)
+      done = rule.gathered(self, eqn, invals, inkinds, in_mm)
       if done is not None:
         return done
     if not any(is_param(k) for k in inkinds) and (
