@@ -41,7 +41,7 @@ def data_as_weight(jaxpr, n_params: int, data_names: Sequence[str]) -> str | Non
   when no parameter is the weight on a computed value; else None.
   """
   found, real = [], []
-  computed = {}  # deps -> Origin(None, deps): one shared object per dependency set (at most 4)
+  computed: dict[frozenset, Origin] = {}  # deps -> Origin(None, deps): one shared object per dependency set (at most 4)
 
   def contraction(eqn, origins):
     if eqn.primitive.name == rules.CONV:

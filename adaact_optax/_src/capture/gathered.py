@@ -23,7 +23,8 @@ import numpy as np
 from adaact_optax._src.capture import jax_internals as jc
 from adaact_optax._src.capture import views
 from adaact_optax._src.capture.contractions import dot_square_sums
-from adaact_optax._src.capture.kinds import DATA, Gathered, Unsupported, View, is_param, opaque
+from adaact_optax._src.capture.kinds import (DATA, GATHERED_OUTPUT, Gathered, Unsupported, View, is_param,
+                                            opaque)
 from adaact_optax._src.capture.sums import filled
 
 
@@ -180,7 +181,7 @@ def dot(walker, eqn, invals, inkinds, in_mm):
     sums, count = dot_square_sums(a, a_c, a_b, w_c, w_b, w_ndim, mask, tags)
     return gathered_stats(g, table_shape, pooled, sums, count, index)
   walker.stat(g.table, stats, invals[1 - w] if pooled else (invals[1 - w],) + g.index)
-  return outs, [DATA], [True]
+  return outs, [DATA], [GATHERED_OUTPUT]
 
 
 def bias(walker, eqn, invals, inkinds, in_mm):
@@ -188,10 +189,11 @@ def bias(walker, eqn, invals, inkinds, in_mm):
   ``einsum('bi,bio->bo', x, experts[ids]) + biases[ids]``) are its bias, as in
   ``contractions.bias``: statistic 1 for each slice its indices picked, the
   no-rows marker for the others (an expert routed no tokens keeps its second
-  moment). None unless exactly one operand is gathered and the other is such
-  an output: then the slices are data."""
+  moment). None unless exactly one operand is gathered and the other is the
+  output of a contraction whose weight is gathered slices (``kinds.GATHERED_OUTPUT``):
+  else the slices are data (embedding rows added to a residual stream)."""
   sides = [i for i in (0, 1) if isinstance(inkinds[i], Gathered)]
-  if len(sides) != 1 or not in_mm[1 - sides[0]]:
+  if len(sides) != 1 or in_mm[1 - sides[0]] != GATHERED_OUTPUT:
     return None
   g = inkinds[sides[0]]
   outs = walker.bind(eqn, invals)
@@ -205,7 +207,7 @@ def bias(walker, eqn, invals, inkinds, in_mm):
   ones = np.ones((1,) * eqn.invars[sides[0]].aval.ndim, np.float32)
   walker.stat(g.table, lambda index: gathered_stats(g, g.table.shape, False, ones, 1, index),
               g.index)
-  return outs, [DATA], [True]
+  return outs, [DATA], [GATHERED_OUTPUT]
 
 
 # ----------------------------------------------------------------------------

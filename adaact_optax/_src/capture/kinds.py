@@ -180,3 +180,10 @@ def norm(factors) -> tuple:
 
 def broadcast_factors(n: int) -> tuple:
   return (Factor(-1, n, 0),) if n != 1 else ()
+
+
+# The contraction-output marker of a contraction whose weight is gathered slices
+# (``einsum('bi,bio->bo', x, experts[ids])``): only slices added to such an output are
+# a gathered bias (``+ biases[ids]``); added to any other output (a residual stream
+# of embedding rows, ``emb + dense(emb)``) they are data.
+GATHERED_OUTPUT = "gathered contraction output"

@@ -121,7 +121,9 @@ class Interpreter:
 
   # -- entry point ------------------------------------------------------------
   def run(self, jaxpr, consts, args, kinds):
-    env, kenv, mm = {}, {}, set()
+    # mm: the values that are captured contractions' outputs -> their marker (True,
+    # or kinds.GATHERED_OUTPUT for a contraction whose weight is gathered slices).
+    env, kenv, mm = {}, {}, {}
 
     def read(atom):
       if jc.is_literal(atom):
@@ -133,7 +135,7 @@ class Interpreter:
         return
       env[var], kenv[var] = val, kind
       if is_mm:
-        mm.add(var)
+        mm[var] = is_mm
 
     for v, c in zip(jaxpr.constvars, consts):
       write(v, c, CONST)
@@ -143,7 +145,7 @@ class Interpreter:
       pairs = [read(v) for v in eqn.invars]
       invals = [p[0] for p in pairs]
       inkinds = [p[1] for p in pairs]
-      in_mm = [(not jc.is_literal(v)) and v in mm for v in eqn.invars]
+      in_mm = [False if jc.is_literal(v) else mm.get(v, False) for v in eqn.invars]
       rule = rules.rule_for(eqn.primitive.name)
       outvals, outkinds, out_mm = self.eqn(rule, eqn, invals, inkinds, in_mm)
       for var, val, kind, m in zip(eqn.outvars, outvals, outkinds, out_mm):
@@ -151,7 +153,7 @@ class Interpreter:
       if self.mask is not None and not jc.has_subjaxpr(eqn):
         propagate_tags(eqn, self.tags, rule.tags)
     outs = [read(v) for v in jaxpr.outvars]
-    out_mm = [(not jc.is_literal(v)) and v in mm for v in jaxpr.outvars]
+    out_mm = [False if jc.is_literal(v) else mm.get(v, False) for v in jaxpr.outvars]
     return [o[0] for o in outs], [o[1] for o in outs], out_mm
 
   # -- one equation -----------------------------------------------------------
