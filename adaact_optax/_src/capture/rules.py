@@ -63,9 +63,10 @@ class Rule(NamedTuple):
   inlined_body: Callable | None = None
   gathered: Callable | None = None
 
-  def is_contraction_output(self, in_mm) -> bool:
+  def is_contraction_output(self, in_mm) -> bool | str:
     """Whether a parameter-free equation's outputs are captured contractions'
-    outputs; ``in_mm``: whether each operand is one (literals are not)."""
+    outputs; ``in_mm``: each operand's marker (False, True, or
+    ``kinds.GATHERED_OUTPUT``, which an op that only moves elements passes on)."""
     if not in_mm:
       return False
     if self.passes_mm:
